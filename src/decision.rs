@@ -1,0 +1,184 @@
+//! Decision to wire reply: the only writer of response protos. Every denial becomes a
+//! successful RPC carrying a non-zero status and a `denied_response`, because Envoy turns
+//! RPC errors into allows under `failure_mode_allow`.
+
+use crate::engine::{Decision, DenyReason, ReplySettings};
+use crate::proto::envoy::config::core::v3::{header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption};
+use crate::proto::envoy::r#type::v3::HttpStatus;
+use crate::proto::envoy::service::auth::v3::{check_response::HttpResponse, CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use crate::proto::google::rpc::Status;
+use prost_types::{value::Kind, ListValue, Struct, Value};
+
+/// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
+pub mod code {
+    pub const OK: i32 = 0;
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
+
+pub const DECISION_ID_HEADER: &str = "x-portcullis-decision-id";
+pub const DRY_RUN_HEADER: &str = "x-portcullis-dry-run";
+const REALM: &str = "Bearer realm=\"portcullis\"";
+
+/// How a denial is answered: gRPC status, HTTP status, `WWW-Authenticate` and body.
+pub struct DenyReply {
+    pub grpc_code: i32,
+    pub http_status: u16,
+    pub www_authenticate: Option<&'static str>,
+    pub body: &'static str,
+}
+
+/// The one mapping from a reason to a reply. No wildcard arm: a new reason cannot
+/// compile without its reply.
+pub fn deny_reply(reason: &DenyReason) -> DenyReply {
+    let unauthenticated = |www| DenyReply {
+        grpc_code: code::UNAUTHENTICATED,
+        http_status: 401,
+        www_authenticate: Some(www),
+        body: "unauthorized\n",
+    };
+    let forbidden = DenyReply {
+        grpc_code: code::PERMISSION_DENIED,
+        http_status: 403,
+        www_authenticate: None,
+        body: "forbidden\n",
+    };
+    match reason {
+        DenyReason::UnreadableRequest(_) => DenyReply {
+            grpc_code: code::INVALID_ARGUMENT,
+            http_status: 400,
+            www_authenticate: None,
+            body: "bad request\n",
+        },
+        // RFC 6750 §3.1: no error code when the request lacked authentication.
+        DenyReason::CertificateRequired
+        | DenyReason::Certificate(_)
+        | DenyReason::NoPermit { anonymous: true } => unauthenticated(REALM),
+        DenyReason::Token(_) => {
+            unauthenticated("Bearer realm=\"portcullis\", error=\"invalid_token\"")
+        }
+        DenyReason::NoPermit { anonymous: false }
+        | DenyReason::Forbidden
+        | DenyReason::PolicyError => forbidden,
+    }
+}
+
+/// Keeps a header value to visible ASCII; anything else is percent-encoded.
+pub fn header_safe(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn header(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value,
+            raw_value: Vec::new(),
+        }),
+        // `append` stays unset: OVERWRITE_IF_EXISTS_OR_ADD overwrites on old and new Envoy,
+        // so a client cannot smuggle its own value for these headers upstream.
+        append: None,
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        keep_empty_value: false,
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
+}
+
+fn metadata(decision: &Decision) -> Struct {
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("decision_id".to_string(), string_value(&decision.id));
+    if let Some(p) = decision.principal() {
+        fields.insert("principal".to_string(), string_value(&p));
+    }
+    fields.insert(
+        "policies".to_string(),
+        Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: decision.policies().iter().map(|p| string_value(p)).collect(),
+            })),
+        },
+    );
+    fields.insert(
+        "decision".to_string(),
+        string_value(if decision.denial.is_none() { "allow" } else { "deny" }),
+    );
+    Struct { fields: fields.into_iter().collect() }
+}
+
+/// The Envoy reply for a decision.
+pub fn check_response(decision: &Decision, settings: &ReplySettings) -> CheckResponse {
+    let dynamic_metadata = Some(metadata(decision));
+    match &decision.denial {
+        Some(reason) if !decision.dry_run => {
+            let reply = deny_reply(reason);
+            let mut headers = vec![header(DECISION_ID_HEADER, decision.id.clone())];
+            if let Some(www) = reply.www_authenticate {
+                headers.push(header("www-authenticate", www.to_string()));
+            }
+            CheckResponse {
+                status: Some(Status {
+                    code: reply.grpc_code,
+                    message: reason.code().to_string(),
+                    details: Vec::new(),
+                }),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus { code: i32::from(reply.http_status) }),
+                    headers,
+                    body: reply.body.to_string(),
+                })),
+                dynamic_metadata,
+            }
+        }
+        _ => {
+            let principal = decision.principal().unwrap_or_default();
+            let mut headers = vec![header(&settings.principal_header, header_safe(&principal))];
+            if let Some(reason) = &decision.denial {
+                headers.push(header(DRY_RUN_HEADER, format!("would-deny: {}", reason.code())));
+            }
+            CheckResponse {
+                status: Some(Status { code: code::OK, message: String::new(), details: Vec::new() }),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers,
+                    ..Default::default()
+                })),
+                dynamic_metadata,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_made_safe() {
+        assert_eq!(header_safe("User::\"alice\""), "User::\"alice\"");
+        assert_eq!(header_safe("a\r\nb%"), "a%0D%0Ab%25");
+        assert_eq!(header_safe("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn token_failures_say_invalid_token() {
+        let r = deny_reply(&DenyReason::Token(crate::identity::TokenRejection::Expired));
+        assert_eq!((r.grpc_code, r.http_status), (code::UNAUTHENTICATED, 401));
+        assert!(r.www_authenticate.unwrap().contains("error=\"invalid_token\""));
+        let r = deny_reply(&DenyReason::NoPermit { anonymous: true });
+        assert_eq!(r.http_status, 401);
+        assert!(!r.www_authenticate.unwrap().contains("error="));
+        let r = deny_reply(&DenyReason::Forbidden);
+        assert_eq!((r.grpc_code, r.http_status, r.www_authenticate), (code::PERMISSION_DENIED, 403, None));
+    }
+}

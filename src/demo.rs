@@ -1,0 +1,298 @@
+//! Throwaway material for trying Portcullis and for its tests: certificate authorities,
+//! client certificates, signing keys and tokens, generated in memory at run time.
+//! Nothing here is fit for production; `portcullis demo` writes it to a directory whose
+//! private keys are named `*.throwaway.key`.
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use serde_json::{json, Value};
+use std::path::Path;
+use time::{Duration, OffsetDateTime};
+
+/// A certificate authority that can issue client certificates and intermediates.
+pub struct Authority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(365);
+    params
+}
+
+fn new_key() -> KeyPair {
+    // ECDSA P-256 key generation only fails if the system RNG does; test material only.
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("generate a P-256 key")
+}
+
+impl Authority {
+    /// A self-signed root.
+    pub fn root(name: &str) -> Authority {
+        let issuer = CertifiedIssuer::self_signed(ca_params(name), new_key()).expect("self-sign a CA");
+        Authority { issuer }
+    }
+
+    /// An intermediate CA signed by this one.
+    pub fn intermediate(&self, name: &str) -> Authority {
+        let issuer =
+            CertifiedIssuer::signed_by(ca_params(name), new_key(), &self.issuer).expect("sign an intermediate");
+        Authority { issuer }
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Issues a certificate as `spec` describes.
+    pub fn issue(&self, spec: &LeafSpec) -> ClientCert {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, spec.common_name.clone());
+        params.subject_alt_names = spec
+            .uris
+            .iter()
+            .map(|u| SanType::URI(u.as_str().try_into().expect("ASCII URI")))
+            .chain(spec.dns.iter().map(|d| SanType::DnsName(d.as_str().try_into().expect("ASCII name"))))
+            .collect();
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        if spec.ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        } else {
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        }
+        params.extended_key_usages = vec![if spec.client_auth {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = new_key();
+        let cert = params.signed_by(&key, &self.issuer).expect("sign a leaf");
+        ClientCert {
+            der: cert.der().to_vec(),
+            pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// What a generated client certificate should look like.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    pub common_name: String,
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub client_auth: bool,
+    pub ca: bool,
+}
+
+impl LeafSpec {
+    /// A valid client certificate for a SPIFFE ID, good from an hour ago for a day.
+    pub fn spiffe(id: &str) -> LeafSpec {
+        let now = OffsetDateTime::now_utc();
+        LeafSpec {
+            common_name: id.rsplit('/').next().unwrap_or(id).to_string(),
+            uris: vec![id.to_string()],
+            dns: Vec::new(),
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(1),
+            client_auth: true,
+            ca: false,
+        }
+    }
+}
+
+/// A generated certificate with its throwaway key.
+pub struct ClientCert {
+    pub der: Vec<u8>,
+    pub pem: String,
+    pub key_pem: String,
+}
+
+impl ClientCert {
+    /// The certificate as Envoy puts it in `source.certificate`.
+    pub fn envoy_encoded(&self) -> String {
+        envoy_url_encode(&self.pem)
+    }
+    /// RFC 8705 `x5t#S256`.
+    pub fn thumbprint(&self) -> String {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.der);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+    }
+}
+
+/// Envoy's escaping of the PEM it sends: newline, space, `+`, `/` and `=` (and `%`).
+pub fn envoy_url_encode(pem: &str) -> String {
+    let mut out = String::with_capacity(pem.len() * 11 / 10);
+    for c in pem.chars() {
+        match c {
+            '\n' => out.push_str("%0A"),
+            ' ' => out.push_str("%20"),
+            '+' => out.push_str("%2B"),
+            '/' => out.push_str("%2F"),
+            '=' => out.push_str("%3D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A token signing key of one algorithm.
+pub struct TokenSigner {
+    pub alg: Algorithm,
+    pub kid: String,
+    key: EncodingKey,
+    key_pair: KeyPair,
+}
+
+impl TokenSigner {
+    /// Generates a key for RS256 (2048-bit), ES256 or EdDSA (Ed25519).
+    pub fn generate(alg: Algorithm, kid: &str) -> TokenSigner {
+        let (rcgen_alg, make): (_, fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>) = match alg {
+            Algorithm::RS256 => (&rcgen::PKCS_RSA_SHA256, EncodingKey::from_rsa_pem),
+            Algorithm::ES256 => (&rcgen::PKCS_ECDSA_P256_SHA256, EncodingKey::from_ec_pem),
+            Algorithm::EdDSA => (&rcgen::PKCS_ED25519, EncodingKey::from_ed_pem),
+            other => panic!("demo signer does not generate {other:?} keys"),
+        };
+        let key_pair = KeyPair::generate_for(rcgen_alg).expect("generate a signing key");
+        let key = make(key_pair.serialize_pem().as_bytes()).expect("load the signing key");
+        TokenSigner { alg, kid: kid.to_string(), key, key_pair }
+    }
+
+    /// The public key as a JWK with `kid`, `alg` and `use`.
+    pub fn jwk(&self) -> Value {
+        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&self.key, self.alg).expect("public JWK");
+        let mut v = serde_json::to_value(jwk).expect("serialize JWK");
+        v["kid"] = json!(self.kid);
+        v["use"] = json!("sig");
+        v
+    }
+
+    /// The public key as a PEM `PUBLIC KEY`.
+    pub fn public_key_pem(&self) -> String {
+        self.key_pair.public_key_pem()
+    }
+
+    /// The private key (PKCS#8 PEM): throwaway material.
+    pub fn private_key_pem(&self) -> String {
+        self.key_pair.serialize_pem()
+    }
+
+    /// Signs `claims` with a header naming this key.
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        self.sign_with(&header, claims)
+    }
+
+    /// Signs `claims` under a header of the caller's making.
+    pub fn sign_with(&self, header: &Header, claims: &Value) -> String {
+        jsonwebtoken::encode(header, claims, &self.key).expect("sign a token")
+    }
+}
+
+/// A JWKS document of the signers' public keys.
+pub fn jwks(signers: &[&TokenSigner]) -> String {
+    let keys: Vec<Value> = signers.iter().map(|s| s.jwk()).collect();
+    serde_json::to_string_pretty(&json!({ "keys": keys })).expect("serialize JWKS")
+}
+
+pub fn unix_now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+pub const DEMO_ISSUER: &str = "https://idp.example.org";
+pub const DEMO_AUDIENCE: &str = "orders";
+
+/// A CheckRequest in proto3 JSON, as Envoy would send it.
+pub fn check_request_json(method: &str, path: &str, cert: Option<&ClientCert>, token: Option<&str>) -> Value {
+    let mut headers = json!({
+        ":method": method, ":path": path, ":authority": "api.example.org", ":scheme": "https",
+        "user-agent": "demo",
+    });
+    if let Some(t) = token {
+        headers["authorization"] = json!(format!("Bearer {t}"));
+    }
+    let mut source = json!({ "address": { "socketAddress": { "address": "10.0.0.7", "portValue": 41000 } } });
+    if let Some(c) = cert {
+        source["certificate"] = json!(c.envoy_encoded());
+    }
+    json!({
+        "attributes": {
+            "source": source,
+            "request": { "http": {
+                "id": "demo-1", "method": method, "path": path, "host": "api.example.org",
+                "scheme": "https", "protocol": "HTTP/2", "headers": headers,
+            }},
+        }
+    })
+}
+
+/// Writes a complete demo: CA chain, client certificates, an identity provider's keys,
+/// tokens and ready-made CheckRequests. Returns what was written.
+pub fn write_demo(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut written = Vec::new();
+    let mut put = |name: &str, content: &str| -> std::io::Result<()> {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, content)?;
+        written.push(path.display().to_string());
+        Ok(())
+    };
+    let root = Authority::root("Portcullis demo root CA (throwaway)");
+    let inter = root.intermediate("Portcullis demo intermediate CA (throwaway)");
+    put("ca.pem", &root.cert_pem())?;
+    put("intermediate.pem", &inter.cert_pem())?;
+    let frontend = inter.issue(&LeafSpec::spiffe("spiffe://example.org/ns/prod/sa/frontend"));
+    let batch = inter.issue(&LeafSpec::spiffe("spiffe://example.org/ns/prod/sa/batch"));
+    for (name, cert) in [("frontend", &frontend), ("batch", &batch)] {
+        put(&format!("clients/{name}.pem"), &cert.pem)?;
+        put(&format!("clients/{name}.throwaway.key"), &cert.key_pem)?;
+    }
+    let signer = TokenSigner::generate(Algorithm::ES256, "demo-es256");
+    put("idp.jwks.json", &jwks(&[&signer]))?;
+    put("idp.throwaway.key", &signer.private_key_pem())?;
+
+    let now = unix_now();
+    let claims = |sub: &str, groups: &[&str], scope: &str, bind: Option<&ClientCert>| {
+        let mut c = json!({
+            "iss": DEMO_ISSUER, "aud": DEMO_AUDIENCE, "sub": sub, "iat": now, "exp": now + 3600,
+            "groups": groups, "scope": scope,
+        });
+        if let Some(cert) = bind {
+            c["cnf"] = json!({ "x5t#S256": cert.thumbprint() });
+        }
+        c
+    };
+    let alice = signer.sign(&claims("alice", &["order-readers"], "orders:read", Some(&frontend)));
+    let mallory = signer.sign(&claims("mallory", &["guests"], "", None));
+    put("tokens/alice.jwt", &alice)?;
+    put("tokens/mallory.jwt", &mallory)?;
+
+    let requests = [
+        ("alice-reads-order", check_request_json("GET", "/orders/42?expand=items", Some(&frontend), Some(&alice))),
+        ("alice-token-replayed-by-batch", check_request_json("GET", "/orders/42", Some(&batch), Some(&alice))),
+        ("mallory-reads-order", check_request_json("GET", "/orders/42", Some(&frontend), Some(&mallory))),
+        ("batch-reads-catalog", check_request_json("GET", "/catalog/items", Some(&batch), None)),
+        ("anonymous", check_request_json("GET", "/orders/42", None, None)),
+    ];
+    for (name, req) in requests {
+        put(&format!("requests/{name}.json"), &serde_json::to_string_pretty(&req).unwrap_or_default())?;
+    }
+    Ok(written)
+}

@@ -1,0 +1,235 @@
+//! The decision engine: request facts and `now` in, exactly one [`Decision`] out. It runs
+//! the pipeline (identity, then policy) and is what every front door calls; it does no
+//! I/O on the request path.
+
+use crate::config::{Mode, Settings};
+use crate::facts::{FactsError, RequestFacts};
+use crate::identity::{
+    CertRejection, Identity, PeerOutcome, PeerVerifier, TokenOutcome, TokenRejection,
+    TokenVerifier, Verifier,
+};
+use crate::policy::{self, PolicyOutcome, PolicySnapshot};
+use crate::proto::envoy::service::auth::v3::CheckRequest;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// Why a request was denied. Every variant has exactly one reply (see `decision.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The request itself could not be read.
+    UnreadableRequest(FactsError),
+    /// `peer.require` is set and no certificate was presented.
+    CertificateRequired,
+    Certificate(CertRejection),
+    Token(TokenRejection),
+    /// No permit matched. `anonymous` when no credential was verified at all.
+    NoPermit { anonymous: bool },
+    /// A forbid policy matched.
+    Forbidden,
+    /// A policy failed to evaluate; Portcullis denies rather than skip it.
+    PolicyError,
+}
+
+impl DenyReason {
+    /// A short stable code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DenyReason::UnreadableRequest(_) => "unreadable_request",
+            DenyReason::CertificateRequired => "certificate_required",
+            DenyReason::Certificate(_) => "invalid_certificate",
+            DenyReason::Token(_) => "invalid_token",
+            DenyReason::NoPermit { .. } => "no_permit",
+            DenyReason::Forbidden => "forbidden",
+            DenyReason::PolicyError => "policy_error",
+        }
+    }
+}
+
+/// The outcome of one request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub id: String,
+    pub request_id: String,
+    /// `None` means allow.
+    pub denial: Option<DenyReason>,
+    /// Dry-run: a denial that was turned into an allow.
+    pub dry_run: bool,
+    pub identity: Option<Identity>,
+    pub policy: Option<PolicyOutcome>,
+    /// Human-readable reasons for the audit log and explanations (never a credential).
+    pub reasons: Vec<String>,
+    pub latency_us: u128,
+}
+
+impl Decision {
+    /// Whether the proxy should let the request through.
+    pub fn allowed(&self) -> bool {
+        self.denial.is_none() || self.dry_run
+    }
+
+    /// The principal, as a Cedar entity reference.
+    pub fn principal(&self) -> Option<String> {
+        self.policy.as_ref().map(|p| p.request.principal.to_string())
+    }
+
+    /// The determining policy ids.
+    pub fn policies(&self) -> &[String] {
+        self.policy.as_ref().map_or(&[], |p| &p.determining)
+    }
+
+    /// One audit line: no token, key or certificate body ever appears here.
+    pub fn audit_json(&self) -> serde_json::Value {
+        let req = self.policy.as_ref().map(|p| &p.request);
+        json!({
+            "decision_id": self.id,
+            "request_id": self.request_id,
+            "decision": if self.denial.is_none() { "allow" } else { "deny" },
+            "enforced": !self.dry_run,
+            "reason": self.denial.as_ref().map(DenyReason::code),
+            "principal": req.map(|r| r.principal.to_string()),
+            "action": req.map(|r| r.action.to_string()),
+            "resource": req.map(|r| r.resource.to_string()),
+            "policies": self.policies(),
+            "reasons": self.reasons,
+            "latency_us": self.latency_us,
+        })
+    }
+}
+
+/// Settings of the reply, fixed at start-up.
+#[derive(Debug, Clone)]
+pub struct ReplySettings {
+    pub principal_header: String,
+}
+
+/// Everything needed to decide, built once at start-up and shared by `Arc`.
+#[derive(Debug)]
+pub struct Engine {
+    verifier: Verifier,
+    policy: Arc<PolicySnapshot>,
+    mode: Mode,
+    require_peer: bool,
+    reply: ReplySettings,
+}
+
+impl Engine {
+    /// Loads trust material, keys and policies; every problem is reported.
+    pub fn load(settings: &Settings) -> Result<Engine, Vec<String>> {
+        let mut problems = Vec::new();
+        let peer = match &settings.peer {
+            None => None,
+            Some(p) => PeerVerifier::load(p).map_err(|e| problems.extend(e)).ok(),
+        };
+        let tokens = TokenVerifier::load(&settings.issuers, settings.token_max_size)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        let policy = policy::load(&settings.policy)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        match (tokens, policy) {
+            (Some(tokens), Some(policy)) if problems.is_empty() => Ok(Engine {
+                verifier: Verifier::new(peer, tokens),
+                policy: Arc::new(policy),
+                mode: settings.mode,
+                require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
+                reply: ReplySettings {
+                    principal_header: settings.principal_header.clone(),
+                },
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    pub fn reply_settings(&self) -> &ReplySettings {
+        &self.reply
+    }
+
+    pub fn policy(&self) -> &PolicySnapshot {
+        &self.policy
+    }
+
+    /// Decides an Envoy CheckRequest.
+    pub fn check(&self, request: &CheckRequest, now: SystemTime) -> Decision {
+        let started = Instant::now();
+        match RequestFacts::try_from(request) {
+            Ok(facts) => self.decide(&facts, now),
+            Err(e) => self.finish(
+                started,
+                String::new(),
+                Some(DenyReason::UnreadableRequest(e.clone())),
+                None,
+                None,
+                vec![e.to_string()],
+            ),
+        }
+    }
+
+    /// Decides one request from its facts.
+    pub fn decide(&self, facts: &RequestFacts, now: SystemTime) -> Decision {
+        let started = Instant::now();
+        let identity = self.verifier.verify(facts, now);
+        let mut reasons = Vec::new();
+        let mut denial = None;
+        match &identity.peer {
+            PeerOutcome::Rejected(e) => {
+                reasons.push(format!("certificate: {e}"));
+                denial = Some(DenyReason::Certificate(e.clone()));
+            }
+            PeerOutcome::NotPresented if self.require_peer => {
+                reasons.push("certificate: required but not presented".into());
+                denial = Some(DenyReason::CertificateRequired);
+            }
+            PeerOutcome::NotConfigured => {
+                reasons.push("certificate: presented but no [peer] trust bundle is configured; ignored".into());
+            }
+            PeerOutcome::NotPresented | PeerOutcome::Verified(_) => {}
+        }
+        if let TokenOutcome::Rejected(e) = &identity.token {
+            reasons.push(format!("token: {e}"));
+            // A certificate rejection, found first, stays the reply's reason.
+            denial.get_or_insert(DenyReason::Token(e.clone()));
+        }
+        // SECURITY: a presented credential that fails verification fails the request;
+        // it is never ignored in favour of the other credential or an anonymous policy.
+        if denial.is_some() {
+            return self.finish(started, facts.request_id.clone(), denial, Some(identity), None, reasons);
+        }
+        let outcome = self.policy.evaluate(facts, &identity);
+        let anonymous = identity.peer().is_none() && identity.token().is_none();
+        let denial = if !outcome.errors.is_empty() {
+            reasons.extend(outcome.errors.iter().map(|e| format!("policy error: {e}")));
+            Some(DenyReason::PolicyError)
+        } else if outcome.allowed {
+            None
+        } else if outcome.determining.is_empty() {
+            reasons.push("no permit policy matched".into());
+            Some(DenyReason::NoPermit { anonymous })
+        } else {
+            reasons.push(format!("forbidden by {}", outcome.determining.join(", ")));
+            Some(DenyReason::Forbidden)
+        };
+        self.finish(started, facts.request_id.clone(), denial, Some(identity), Some(outcome), reasons)
+    }
+
+    fn finish(
+        &self,
+        started: Instant,
+        request_id: String,
+        denial: Option<DenyReason>,
+        identity: Option<Identity>,
+        policy: Option<PolicyOutcome>,
+        reasons: Vec<String>,
+    ) -> Decision {
+        Decision {
+            id: uuid::Uuid::new_v4().to_string(),
+            request_id,
+            dry_run: denial.is_some() && self.mode == Mode::DryRun,
+            denial,
+            identity,
+            policy,
+            reasons,
+            latency_us: started.elapsed().as_micros(),
+        }
+    }
+}

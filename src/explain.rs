@@ -1,0 +1,99 @@
+//! Explanations for `portcullis check`: a CheckRequest in proto3 JSON in; the identities
+//! found, each rejection, the Cedar request, the decision, its determining policies and
+//! the exact reply out, as text for a person.
+
+use crate::decision::check_response;
+use crate::engine::{Decision, Engine};
+use crate::identity::{PeerOutcome, TokenOutcome};
+use crate::proto::envoy::service::auth::v3::CheckRequest;
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+/// The outcome of explaining one request.
+pub struct Explanation {
+    pub allowed: bool,
+    pub text: String,
+}
+
+/// Decides a CheckRequest given as proto3 JSON and explains the decision.
+pub fn check_json(engine: &Engine, json: &str, now: SystemTime) -> Result<Explanation, String> {
+    let request: CheckRequest = crate::proto::from_json("envoy.service.auth.v3.CheckRequest", json)
+        .map_err(|e| format!("not a CheckRequest in proto3 JSON: {e}"))?;
+    let decision = engine.check(&request, now);
+    let response = check_response(&decision, engine.reply_settings());
+    let reply = crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response)?;
+    let mut text = explain(&decision);
+    let _ = write!(
+        text,
+        "\nreply (CheckResponse):\n{}",
+        serde_json::to_string_pretty(&reply).unwrap_or_default()
+    );
+    Ok(Explanation { allowed: decision.allowed(), text })
+}
+
+/// The decision as text.
+pub fn explain(d: &Decision) -> String {
+    let mut s = String::new();
+    if let Some(identity) = &d.identity {
+        let peer = match &identity.peer {
+            PeerOutcome::NotPresented => "none presented".to_string(),
+            PeerOutcome::NotConfigured => "presented, but no [peer] trust bundle is configured: ignored".into(),
+            PeerOutcome::Rejected(e) => format!("REJECTED: {e}"),
+            PeerOutcome::Verified(p) => format!(
+                "verified: {} (subject \"{}\", issuer \"{}\", x5t#S256 {})",
+                p.workload_id(),
+                p.subject(),
+                p.issuer(),
+                p.thumbprint()
+            ),
+        };
+        let token = match &identity.token {
+            TokenOutcome::NotPresented => "none presented".to_string(),
+            TokenOutcome::Rejected(e) => format!("REJECTED: {e}"),
+            TokenOutcome::Verified(t) => format!(
+                "verified: sub \"{}\" from \"{}\"{}",
+                t.subject(),
+                t.issuer(),
+                if t.bound() { ", bound to the presented certificate (RFC 8705)" } else { "" }
+            ),
+        };
+        let _ = writeln!(s, "certificate: {peer}");
+        let _ = writeln!(s, "token:       {token}");
+    }
+    if let Some(p) = &d.policy {
+        let r = &p.request;
+        let parents: Vec<String> = r.principal_parents.iter().map(ToString::to_string).collect();
+        let _ = writeln!(s, "cedar request:");
+        let _ = writeln!(
+            s,
+            "  principal: {}{}",
+            r.principal,
+            if parents.is_empty() { String::new() } else { format!(" in [{}]", parents.join(", ")) }
+        );
+        let _ = writeln!(s, "  action:    {}", r.action);
+        let _ = writeln!(s, "  resource:  {}", r.resource);
+        let _ = writeln!(
+            s,
+            "  context:   {}",
+            serde_json::to_string_pretty(&r.context).unwrap_or_default().replace('\n', "\n  ")
+        );
+    }
+    let verdict = match (&d.denial, d.dry_run) {
+        (None, _) => "ALLOW".to_string(),
+        (Some(r), true) => format!("ALLOW (dry-run; would deny: {})", r.code()),
+        (Some(r), false) => format!("DENY ({})", r.code()),
+    };
+    let _ = writeln!(s, "decision:    {verdict}");
+    let policies = d.policies();
+    if policies.is_empty() {
+        if d.policy.is_some() && d.denial.is_some() {
+            let _ = writeln!(s, "policies:    none determining (no permit matched)");
+        }
+    } else {
+        let _ = writeln!(s, "policies:    {}", policies.join(", "));
+    }
+    for reason in &d.reasons {
+        let _ = writeln!(s, "reason:      {reason}");
+    }
+    s
+}

@@ -1,0 +1,213 @@
+//! Wire input to [`RequestFacts`]: the only reader of request protos. Envoy's CheckRequest
+//! becomes plain data (method, path without query, headers with lower-case names, the
+//! URL-encoded peer certificate) with nothing verified yet.
+
+use crate::proto::envoy::config::core::v3::address;
+use crate::proto::envoy::service::auth::v3::CheckRequest;
+use std::collections::BTreeMap;
+
+/// Most headers read from one request; more makes the request unreadable (fail closed).
+pub const MAX_HEADERS: usize = 256;
+
+/// The facts of one HTTP request, as the proxy reported them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub request_id: String,
+    pub method: String,
+    /// The path without its query string.
+    pub path: String,
+    /// The raw query string, without `?`.
+    pub query: String,
+    pub host: String,
+    pub scheme: String,
+    /// Lower-case names; duplicates joined with `,` as Envoy does.
+    pub headers: BTreeMap<String, String>,
+    pub source_address: String,
+    /// The client certificate as Envoy sends it: URL-encoded PEM.
+    pub peer_certificate: Option<String>,
+    pub context_extensions: BTreeMap<String, String>,
+}
+
+/// Why a request could not be read.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FactsError {
+    #[error("request has no HTTP attributes")]
+    NoHttpRequest,
+    #[error("request has no method")]
+    NoMethod,
+    #[error("request has no path")]
+    NoPath,
+    #[error("request has more than {MAX_HEADERS} headers")]
+    TooManyHeaders,
+    #[error("header \"{0}\" is not valid UTF-8")]
+    HeaderEncoding(String),
+}
+
+impl TryFrom<&CheckRequest> for RequestFacts {
+    type Error = FactsError;
+
+    fn try_from(req: &CheckRequest) -> Result<Self, FactsError> {
+        let attrs = req.attributes.as_ref().ok_or(FactsError::NoHttpRequest)?;
+        let http = attrs
+            .request
+            .as_ref()
+            .and_then(|r| r.http.as_ref())
+            .ok_or(FactsError::NoHttpRequest)?;
+
+        let mut headers = BTreeMap::new();
+        // `header_map` replaces `headers` when the filter sets `encode_raw_headers`.
+        match &http.header_map {
+            Some(map) if !map.headers.is_empty() => {
+                if map.headers.len() > MAX_HEADERS {
+                    return Err(FactsError::TooManyHeaders);
+                }
+                for h in &map.headers {
+                    let value = if h.raw_value.is_empty() {
+                        h.value.clone()
+                    } else {
+                        String::from_utf8(h.raw_value.clone())
+                            .map_err(|_| FactsError::HeaderEncoding(h.key.clone()))?
+                    };
+                    headers
+                        .entry(h.key.to_ascii_lowercase())
+                        .and_modify(|v: &mut String| {
+                            v.push(',');
+                            v.push_str(&value);
+                        })
+                        .or_insert(value);
+                }
+            }
+            _ => {
+                if http.headers.len() > MAX_HEADERS {
+                    return Err(FactsError::TooManyHeaders);
+                }
+                for (k, v) in &http.headers {
+                    headers.insert(k.to_ascii_lowercase(), v.clone());
+                }
+            }
+        }
+
+        let pseudo = |name: &str| headers.get(name).cloned().unwrap_or_default();
+        let method = non_empty(&http.method).unwrap_or_else(|| pseudo(":method"));
+        if method.is_empty() {
+            return Err(FactsError::NoMethod);
+        }
+        let raw_path = non_empty(&http.path).unwrap_or_else(|| pseudo(":path"));
+        if raw_path.is_empty() {
+            return Err(FactsError::NoPath);
+        }
+        let (path, mut query) = match raw_path.split_once('?') {
+            Some((p, q)) => (p.to_string(), q.to_string()),
+            None => (raw_path, String::new()),
+        };
+        if query.is_empty() {
+            query = http.query.clone();
+        }
+        let host = non_empty(&http.host).unwrap_or_else(|| pseudo(":authority"));
+        let scheme = non_empty(&http.scheme).unwrap_or_else(|| pseudo(":scheme"));
+
+        let source = attrs.source.as_ref();
+        let source_address = source
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| a.address.as_ref())
+            .map(|a| match a {
+                address::Address::SocketAddress(s) => s.address.clone(),
+                address::Address::Pipe(p) => p.path.clone(),
+                address::Address::EnvoyInternalAddress(_) => String::new(),
+            })
+            .unwrap_or_default();
+        let peer_certificate = source
+            .map(|s| s.certificate.clone())
+            .filter(|c| !c.is_empty());
+
+        Ok(RequestFacts {
+            request_id: non_empty(&http.id)
+                .or_else(|| headers.get("x-request-id").cloned())
+                .unwrap_or_default(),
+            method: method.to_ascii_uppercase(),
+            path,
+            query,
+            host,
+            scheme,
+            headers,
+            source_address,
+            peer_certificate,
+            context_extensions: attrs
+                .context_extensions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use crate::proto::envoy::service::auth::v3::{attribute_context, AttributeContext};
+
+    fn request(http: attribute_context::HttpRequest) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    time: None,
+                    http: Some(http),
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn path_query_and_headers() {
+        let mut http = attribute_context::HttpRequest {
+            method: "get".into(),
+            path: "/orders/1?x=1&y=2".into(),
+            host: "api.example".into(),
+            ..Default::default()
+        };
+        http.headers.insert("X-Thing".into(), "a,b".into());
+        let f = RequestFacts::try_from(&request(http)).unwrap();
+        assert_eq!(f.method, "GET");
+        assert_eq!(f.path, "/orders/1");
+        assert_eq!(f.query, "x=1&y=2");
+        assert_eq!(f.headers["x-thing"], "a,b");
+    }
+
+    #[test]
+    fn header_map_is_used_and_duplicates_joined() {
+        let http = attribute_context::HttpRequest {
+            method: "POST".into(),
+            path: "/".into(),
+            header_map: Some(HeaderMap {
+                headers: vec![
+                    HeaderValue { key: "x-a".into(), value: "1".into(), raw_value: vec![] },
+                    HeaderValue { key: "X-A".into(), value: String::new(), raw_value: b"2".to_vec() },
+                ],
+            }),
+            ..Default::default()
+        };
+        let f = RequestFacts::try_from(&request(http)).unwrap();
+        assert_eq!(f.headers["x-a"], "1,2");
+    }
+
+    #[test]
+    fn unreadable_requests() {
+        assert_eq!(
+            RequestFacts::try_from(&CheckRequest::default()),
+            Err(FactsError::NoHttpRequest)
+        );
+        let http = attribute_context::HttpRequest { path: "/".into(), ..Default::default() };
+        assert_eq!(RequestFacts::try_from(&request(http)), Err(FactsError::NoMethod));
+        let mut http = attribute_context::HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() };
+        for i in 0..=MAX_HEADERS {
+            http.headers.insert(format!("h{i}"), String::new());
+        }
+        assert_eq!(RequestFacts::try_from(&request(http)), Err(FactsError::TooManyHeaders));
+    }
+}

@@ -1,0 +1,309 @@
+//! Peer certificate verification: Envoy's URL-encoded PEM in, a [`PeerIdentity`] or a
+//! typed [`CertRejection`] out. Path validation is rustls-webpki's (client-auth usage,
+//! configured anchors and intermediates, `now` passed in); x509-parser only reads fields
+//! of a certificate that has already been verified.
+
+use super::spiffe::{SpiffeError, SpiffeId, TrustDomain};
+use crate::config::PeerSettings;
+use base64::Engine as _;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use std::path::Path;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Most intermediates accepted from configuration; webpki itself bounds path building.
+const MAX_INTERMEDIATES: usize = 16;
+
+/// Why a presented certificate was not accepted.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CertRejection {
+    #[error("certificate is larger than {max} bytes")]
+    TooLarge { max: usize },
+    #[error("certificate is not URL-encoded PEM")]
+    Encoding,
+    #[error("expected exactly one PEM certificate, found {0}")]
+    Count(usize),
+    #[error("certificate does not chain to a trusted CA: {0}")]
+    UnknownIssuer(String),
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not yet valid")]
+    NotYetValid,
+    #[error("certificate is not valid for client authentication")]
+    Usage,
+    #[error("a CA certificate was presented as the client certificate")]
+    CaAsLeaf,
+    #[error("certificate rejected: {0}")]
+    Invalid(String),
+    #[error("SPIFFE certificate must carry exactly one URI SAN, found {0}")]
+    SpiffeUriCount(usize),
+    #[error("SPIFFE certificate must not be able to sign certificates or CRLs")]
+    SpiffeSigningLeaf,
+    #[error("SPIFFE ID is invalid: {0}")]
+    SpiffeId(SpiffeError),
+    #[error("trust domain \"{0}\" is not one of the configured trust domains")]
+    ForeignTrustDomain(String),
+}
+
+/// A certificate that verified, with the fields policies may use.
+/// Only [`PeerVerifier::verify`] constructs one.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    spiffe_id: Option<SpiffeId>,
+    uri_sans: Vec<String>,
+    dns_sans: Vec<String>,
+    email_sans: Vec<String>,
+    subject: String,
+    issuer: String,
+    serial: String,
+    not_before: i64,
+    not_after: i64,
+    sha256: [u8; 32],
+}
+
+impl PeerIdentity {
+    pub fn spiffe_id(&self) -> Option<&SpiffeId> {
+        self.spiffe_id.as_ref()
+    }
+    pub fn uri_sans(&self) -> &[String] {
+        &self.uri_sans
+    }
+    pub fn dns_sans(&self) -> &[String] {
+        &self.dns_sans
+    }
+    pub fn email_sans(&self) -> &[String] {
+        &self.email_sans
+    }
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+    /// Serial number, lower-case hex.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+    pub fn not_before(&self) -> i64 {
+        self.not_before
+    }
+    pub fn not_after(&self) -> i64 {
+        self.not_after
+    }
+    /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
+    pub fn thumbprint(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.sha256)
+    }
+    /// The workload name: SPIFFE ID, else first DNS SAN, else subject.
+    pub fn workload_id(&self) -> String {
+        match (&self.spiffe_id, self.dns_sans.first()) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(dns)) => dns.clone(),
+            (None, None) => self.subject.clone(),
+        }
+    }
+}
+
+/// Verifies client certificates against the configured trust material.
+#[derive(Debug)]
+pub struct PeerVerifier {
+    anchors: Vec<TrustAnchor<'static>>,
+    intermediates: Vec<CertificateDer<'static>>,
+    trust_domains: Vec<TrustDomain>,
+    max_size: usize,
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+    let certs = certs.map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE found", path.display()));
+    }
+    Ok(certs)
+}
+
+impl PeerVerifier {
+    /// Loads the trust bundle and intermediates named in the settings.
+    pub fn load(settings: &PeerSettings) -> Result<PeerVerifier, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut anchors = Vec::new();
+        match read_certs(&settings.trust_bundle) {
+            Ok(certs) => {
+                for (i, der) in certs.iter().enumerate() {
+                    match webpki::anchor_from_trusted_cert(der) {
+                        Ok(a) => anchors.push(a.to_owned()),
+                        Err(e) => problems.push(format!(
+                            "{}: certificate #{} is not a usable trust anchor: {e:?}",
+                            settings.trust_bundle.display(),
+                            i + 1
+                        )),
+                    }
+                }
+            }
+            Err(e) => problems.push(e),
+        }
+        let mut intermediates = Vec::new();
+        if let Some(path) = &settings.intermediates {
+            match read_certs(path) {
+                Ok(certs) if certs.len() > MAX_INTERMEDIATES => problems.push(format!(
+                    "{}: more than {MAX_INTERMEDIATES} intermediates",
+                    path.display()
+                )),
+                Ok(certs) => intermediates = certs,
+                Err(e) => problems.push(e),
+            }
+        }
+        let trust_domains = settings
+            .trust_domains
+            .iter()
+            .filter_map(|td| TrustDomain::try_from(td.as_str()).ok())
+            .collect();
+        if problems.is_empty() {
+            Ok(PeerVerifier {
+                anchors,
+                intermediates,
+                trust_domains,
+                max_size: settings.max_size,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Verifies a certificate as Envoy sends it in `source.certificate`: one PEM
+    /// certificate, percent-encoded.
+    pub fn verify_url_encoded_pem(
+        &self,
+        encoded: &str,
+        now: UnixTime,
+    ) -> Result<PeerIdentity, CertRejection> {
+        // SECURITY: cap the peer-controlled size before decoding anything.
+        if encoded.len() > self.max_size {
+            return Err(CertRejection::TooLarge { max: self.max_size });
+        }
+        let pem = percent_encoding::percent_decode_str(encoded)
+            .decode_utf8()
+            .map_err(|_| CertRejection::Encoding)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|_| CertRejection::Encoding)?;
+        match <[_; 1]>::try_from(certs) {
+            Ok([der]) => self.verify_der(&der, now),
+            Err(certs) => Err(CertRejection::Count(certs.len())),
+        }
+    }
+
+    /// Verifies one DER certificate.
+    pub fn verify_der(
+        &self,
+        der: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> Result<PeerIdentity, CertRejection> {
+        let ee = webpki::EndEntityCert::try_from(der).map_err(map_webpki)?;
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &self.anchors,
+            &self.intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(map_webpki)?;
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| CertRejection::Invalid(e.to_string()))?;
+        self.identity(&cert, der)
+    }
+
+    fn identity(
+        &self,
+        cert: &X509Certificate<'_>,
+        der: &[u8],
+    ) -> Result<PeerIdentity, CertRejection> {
+        let mut uri_sans = Vec::new();
+        let mut dns_sans = Vec::new();
+        let mut email_sans = Vec::new();
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| CertRejection::Invalid(e.to_string()))?;
+        for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+            match name {
+                GeneralName::URI(u) => uri_sans.push(u.to_string()),
+                GeneralName::DNSName(d) => dns_sans.push(d.to_string()),
+                GeneralName::RFC822Name(e) => email_sans.push(e.to_string()),
+                _ => {}
+            }
+        }
+        let spiffe_id = if uri_sans.iter().any(|u| u.starts_with("spiffe:") || u.starts_with("SPIFFE:")) {
+            Some(self.spiffe_checks(cert, &uri_sans)?)
+        } else {
+            None
+        };
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest.as_ref());
+        Ok(PeerIdentity {
+            spiffe_id,
+            uri_sans,
+            dns_sans,
+            email_sans,
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert
+                .tbs_certificate
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            sha256,
+        })
+    }
+
+    /// X.509-SVID rules (SPIFFE X509-SVID §2, §4.1, §4.3).
+    fn spiffe_checks(
+        &self,
+        cert: &X509Certificate<'_>,
+        uri_sans: &[String],
+    ) -> Result<SpiffeId, CertRejection> {
+        if uri_sans.len() != 1 {
+            return Err(CertRejection::SpiffeUriCount(uri_sans.len()));
+        }
+        let ca = cert
+            .basic_constraints()
+            .map_err(|e| CertRejection::Invalid(e.to_string()))?
+            .is_some_and(|bc| bc.value.ca);
+        if ca {
+            return Err(CertRejection::CaAsLeaf);
+        }
+        let signs = cert
+            .key_usage()
+            .map_err(|e| CertRejection::Invalid(e.to_string()))?
+            .is_some_and(|ku| ku.value.key_cert_sign() || ku.value.crl_sign());
+        if signs {
+            return Err(CertRejection::SpiffeSigningLeaf);
+        }
+        let id = SpiffeId::try_from(uri_sans[0].as_str()).map_err(CertRejection::SpiffeId)?;
+        // SECURITY: a certificate from a shared CA must still belong to one of our trust domains.
+        if !self.trust_domains.contains(id.trust_domain()) {
+            return Err(CertRejection::ForeignTrustDomain(id.trust_domain().to_string()));
+        }
+        Ok(id)
+    }
+}
+
+fn map_webpki(e: webpki::Error) -> CertRejection {
+    use webpki::Error as E;
+    match e {
+        E::CertExpired { .. } => CertRejection::Expired,
+        E::CertNotValidYet { .. } => CertRejection::NotYetValid,
+        E::UnknownIssuer => CertRejection::UnknownIssuer("no path to a trust anchor".into()),
+        #[allow(deprecated)]
+        E::RequiredEkuNotFound | E::RequiredEkuNotFoundContext(_) => CertRejection::Usage,
+        E::CaUsedAsEndEntity => CertRejection::CaAsLeaf,
+        other => CertRejection::Invalid(format!("{other:?}")),
+    }
+}

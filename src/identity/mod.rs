@@ -1,0 +1,161 @@
+//! Identity: the peer certificate and the bearer token of one request, each verified
+//! independently and then tied together (RFC 8705 binding). Pure: request facts, trust
+//! material and `now` in; an [`Identity`] whose every absence carries its reason out.
+
+pub mod cert;
+pub mod jwt;
+pub mod keys;
+pub mod spiffe;
+
+use crate::facts::RequestFacts;
+pub use cert::{CertRejection, PeerIdentity, PeerVerifier};
+pub use jwt::{TokenClaims, TokenRejection, TokenVerifier};
+use rustls_pki_types::UnixTime;
+use std::time::{Duration, SystemTime};
+
+/// What became of the client certificate.
+#[derive(Debug, Clone)]
+pub enum PeerOutcome {
+    NotPresented,
+    Verified(PeerIdentity),
+    Rejected(CertRejection),
+    /// A certificate was presented but no trust bundle is configured to verify it.
+    NotConfigured,
+}
+
+/// What became of the bearer token.
+#[derive(Debug, Clone)]
+pub enum TokenOutcome {
+    NotPresented,
+    Verified(TokenClaims),
+    Rejected(TokenRejection),
+}
+
+/// Both outcomes of one request.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub peer: PeerOutcome,
+    pub token: TokenOutcome,
+}
+
+impl Identity {
+    pub fn peer(&self) -> Option<&PeerIdentity> {
+        match &self.peer {
+            PeerOutcome::Verified(p) => Some(p),
+            _ => None,
+        }
+    }
+    pub fn token(&self) -> Option<&TokenClaims> {
+        match &self.token {
+            TokenOutcome::Verified(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Verifies both credentials of a request.
+#[derive(Debug)]
+pub struct Verifier {
+    peer: Option<PeerVerifier>,
+    tokens: TokenVerifier,
+}
+
+/// The bearer credential found in the request headers.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bearer<'a> {
+    None,
+    Token(&'a str),
+    /// An `Authorization: Bearer` header without a usable token.
+    Malformed,
+}
+
+/// `Authorization: Bearer <token>`, scheme case-insensitive (RFC 6750 §2.1, RFC 9110 §11.1).
+/// Other schemes are not bearer credentials and are left to the policy.
+pub fn bearer_from_headers(facts: &RequestFacts) -> Bearer<'_> {
+    let Some(value) = facts.headers.get("authorization") else {
+        return Bearer::None;
+    };
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Bearer::None;
+    }
+    let token = rest.trim_start_matches(' ');
+    // token68 characters only (RFC 9110 §11.2); anything else, such as two joined
+    // Authorization headers, is malformed rather than silently truncated.
+    let token68 = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+    if token.is_empty() || !token.bytes().all(token68) {
+        Bearer::Malformed
+    } else {
+        Bearer::Token(token)
+    }
+}
+
+impl Verifier {
+    pub fn new(peer: Option<PeerVerifier>, tokens: TokenVerifier) -> Verifier {
+        Verifier { peer, tokens }
+    }
+
+    /// Verifies the request's certificate, then its token (which may be bound to it).
+    pub fn verify(&self, facts: &RequestFacts, now: SystemTime) -> Identity {
+        let since_epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let peer = match (&facts.peer_certificate, &self.peer) {
+            (None, _) => PeerOutcome::NotPresented,
+            (Some(_), None) => PeerOutcome::NotConfigured,
+            (Some(pem), Some(v)) => {
+                match v.verify_url_encoded_pem(pem, UnixTime::since_unix_epoch(since_epoch)) {
+                    Ok(id) => PeerOutcome::Verified(id),
+                    Err(e) => PeerOutcome::Rejected(e),
+                }
+            }
+        };
+        let verified_peer = match &peer {
+            PeerOutcome::Verified(p) => Some(p),
+            _ => None,
+        };
+        let token = match bearer_from_headers(facts) {
+            Bearer::None => TokenOutcome::NotPresented,
+            Bearer::Malformed => {
+                TokenOutcome::Rejected(TokenRejection::Malformed("empty or invalid bearer value".into()))
+            }
+            Bearer::Token(t) => {
+                match self.tokens.verify(t, verified_peer, since_epoch.as_secs() as i64) {
+                    Ok(c) => TokenOutcome::Verified(c),
+                    Err(e) => TokenOutcome::Rejected(e),
+                }
+            }
+        };
+        Identity { peer, token }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts_with_auth(v: &str) -> RequestFacts {
+        let mut f = RequestFacts::default();
+        f.headers.insert("authorization".into(), v.into());
+        f
+    }
+
+    #[test]
+    fn bearer_extraction() {
+        let cases: &[(&str, Bearer<'_>)] = &[
+            ("Bearer abc.def.ghi", Bearer::Token("abc.def.ghi")),
+            ("bearer abc.def.ghi", Bearer::Token("abc.def.ghi")),
+            ("BEARER   abc.def.ghi", Bearer::Token("abc.def.ghi")),
+            ("Bearer", Bearer::Malformed),
+            ("Bearer a.b.c,Bearer d.e.f", Bearer::Malformed),
+            ("Bearer a b", Bearer::Malformed),
+            ("Basic dXNlcjpwYXNz", Bearer::None),
+        ];
+        for (header, expected) in cases {
+            let f = facts_with_auth(header);
+            assert_eq!(&bearer_from_headers(&f), expected, "{header}");
+        }
+        assert_eq!(bearer_from_headers(&RequestFacts::default()), Bearer::None);
+    }
+}

@@ -1,0 +1,24 @@
+//! Portcullis: an external authorization server. For each request a proxy describes,
+//! it verifies the client certificate and the bearer token, evaluates Cedar policies
+//! over both, and answers allow or deny.
+//!
+//! ```text
+//! front door ─► RequestFacts ─► identity (certificate, token, binding) ─► policy ─► Decision ─► reply
+//!  (server)       (facts)          (identity)                              (policy)   (engine)   (decision)
+//! ```
+//!
+//! Each stage imports only the ones before it. Verification and evaluation are pure:
+//! inputs, trust material and `now` in, a value out.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod decision;
+pub mod demo;
+pub mod engine;
+pub mod explain;
+pub mod facts;
+pub mod identity;
+pub mod policy;
+pub mod proto;
+pub mod server;

@@ -1,0 +1,122 @@
+//! The `portcullis` binary: parses the command line, loads the configuration and runs a
+//! subcommand. Exits non-zero with a clear message on any configuration problem.
+
+use clap::{Parser, Subcommand};
+use portcullis::config::Settings;
+use portcullis::engine::Engine;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "External authorization: mTLS + JWT + Cedar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Envoy ext_authz v3 gRPC (and grpc.health.v1).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Decide one CheckRequest (proto3 JSON) offline and explain the decision.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A file holding an Envoy CheckRequest in proto3 JSON; `-` for standard input.
+        #[arg(long, short)]
+        request: PathBuf,
+    },
+    /// Load the configuration, keys, trust bundles, policies, schema and entities;
+    /// report every problem. Exit 0 when valid, 1 when not.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write throwaway certificates, keys, tokens and sample requests for trying Portcullis.
+    Demo {
+        #[arg(long, short, default_value = "demo")]
+        out: PathBuf,
+    },
+}
+
+fn load(config: &PathBuf) -> Result<(Settings, Engine), String> {
+    let settings = Settings::load(config).map_err(|e| e.to_string())?;
+    let engine = Engine::load(&settings).map_err(|problems| {
+        let mut msg = format!("{} problem(s) loading {}:", problems.len(), config.display());
+        for p in problems {
+            msg.push_str("\n  - ");
+            msg.push_str(&p);
+        }
+        msg
+    })?;
+    Ok((settings, engine))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One crypto backend everywhere (aws-lc-rs); an already-installed provider is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("portcullis: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Serve { config } => {
+            let (settings, engine) = load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            runtime
+                .block_on(portcullis::server::serve(&settings.grpc_listen, Arc::new(engine)))
+                .map_err(|e| format!("server failed: {e}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config, request } => {
+            let (_, engine) = load(&config)?;
+            let text = if request.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+            } else {
+                std::fs::read_to_string(&request)
+                    .map_err(|e| format!("{}: cannot read: {e}", request.display()))?
+            };
+            let explanation = portcullis::explain::check_json(&engine, &text, std::time::SystemTime::now())
+                .map_err(|e| format!("{}: {e}", request.display()))?;
+            println!("{}", explanation.text);
+            Ok(if explanation.allowed { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Command::Validate { config } => {
+            let (settings, engine) = load(&config)?;
+            println!(
+                "{}: valid ({} issuer(s), {} polic{}, schema {})",
+                config.display(),
+                settings.issuers.len(),
+                engine.policy().policy_count(),
+                if engine.policy().policy_count() == 1 { "y" } else { "ies" },
+                if engine.policy().has_schema() { "validated strictly" } else { "none" },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { out } => {
+            let written = portcullis::demo::write_demo(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            for w in written {
+                println!("wrote {w}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Loading Cedar material: `*.cedar` files, the optional schema and entities file in; a
+//! validated [`PolicySnapshot`] out, or every problem found, each with file and line.
+
+use crate::config::{line_col, PolicySettings};
+use cedar_policy::{Entities, PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use miette::Diagnostic;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// An immutable, validated set of policies with the static entities they use.
+#[derive(Debug)]
+pub struct PolicySnapshot {
+    pub(crate) policies: PolicySet,
+    pub(crate) entities: Entities,
+    pub(crate) schema: Option<Schema>,
+}
+
+impl PolicySnapshot {
+    pub fn policy_count(&self) -> usize {
+        self.policies.policies().count()
+    }
+    pub fn has_schema(&self) -> bool {
+        self.schema.is_some()
+    }
+}
+
+/// `file:line:col: message` for a diagnostic whose first label points into `text`.
+fn located(file: &Path, text: &str, d: &dyn Diagnostic, message: String) -> String {
+    let offset = d
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|l| l.offset());
+    let help = d.help().map(|h| format!(" (help: {h})")).unwrap_or_default();
+    match offset {
+        Some(o) => {
+            let (line, col) = line_col(text, o);
+            format!("{}:{line}:{col}: {message}{help}", file.display())
+        }
+        None => format!("{}: {message}{help}", file.display()),
+    }
+}
+
+fn read(path: &Path, problems: &mut Vec<String>) -> Option<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| problems.push(format!("{}: cannot read: {e}", path.display())))
+        .ok()
+}
+
+fn load_schema(path: &Path, problems: &mut Vec<String>) -> Option<Schema> {
+    let text = read(path, problems)?;
+    if path.extension().is_some_and(|e| e == "json") {
+        return Schema::from_json_str(&text)
+            .map_err(|e| problems.push(located(path, &text, &e, e.to_string())))
+            .ok();
+    }
+    match Schema::from_cedarschema_str(&text) {
+        Ok((schema, warnings)) => {
+            for w in warnings {
+                tracing::warn!(file = %path.display(), "schema: {w}");
+            }
+            Some(schema)
+        }
+        Err(e) => {
+            problems.push(located(path, &text, &e, e.to_string()));
+            None
+        }
+    }
+}
+
+/// Where each policy came from, to point validation errors at file and line.
+type Sources = HashMap<PolicyId, (PathBuf, String)>;
+
+fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Sources) {
+    let mut set = PolicySet::new();
+    let mut sources = Sources::new();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "cedar"))
+            .collect(),
+        Err(e) => {
+            problems.push(format!("{}: cannot read policy directory: {e}", dir.display()));
+            return (set, sources);
+        }
+    };
+    files.sort();
+    if files.is_empty() {
+        problems.push(format!("{}: no *.cedar policy files", dir.display()));
+    }
+    for file in files {
+        let Some(text) = read(&file, problems) else { continue };
+        let parsed = match PolicySet::from_str(&text) {
+            Ok(p) => p,
+            Err(errs) => {
+                for e in errs.iter() {
+                    problems.push(located(&file, &text, e, e.to_string()));
+                }
+                continue;
+            }
+        };
+        if parsed.templates().next().is_some() {
+            problems.push(format!(
+                "{}: policy templates are not supported; write static policies",
+                file.display()
+            ));
+        }
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Cedar names the policies of one text policy0, policy1, ... in source order.
+        let mut policies: Vec<_> = parsed.policies().collect();
+        policies.sort_by_key(|p| {
+            p.id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(usize::MAX)
+        });
+        for (i, policy) in policies.into_iter().enumerate() {
+            let id = match policy.annotation("id") {
+                Some(id) if id.trim().is_empty() => {
+                    problems.push(format!("{}: policy #{} has an empty @id", file.display(), i + 1));
+                    continue;
+                }
+                Some(id) => id.to_string(),
+                None => format!("{name}#{}", i + 1),
+            };
+            let pid = PolicyId::new(&id);
+            if let Some((other, _)) = sources.get(&pid) {
+                problems.push(format!(
+                    "{}: duplicate policy id \"{id}\" (also in {})",
+                    file.display(),
+                    other.display()
+                ));
+                continue;
+            }
+            match set.add(policy.new_id(pid.clone())) {
+                Ok(()) => {
+                    sources.insert(pid, (file.clone(), text.clone()));
+                }
+                Err(e) => problems.push(format!("{}: {e}", file.display())),
+            }
+        }
+    }
+    (set, sources)
+}
+
+/// Loads and validates everything the policy settings name.
+pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
+    let mut problems = Vec::new();
+    let schema = settings
+        .schema
+        .as_deref()
+        .and_then(|p| load_schema(p, &mut problems));
+    let (policies, sources) = load_policy_dir(&settings.dir, &mut problems);
+
+    if let Some(schema) = &schema {
+        let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            match sources.get(e.policy_id()) {
+                Some((file, text)) => problems.push(located(file, text, e, e.to_string())),
+                None => problems.push(format!("policy \"{}\": {e}", e.policy_id())),
+            }
+        }
+    }
+
+    let entities = match &settings.entities {
+        None => match &schema {
+            // The schema's action entities, so `action in Action::"<group>"` works.
+            Some(s) => s.action_entities().unwrap_or_else(|e| {
+                problems.push(format!("schema actions: {e}"));
+                Entities::empty()
+            }),
+            None => Entities::empty(),
+        },
+        Some(path) => match read(path, &mut problems) {
+            Some(text) => Entities::from_json_str(&text, schema.as_ref()).unwrap_or_else(|e| {
+                problems.push(located(path, &text, &e, e.to_string()));
+                Entities::empty()
+            }),
+            None => Entities::empty(),
+        },
+    };
+
+    if problems.is_empty() {
+        Ok(PolicySnapshot {
+            policies,
+            entities,
+            schema,
+        })
+    } else {
+        Err(problems)
+    }
+}

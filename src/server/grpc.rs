@@ -1,0 +1,87 @@
+//! The Envoy ext_authz v3 gRPC door (`/envoy.service.auth.v3.Authorization/Check`) and
+//! `grpc.health.v1`. A CheckRequest in, the engine's decision as a CheckResponse out,
+//! one audit line per decision.
+
+use crate::decision::check_response;
+use crate::engine::Engine;
+use crate::proto::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use crate::proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Largest CheckRequest accepted (tonic's default is 4 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// The Authorization service over a shared engine.
+#[derive(Debug, Clone)]
+pub struct AuthorizationService {
+    engine: Arc<Engine>,
+}
+
+impl AuthorizationService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        AuthorizationService { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthorizationService {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let decision = self.engine.check(request.get_ref(), SystemTime::now());
+        tracing::info!(target: "portcullis::audit", "{}", decision.audit_json());
+        // SECURITY: always a successful RPC; a denial travels in the response status.
+        Ok(tonic::Response::new(check_response(&decision, self.engine.reply_settings())))
+    }
+}
+
+/// Serves on an already bound listener until `shutdown` completes.
+pub async fn serve_on(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AuthorizationServer<AuthorizationService>>()
+        .await;
+    let authz = AuthorizationServer::new(AuthorizationService::new(engine))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(authz)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Binds `addr` and serves until SIGINT or SIGTERM.
+pub async fn serve(addr: &str, engine: Arc<Engine>) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!("gRPC listening on {}", listener.local_addr()?);
+    serve_on(listener, engine, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,6 @@
+//! Front doors: glue between the network and the [`Engine`]. They translate wire formats
+//! and hold no security logic.
+
+pub mod grpc;
+
+pub use grpc::{serve, serve_on, AuthorizationService};
