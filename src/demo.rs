@@ -172,13 +172,33 @@ impl TokenSigner {
         TokenSigner { alg, kid: kid.to_string(), key, key_pair }
     }
 
-    /// The public key as a JWK with `kid`, `alg` and `use`.
+    /// The public key as a JWK (RFC 7517, RFC 7518 §6, RFC 8037) with `kid`, `alg` and `use`.
     pub fn jwk(&self) -> Value {
-        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&self.key, self.alg).expect("public JWK");
-        let mut v = serde_json::to_value(jwk).expect("serialize JWK");
-        v["kid"] = json!(self.kid);
-        v["use"] = json!("sig");
-        v
+        use rcgen::PublicKeyData;
+        use x509_parser::prelude::FromDer;
+        use x509_parser::public_key::PublicKey;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let der = self.key_pair.subject_public_key_info();
+        let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&der).expect("own SPKI parses");
+        let mut jwk = match (self.alg, spki.parsed()) {
+            (Algorithm::RS256, Ok(PublicKey::RSA(rsa))) => {
+                // DER integers may carry a leading zero byte; JWK integers do not (RFC 7518 §6.3.1).
+                let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
+                json!({ "kty": "RSA", "n": b64(&trim(rsa.modulus)), "e": b64(&trim(rsa.exponent)) })
+            }
+            (Algorithm::ES256, Ok(PublicKey::EC(point))) => {
+                let xy = &point.data()[1..];
+                json!({ "kty": "EC", "crv": "P-256", "x": b64(&xy[..32]), "y": b64(&xy[32..]) })
+            }
+            (Algorithm::EdDSA, _) => {
+                json!({ "kty": "OKP", "crv": "Ed25519", "x": b64(&spki.subject_public_key.data) })
+            }
+            (alg, _) => panic!("demo signer has no JWK form for {alg:?}"),
+        };
+        jwk["kid"] = json!(self.kid);
+        jwk["alg"] = json!(format!("{:?}", self.alg));
+        jwk["use"] = json!("sig");
+        jwk
     }
 
     /// The public key as a PEM `PUBLIC KEY`.

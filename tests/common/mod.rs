@@ -1,0 +1,225 @@
+//! Shared test world: throwaway CAs, certificates and signing keys generated at start,
+//! a configuration written to a temporary directory, and a real Portcullis gRPC server
+//! on 127.0.0.1:0 running on its own thread for the whole test binary.
+#![allow(dead_code)]
+
+use jsonwebtoken::Algorithm;
+use portcullis::config::Settings;
+use portcullis::demo::{Authority, ClientCert, LeafSpec, TokenSigner};
+use portcullis::engine::Engine;
+use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use portcullis::proto::envoy::service::auth::v3::{attribute_context, AttributeContext, CheckRequest, CheckResponse};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub const ISSUER: &str = "https://idp.test";
+pub const PEM_ISSUER: &str = "https://pem.test";
+pub const AUDIENCE: &str = "orders";
+pub const READER: &str = "spiffe://example.org/ns/test/sa/reader";
+
+pub const POLICIES: &str = r#"
+@id("users-read")
+permit (principal is User, action == Action::"GET", resource)
+when { resource.path like "/api/*" };
+
+@id("workload-read")
+permit (principal == Workload::"spiffe://example.org/ns/test/sa/reader", action == Action::"GET", resource)
+when { resource.path like "/internal/*" };
+
+@id("no-admin")
+forbid (principal, action, resource)
+when { resource.path like "/api/admin/*" };
+
+@id("bound-writes")
+permit (principal is User, action == Action::"POST", resource)
+when { context.binding };
+
+// Errors when the header is absent: Cedar would skip this forbid; Portcullis denies.
+@id("fragile-forbid")
+forbid (principal, action, resource)
+when { resource.path like "/api/fragile/*" && context.request.headers["x-flag"] == "block" };
+"#;
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub root: Authority,
+    pub inter: Authority,
+    pub other_ca: Authority,
+    pub rs: TokenSigner,
+    pub es: TokenSigner,
+    pub ed: TokenSigner,
+    /// The PEM issuer's key (ES256, no kid).
+    pub pem_signer: TokenSigner,
+    pub engine: Arc<Engine>,
+    pub addr: SocketAddr,
+}
+
+fn write(dir: &Path, name: &str, content: &str) {
+    std::fs::write(dir.join(name), content).expect("write test file");
+}
+
+pub fn config_text() -> String {
+    format!(
+        r#"
+[server]
+grpc = "127.0.0.1:0"
+
+[peer]
+trust_bundle = "ca.pem"
+intermediates = "intermediate.pem"
+trust_domains = ["example.org"]
+
+[[issuer]]
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}", "other-service"]
+jwks_file = "idp.jwks.json"
+algorithms = ["RS256", "ES256", "EdDSA"]
+leeway = "30s"
+max_lifetime = "1h"
+
+[[issuer]]
+issuer = "{PEM_ISSUER}"
+audiences = ["{AUDIENCE}"]
+pem_keys = [{{ path = "pem-issuer.pub.pem" }}]
+algorithms = ["ES256"]
+typ = "at+jwt"
+require_binding = true
+id_prefix = "pem/"
+
+[policy]
+dir = "policies"
+"#
+    )
+}
+
+pub fn world() -> &'static World {
+    static WORLD: OnceLock<World> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = Authority::root("test root CA");
+        let inter = root.intermediate("test intermediate CA");
+        let other_ca = Authority::root("some other CA");
+        let rs = TokenSigner::generate(Algorithm::RS256, "rs");
+        let es = TokenSigner::generate(Algorithm::ES256, "es");
+        let ed = TokenSigner::generate(Algorithm::EdDSA, "ed");
+        let pem_signer = TokenSigner::generate(Algorithm::ES256, "unused");
+        write(dir.path(), "ca.pem", &root.cert_pem());
+        write(dir.path(), "intermediate.pem", &inter.cert_pem());
+        write(dir.path(), "idp.jwks.json", &portcullis::demo::jwks(&[&rs, &es, &ed]));
+        write(dir.path(), "pem-issuer.pub.pem", &pem_signer.public_key_pem());
+        std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+        write(&dir.path().join("policies"), "test.cedar", POLICIES);
+        let config = dir.path().join("portcullis.toml");
+        write(dir.path(), "portcullis.toml", &config_text());
+
+        let settings = Settings::load(&config).expect("valid test config");
+        let engine = Arc::new(Engine::load(&settings).expect("engine loads"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server_engine = engine.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                portcullis::server::serve_on(listener, server_engine, std::future::pending())
+                    .await
+                    .expect("server runs");
+            });
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("server started");
+        World { dir, root, inter, other_ca, rs, es, ed, pem_signer, engine, addr }
+    })
+}
+
+pub fn now() -> i64 {
+    portcullis::demo::unix_now()
+}
+
+/// A valid claim set for the JWKS issuer; tests change one thing at a time.
+pub fn claims() -> Value {
+    let now = now();
+    json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 600,
+        "groups": ["readers"], "scope": "orders:read", "email": "alice@example.org",
+    })
+}
+
+pub fn reader_cert(w: &World) -> ClientCert {
+    w.inter.issue(&LeafSpec::spiffe(READER))
+}
+
+/// A CheckRequest as Envoy builds it: pseudo-headers, raw path with query, URL-encoded PEM.
+pub fn request(method: &str, path: &str, cert: Option<&str>, token: Option<&str>) -> CheckRequest {
+    let mut http = attribute_context::HttpRequest {
+        id: "test-1".into(),
+        method: method.into(),
+        path: path.into(),
+        host: "api.test".into(),
+        scheme: "https".into(),
+        protocol: "HTTP/2".into(),
+        ..Default::default()
+    };
+    http.headers.insert(":method".into(), method.into());
+    http.headers.insert(":path".into(), path.into());
+    http.headers.insert(":authority".into(), "api.test".into());
+    if let Some(t) = token {
+        http.headers.insert("authorization".into(), format!("Bearer {t}"));
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(attribute_context::Peer {
+                certificate: cert.unwrap_or_default().to_string(),
+                ..Default::default()
+            }),
+            request: Some(attribute_context::Request { time: None, http: Some(http) }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Sends one Check to the running server, with a deadline.
+pub async fn check(req: CheckRequest) -> CheckResponse {
+    let w = world();
+    let mut client = AuthorizationClient::connect(format!("http://{}", w.addr))
+        .await
+        .expect("connect");
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(Duration::from_secs(5));
+    client.check(r).await.expect("Check is a successful RPC").into_inner()
+}
+
+/// (grpc code, http status, www-authenticate) of a reply; http 0 for an allow.
+pub fn outcome(resp: &CheckResponse) -> (i32, i32, Option<String>) {
+    use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
+    let code = resp.status.as_ref().map_or(-1, |s| s.code);
+    match &resp.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => {
+            let www = d
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .find(|h| h.key == "www-authenticate")
+                .map(|h| h.value.clone());
+            (code, d.status.as_ref().map_or(0, |s| s.code), www)
+        }
+        Some(HttpResponse::OkResponse(_)) => (code, 0, None),
+        _ => (code, -1, None),
+    }
+}
+
+pub fn ok_header(resp: &CheckResponse, key: &str) -> Option<String> {
+    use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
+    match &resp.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == key)
+            .map(|h| h.value.clone()),
+        _ => None,
+    }
+}
