@@ -224,7 +224,12 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { base.join(p) }
 }
 
-fn duration(what: &str, value: Option<String>, default: Duration, problems: &mut Vec<String>) -> Duration {
+fn duration(
+    what: &str,
+    value: Option<String>,
+    default: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
     match value {
         None => default,
         Some(s) => humantime::parse_duration(&s).unwrap_or_else(|e| {
@@ -345,7 +350,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         .collect();
 
     let policy = PolicySettings {
-        dir: resolve(base, raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies"))),
+        dir: resolve(
+            base,
+            raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies")),
+        ),
         schema: raw.policy.schema.map(|p| resolve(base, p)),
         entities: raw.policy.entities.map(|p| resolve(base, p)),
     };
@@ -392,8 +400,11 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_with_its_line() {
-        let err = Settings::from_toml("[server]\ngrpc = \"127.0.0.1:1\"\nbogus = 1\n", Path::new(""))
-            .unwrap_err();
+        let err = Settings::from_toml(
+            "[server]\ngrpc = \"127.0.0.1:1\"\nbogus = 1\n",
+            Path::new(""),
+        )
+        .unwrap_err();
         assert_eq!(err.len(), 1);
         assert!(err[0].starts_with("line 3"), "{}", err[0]);
         assert!(err[0].contains("bogus"), "{}", err[0]);
@@ -411,7 +422,14 @@ leeway = "forever"
 "#;
         let err = Settings::from_toml(text, Path::new("")).unwrap_err();
         let all = err.join("\n");
-        for needle in ["server.mode", "audiences", "no keys", "HS256", "\"none\"", "leeway"] {
+        for needle in [
+            "server.mode",
+            "audiences",
+            "no keys",
+            "HS256",
+            "\"none\"",
+            "leeway",
+        ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
     }

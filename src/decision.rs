@@ -3,11 +3,15 @@
 //! RPC errors into allows under `failure_mode_allow`.
 
 use crate::engine::{Decision, DenyReason, ReplySettings};
-use crate::proto::envoy::config::core::v3::{header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption};
+use crate::proto::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use crate::proto::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
+};
 use crate::proto::envoy::r#type::v3::HttpStatus;
-use crate::proto::envoy::service::auth::v3::{check_response::HttpResponse, CheckResponse, DeniedHttpResponse, OkHttpResponse};
 use crate::proto::google::rpc::Status;
-use prost_types::{value::Kind, ListValue, Struct, Value};
+use prost_types::{ListValue, Struct, Value, value::Kind};
 
 /// gRPC status codes used in `CheckResponse.status` (google.rpc.Code).
 pub mod code {
@@ -93,7 +97,9 @@ fn header(key: &str, value: String) -> HeaderValueOption {
 }
 
 fn string_value(s: &str) -> Value {
-    Value { kind: Some(Kind::StringValue(s.to_string())) }
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
 }
 
 fn metadata(decision: &Decision) -> Struct {
@@ -106,15 +112,25 @@ fn metadata(decision: &Decision) -> Struct {
         "policies".to_string(),
         Value {
             kind: Some(Kind::ListValue(ListValue {
-                values: decision.policies().iter().map(|p| string_value(p)).collect(),
+                values: decision
+                    .policies()
+                    .iter()
+                    .map(|p| string_value(p))
+                    .collect(),
             })),
         },
     );
     fields.insert(
         "decision".to_string(),
-        string_value(if decision.denial.is_none() { "allow" } else { "deny" }),
+        string_value(if decision.denial.is_none() {
+            "allow"
+        } else {
+            "deny"
+        }),
     );
-    Struct { fields: fields.into_iter().collect() }
+    Struct {
+        fields: fields.into_iter().collect(),
+    }
 }
 
 /// The Envoy reply for a decision.
@@ -134,7 +150,9 @@ pub fn check_response(decision: &Decision, settings: &ReplySettings) -> CheckRes
                     details: Vec::new(),
                 }),
                 http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
-                    status: Some(HttpStatus { code: i32::from(reply.http_status) }),
+                    status: Some(HttpStatus {
+                        code: i32::from(reply.http_status),
+                    }),
                     headers,
                     body: reply.body.to_string(),
                 })),
@@ -145,10 +163,17 @@ pub fn check_response(decision: &Decision, settings: &ReplySettings) -> CheckRes
             let principal = decision.principal().unwrap_or_default();
             let mut headers = vec![header(&settings.principal_header, header_safe(&principal))];
             if let Some(reason) = &decision.denial {
-                headers.push(header(DRY_RUN_HEADER, format!("would-deny: {}", reason.code())));
+                headers.push(header(
+                    DRY_RUN_HEADER,
+                    format!("would-deny: {}", reason.code()),
+                ));
             }
             CheckResponse {
-                status: Some(Status { code: code::OK, message: String::new(), details: Vec::new() }),
+                status: Some(Status {
+                    code: code::OK,
+                    message: String::new(),
+                    details: Vec::new(),
+                }),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                     headers,
                     ..Default::default()
@@ -174,11 +199,18 @@ mod tests {
     fn token_failures_say_invalid_token() {
         let r = deny_reply(&DenyReason::Token(crate::identity::TokenRejection::Expired));
         assert_eq!((r.grpc_code, r.http_status), (code::UNAUTHENTICATED, 401));
-        assert!(r.www_authenticate.unwrap().contains("error=\"invalid_token\""));
+        assert!(
+            r.www_authenticate
+                .unwrap()
+                .contains("error=\"invalid_token\"")
+        );
         let r = deny_reply(&DenyReason::NoPermit { anonymous: true });
         assert_eq!(r.http_status, 401);
         assert!(!r.www_authenticate.unwrap().contains("error="));
         let r = deny_reply(&DenyReason::Forbidden);
-        assert_eq!((r.grpc_code, r.http_status, r.www_authenticate), (code::PERMISSION_DENIED, 403, None));
+        assert_eq!(
+            (r.grpc_code, r.http_status, r.www_authenticate),
+            (code::PERMISSION_DENIED, 403, None)
+        );
     }
 }

@@ -9,7 +9,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::path::Path;
 use time::{Duration, OffsetDateTime};
 
@@ -37,14 +37,15 @@ fn new_key() -> KeyPair {
 impl Authority {
     /// A self-signed root.
     pub fn root(name: &str) -> Authority {
-        let issuer = CertifiedIssuer::self_signed(ca_params(name), new_key()).expect("self-sign a CA");
+        let issuer =
+            CertifiedIssuer::self_signed(ca_params(name), new_key()).expect("self-sign a CA");
         Authority { issuer }
     }
 
     /// An intermediate CA signed by this one.
     pub fn intermediate(&self, name: &str) -> Authority {
-        let issuer =
-            CertifiedIssuer::signed_by(ca_params(name), new_key(), &self.issuer).expect("sign an intermediate");
+        let issuer = CertifiedIssuer::signed_by(ca_params(name), new_key(), &self.issuer)
+            .expect("sign an intermediate");
         Authority { issuer }
     }
 
@@ -55,18 +56,27 @@ impl Authority {
     /// Issues a certificate as `spec` describes.
     pub fn issue(&self, spec: &LeafSpec) -> ClientCert {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, spec.common_name.clone());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.common_name.clone());
         params.subject_alt_names = spec
             .uris
             .iter()
             .map(|u| SanType::URI(u.as_str().try_into().expect("ASCII URI")))
-            .chain(spec.dns.iter().map(|d| SanType::DnsName(d.as_str().try_into().expect("ASCII name"))))
+            .chain(
+                spec.dns
+                    .iter()
+                    .map(|d| SanType::DnsName(d.as_str().try_into().expect("ASCII name"))),
+            )
             .collect();
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         if spec.ca {
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
         } else {
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -150,6 +160,8 @@ pub fn envoy_url_encode(pem: &str) -> String {
     out
 }
 
+type PemLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>;
+
 /// A token signing key of one algorithm.
 pub struct TokenSigner {
     pub alg: Algorithm,
@@ -161,7 +173,7 @@ pub struct TokenSigner {
 impl TokenSigner {
     /// Generates a key for RS256 (2048-bit), ES256 or EdDSA (Ed25519).
     pub fn generate(alg: Algorithm, kid: &str) -> TokenSigner {
-        let (rcgen_alg, make): (_, fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>) = match alg {
+        let (rcgen_alg, make): (_, PemLoader) = match alg {
             Algorithm::RS256 => (&rcgen::PKCS_RSA_SHA256, EncodingKey::from_rsa_pem),
             Algorithm::ES256 => (&rcgen::PKCS_ECDSA_P256_SHA256, EncodingKey::from_ec_pem),
             Algorithm::EdDSA => (&rcgen::PKCS_ED25519, EncodingKey::from_ed_pem),
@@ -169,7 +181,12 @@ impl TokenSigner {
         };
         let key_pair = KeyPair::generate_for(rcgen_alg).expect("generate a signing key");
         let key = make(key_pair.serialize_pem().as_bytes()).expect("load the signing key");
-        TokenSigner { alg, kid: kid.to_string(), key, key_pair }
+        TokenSigner {
+            alg,
+            kid: kid.to_string(),
+            key,
+            key_pair,
+        }
     }
 
     /// The public key as a JWK (RFC 7517, RFC 7518 §6, RFC 8037) with `kid`, `alg` and `use`.
@@ -179,11 +196,17 @@ impl TokenSigner {
         use x509_parser::public_key::PublicKey;
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let der = self.key_pair.subject_public_key_info();
-        let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&der).expect("own SPKI parses");
+        let (_, spki) =
+            x509_parser::x509::SubjectPublicKeyInfo::from_der(&der).expect("own SPKI parses");
         let mut jwk = match (self.alg, spki.parsed()) {
             (Algorithm::RS256, Ok(PublicKey::RSA(rsa))) => {
                 // DER integers may carry a leading zero byte; JWK integers do not (RFC 7518 §6.3.1).
-                let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
+                let trim = |b: &[u8]| {
+                    b.iter()
+                        .skip_while(|&&x| x == 0)
+                        .copied()
+                        .collect::<Vec<u8>>()
+                };
                 json!({ "kty": "RSA", "n": b64(&trim(rsa.modulus)), "e": b64(&trim(rsa.exponent)) })
             }
             (Algorithm::ES256, Ok(PublicKey::EC(point))) => {
@@ -238,7 +261,12 @@ pub const DEMO_ISSUER: &str = "https://idp.example.org";
 pub const DEMO_AUDIENCE: &str = "orders";
 
 /// A CheckRequest in proto3 JSON, as Envoy would send it.
-pub fn check_request_json(method: &str, path: &str, cert: Option<&ClientCert>, token: Option<&str>) -> Value {
+pub fn check_request_json(
+    method: &str,
+    path: &str,
+    cert: Option<&ClientCert>,
+    token: Option<&str>,
+) -> Value {
     let mut headers = json!({
         ":method": method, ":path": path, ":authority": "api.example.org", ":scheme": "https",
         "user-agent": "demo",
@@ -246,7 +274,8 @@ pub fn check_request_json(method: &str, path: &str, cert: Option<&ClientCert>, t
     if let Some(t) = token {
         headers["authorization"] = json!(format!("Bearer {t}"));
     }
-    let mut source = json!({ "address": { "socketAddress": { "address": "10.0.0.7", "portValue": 41000 } } });
+    let mut source =
+        json!({ "address": { "socketAddress": { "address": "10.0.0.7", "portValue": 41000 } } });
     if let Some(c) = cert {
         source["certificate"] = json!(c.envoy_encoded());
     }
@@ -278,7 +307,9 @@ pub fn write_demo(dir: &Path) -> std::io::Result<Vec<String>> {
     let inter = root.intermediate("Portcullis demo intermediate CA (throwaway)");
     put("ca.pem", &root.cert_pem())?;
     put("intermediate.pem", &inter.cert_pem())?;
-    let frontend = inter.issue(&LeafSpec::spiffe("spiffe://example.org/ns/prod/sa/frontend"));
+    let frontend = inter.issue(&LeafSpec::spiffe(
+        "spiffe://example.org/ns/prod/sa/frontend",
+    ));
     let batch = inter.issue(&LeafSpec::spiffe("spiffe://example.org/ns/prod/sa/batch"));
     for (name, cert) in [("frontend", &frontend), ("batch", &batch)] {
         put(&format!("clients/{name}.pem"), &cert.pem)?;
@@ -299,20 +330,48 @@ pub fn write_demo(dir: &Path) -> std::io::Result<Vec<String>> {
         }
         c
     };
-    let alice = signer.sign(&claims("alice", &["order-readers"], "orders:read", Some(&frontend)));
+    let alice = signer.sign(&claims(
+        "alice",
+        &["order-readers"],
+        "orders:read",
+        Some(&frontend),
+    ));
     let mallory = signer.sign(&claims("mallory", &["guests"], "", None));
     put("tokens/alice.jwt", &alice)?;
     put("tokens/mallory.jwt", &mallory)?;
 
     let requests = [
-        ("alice-reads-order", check_request_json("GET", "/orders/42?expand=items", Some(&frontend), Some(&alice))),
-        ("alice-token-replayed-by-batch", check_request_json("GET", "/orders/42", Some(&batch), Some(&alice))),
-        ("mallory-reads-order", check_request_json("GET", "/orders/42", Some(&frontend), Some(&mallory))),
-        ("batch-reads-catalog", check_request_json("GET", "/catalog/items", Some(&batch), None)),
-        ("anonymous", check_request_json("GET", "/orders/42", None, None)),
+        (
+            "alice-reads-order",
+            check_request_json(
+                "GET",
+                "/orders/42?expand=items",
+                Some(&frontend),
+                Some(&alice),
+            ),
+        ),
+        (
+            "alice-token-replayed-by-batch",
+            check_request_json("GET", "/orders/42", Some(&batch), Some(&alice)),
+        ),
+        (
+            "mallory-reads-order",
+            check_request_json("GET", "/orders/42", Some(&frontend), Some(&mallory)),
+        ),
+        (
+            "batch-reads-catalog",
+            check_request_json("GET", "/catalog/items", Some(&batch), None),
+        ),
+        (
+            "anonymous",
+            check_request_json("GET", "/orders/42", None, None),
+        ),
     ];
     for (name, req) in requests {
-        put(&format!("requests/{name}.json"), &serde_json::to_string_pretty(&req).unwrap_or_default())?;
+        put(
+            &format!("requests/{name}.json"),
+            &serde_json::to_string_pretty(&req).unwrap_or_default(),
+        )?;
     }
     Ok(written)
 }

@@ -24,7 +24,9 @@ pub enum DenyReason {
     Certificate(CertRejection),
     Token(TokenRejection),
     /// No permit matched. `anonymous` when no credential was verified at all.
-    NoPermit { anonymous: bool },
+    NoPermit {
+        anonymous: bool,
+    },
     /// A forbid policy matched.
     Forbidden,
     /// A policy failed to evaluate; Portcullis denies rather than skip it.
@@ -70,7 +72,9 @@ impl Decision {
 
     /// The principal, as a Cedar entity reference.
     pub fn principal(&self) -> Option<String> {
-        self.policy.as_ref().map(|p| p.request.principal.to_string())
+        self.policy
+            .as_ref()
+            .map(|p| p.request.principal.to_string())
     }
 
     /// The determining policy ids.
@@ -181,7 +185,10 @@ impl Engine {
                 denial = Some(DenyReason::CertificateRequired);
             }
             PeerOutcome::NotConfigured => {
-                reasons.push("certificate: presented but no [peer] trust bundle is configured; ignored".into());
+                reasons.push(
+                    "certificate: presented but no [peer] trust bundle is configured; ignored"
+                        .into(),
+                );
             }
             PeerOutcome::NotPresented | PeerOutcome::Verified(_) => {}
         }
@@ -193,7 +200,14 @@ impl Engine {
         // SECURITY: a presented credential that fails verification fails the request;
         // it is never ignored in favour of the other credential or an anonymous policy.
         if denial.is_some() {
-            return self.finish(started, facts.request_id.clone(), denial, Some(identity), None, reasons);
+            return self.finish(
+                started,
+                facts.request_id.clone(),
+                denial,
+                Some(identity),
+                None,
+                reasons,
+            );
         }
         let outcome = self.policy.evaluate(facts, &identity);
         let anonymous = identity.peer().is_none() && identity.token().is_none();
@@ -209,7 +223,14 @@ impl Engine {
             reasons.push(format!("forbidden by {}", outcome.determining.join(", ")));
             Some(DenyReason::Forbidden)
         };
-        self.finish(started, facts.request_id.clone(), denial, Some(identity), Some(outcome), reasons)
+        self.finish(
+            started,
+            facts.request_id.clone(),
+            denial,
+            Some(identity),
+            Some(outcome),
+            reasons,
+        )
     }
 
     fn finish(

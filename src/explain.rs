@@ -28,7 +28,10 @@ pub fn check_json(engine: &Engine, json: &str, now: SystemTime) -> Result<Explan
         "\nreply (CheckResponse):\n{}",
         serde_json::to_string_pretty(&reply).unwrap_or_default()
     );
-    Ok(Explanation { allowed: decision.allowed(), text })
+    Ok(Explanation {
+        allowed: decision.allowed(),
+        text,
+    })
 }
 
 /// The decision as text.
@@ -37,7 +40,9 @@ pub fn explain(d: &Decision) -> String {
     if let Some(identity) = &d.identity {
         let peer = match &identity.peer {
             PeerOutcome::NotPresented => "none presented".to_string(),
-            PeerOutcome::NotConfigured => "presented, but no [peer] trust bundle is configured: ignored".into(),
+            PeerOutcome::NotConfigured => {
+                "presented, but no [peer] trust bundle is configured: ignored".into()
+            }
             PeerOutcome::Rejected(e) => format!("REJECTED: {e}"),
             PeerOutcome::Verified(p) => format!(
                 "verified: {} (subject \"{}\", issuer \"{}\", x5t#S256 {})",
@@ -54,7 +59,11 @@ pub fn explain(d: &Decision) -> String {
                 "verified: sub \"{}\" from \"{}\"{}",
                 t.subject(),
                 t.issuer(),
-                if t.bound() { ", bound to the presented certificate (RFC 8705)" } else { "" }
+                if t.bound() {
+                    ", bound to the presented certificate (RFC 8705)"
+                } else {
+                    ""
+                }
             ),
         };
         let _ = writeln!(s, "certificate: {peer}");
@@ -62,20 +71,30 @@ pub fn explain(d: &Decision) -> String {
     }
     if let Some(p) = &d.policy {
         let r = &p.request;
-        let parents: Vec<String> = r.principal_parents.iter().map(ToString::to_string).collect();
+        let parents: Vec<String> = r
+            .principal_parents
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let _ = writeln!(s, "cedar request:");
         let _ = writeln!(
             s,
             "  principal: {}{}",
             r.principal,
-            if parents.is_empty() { String::new() } else { format!(" in [{}]", parents.join(", ")) }
+            if parents.is_empty() {
+                String::new()
+            } else {
+                format!(" in [{}]", parents.join(", "))
+            }
         );
         let _ = writeln!(s, "  action:    {}", r.action);
         let _ = writeln!(s, "  resource:  {}", r.resource);
         let _ = writeln!(
             s,
             "  context:   {}",
-            serde_json::to_string_pretty(&r.context).unwrap_or_default().replace('\n', "\n  ")
+            serde_json::to_string_pretty(&r.context)
+                .unwrap_or_default()
+                .replace('\n', "\n  ")
         );
     }
     let verdict = match (&d.denial, d.dry_run) {

@@ -149,7 +149,7 @@ fn non_empty(s: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
-    use crate::proto::envoy::service::auth::v3::{attribute_context, AttributeContext};
+    use crate::proto::envoy::service::auth::v3::{AttributeContext, attribute_context};
 
     fn request(http: attribute_context::HttpRequest) -> CheckRequest {
         CheckRequest {
@@ -186,8 +186,16 @@ mod tests {
             path: "/".into(),
             header_map: Some(HeaderMap {
                 headers: vec![
-                    HeaderValue { key: "x-a".into(), value: "1".into(), raw_value: vec![] },
-                    HeaderValue { key: "X-A".into(), value: String::new(), raw_value: b"2".to_vec() },
+                    HeaderValue {
+                        key: "x-a".into(),
+                        value: "1".into(),
+                        raw_value: vec![],
+                    },
+                    HeaderValue {
+                        key: "X-A".into(),
+                        value: String::new(),
+                        raw_value: b"2".to_vec(),
+                    },
                 ],
             }),
             ..Default::default()
@@ -202,12 +210,25 @@ mod tests {
             RequestFacts::try_from(&CheckRequest::default()),
             Err(FactsError::NoHttpRequest)
         );
-        let http = attribute_context::HttpRequest { path: "/".into(), ..Default::default() };
-        assert_eq!(RequestFacts::try_from(&request(http)), Err(FactsError::NoMethod));
-        let mut http = attribute_context::HttpRequest { method: "GET".into(), path: "/".into(), ..Default::default() };
+        let http = attribute_context::HttpRequest {
+            path: "/".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            RequestFacts::try_from(&request(http)),
+            Err(FactsError::NoMethod)
+        );
+        let mut http = attribute_context::HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            ..Default::default()
+        };
         for i in 0..=MAX_HEADERS {
             http.headers.insert(format!("h{i}"), String::new());
         }
-        assert_eq!(RequestFacts::try_from(&request(http)), Err(FactsError::TooManyHeaders));
+        assert_eq!(
+            RequestFacts::try_from(&request(http)),
+            Err(FactsError::TooManyHeaders)
+        );
     }
 }

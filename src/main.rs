@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "External authorization: mTLS + JWT + Cedar")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "External authorization: mTLS + JWT + Cedar"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,10 +47,14 @@ enum Command {
     },
 }
 
-fn load(config: &PathBuf) -> Result<(Settings, Engine), String> {
+fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
     let settings = Settings::load(config).map_err(|e| e.to_string())?;
     let engine = Engine::load(&settings).map_err(|problems| {
-        let mut msg = format!("{} problem(s) loading {}:", problems.len(), config.display());
+        let mut msg = format!(
+            "{} problem(s) loading {}:",
+            problems.len(),
+            config.display()
+        );
         for p in problems {
             msg.push_str("\n  - ");
             msg.push_str(&p);
@@ -82,7 +90,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let (settings, engine) = load(&config)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(portcullis::server::serve(&settings.grpc_listen, Arc::new(engine)))
+                .block_on(portcullis::server::serve(
+                    &settings.grpc_listen,
+                    Arc::new(engine),
+                ))
                 .map_err(|e| format!("server failed: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -94,10 +105,15 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 std::fs::read_to_string(&request)
                     .map_err(|e| format!("{}: cannot read: {e}", request.display()))?
             };
-            let explanation = portcullis::explain::check_json(&engine, &text, std::time::SystemTime::now())
-                .map_err(|e| format!("{}: {e}", request.display()))?;
+            let explanation =
+                portcullis::explain::check_json(&engine, &text, std::time::SystemTime::now())
+                    .map_err(|e| format!("{}: {e}", request.display()))?;
             println!("{}", explanation.text);
-            Ok(if explanation.allowed { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if explanation.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Command::Validate { config } => {
             let (settings, engine) = load(&config)?;
@@ -106,13 +122,22 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 config.display(),
                 settings.issuers.len(),
                 engine.policy().policy_count(),
-                if engine.policy().policy_count() == 1 { "y" } else { "ies" },
-                if engine.policy().has_schema() { "validated strictly" } else { "none" },
+                if engine.policy().policy_count() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                if engine.policy().has_schema() {
+                    "validated strictly"
+                } else {
+                    "none"
+                },
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { out } => {
-            let written = portcullis::demo::write_demo(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let written = portcullis::demo::write_demo(&out)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
             for w in written {
                 println!("wrote {w}");
             }

@@ -40,7 +40,11 @@ fn wait_bounded(mut child: Child, limit: Duration) -> (Option<ExitStatus>, Strin
             Err(e) => panic!("waiting for python3 failed: {e}"),
         }
     };
-    (status, out.join().unwrap_or_default(), err.join().unwrap_or_default())
+    (
+        status,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
 }
 
 fn spawn_python(dir: &Path, args: &[&str]) -> Child {
@@ -51,7 +55,9 @@ fn spawn_python(dir: &Path, args: &[&str]) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run python3 ({e}); install Python 3 and run: {INSTALL_HINT}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}); install Python 3 and run: {INSTALL_HINT}")
+        })
 }
 
 #[test]
@@ -72,7 +78,9 @@ fn envoy_generated_client_is_wire_compatible() {
     let (status, _, err) = wait_bounded(probe, PROBE_TIMEOUT);
     match status {
         Some(s) if s.success() => {}
-        Some(_) => panic!("python3 lacks the Envoy gRPC client modules; run: {INSTALL_HINT}\n{err}"),
+        Some(_) => {
+            panic!("python3 lacks the Envoy gRPC client modules; run: {INSTALL_HINT}\n{err}")
+        }
         None => panic!("python3 module probe did not finish within {PROBE_TIMEOUT:?}"),
     }
 
@@ -80,9 +88,14 @@ fn envoy_generated_client_is_wire_compatible() {
     let (status, out, err) = wait_bounded(child, SCRIPT_TIMEOUT);
     println!("--- envoy_wire.py stdout ---\n{out}");
     println!("--- envoy_wire.py stderr ---\n{err}");
-    let status = status.unwrap_or_else(|| panic!("envoy_wire.py did not finish within {SCRIPT_TIMEOUT:?}; killed"));
+    let status = status.unwrap_or_else(|| {
+        panic!("envoy_wire.py did not finish within {SCRIPT_TIMEOUT:?}; killed")
+    });
     if status.code() == Some(3) && err.contains("missing Python module") {
         panic!("python3 lacks the Envoy gRPC client modules; run: {INSTALL_HINT}");
     }
-    assert!(status.success(), "envoy_wire.py failed ({status}); see its output above");
+    assert!(
+        status.success(),
+        "envoy_wire.py failed ({status}); see its output above"
+    );
 }

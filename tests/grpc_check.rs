@@ -12,9 +12,9 @@ use portcullis::demo::{LeafSpec, TokenSigner};
 use portcullis::engine::DenyReason;
 use portcullis::identity::{CertRejection, TokenRejection};
 use portcullis::proto::envoy::config::core::v3::header_value_option::HeaderAppendAction;
-use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
 use portcullis::proto::envoy::service::auth::v3::CheckRequest;
-use serde_json::{json, Value};
+use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
+use serde_json::{Value, json};
 use std::time::SystemTime;
 
 const UNAUTHENTICATED: i32 = 16;
@@ -37,7 +37,10 @@ async fn tokens_of_each_algorithm_are_allowed() {
         let token = signer.sign(&claims());
         let resp = check(request("GET", "/api/orders?page=2", None, Some(&token))).await;
         assert_eq!(outcome(&resp), (0, 0, None), "{:?}", signer.alg);
-        assert_eq!(ok_header(&resp, "x-portcullis-principal").as_deref(), Some("User::\"alice\""));
+        assert_eq!(
+            ok_header(&resp, "x-portcullis-principal").as_deref(),
+            Some("User::\"alice\"")
+        );
     }
 }
 
@@ -45,10 +48,19 @@ async fn tokens_of_each_algorithm_are_allowed() {
 async fn allow_reply_overwrites_the_principal_header_and_carries_metadata() {
     let w = world();
     let resp = check(request("GET", "/api/x", None, Some(&w.es.sign(&claims())))).await;
-    let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else { panic!("not allowed: {resp:?}") };
-    let h = ok.headers.iter().find(|h| h.header.as_ref().unwrap().key == "x-portcullis-principal").unwrap();
+    let Some(HttpResponse::OkResponse(ok)) = &resp.http_response else {
+        panic!("not allowed: {resp:?}")
+    };
+    let h = ok
+        .headers
+        .iter()
+        .find(|h| h.header.as_ref().unwrap().key == "x-portcullis-principal")
+        .unwrap();
     assert_eq!(h.append, None, "deprecated append must stay unset");
-    assert_eq!(h.append_action, HeaderAppendAction::OverwriteIfExistsOrAdd as i32);
+    assert_eq!(
+        h.append_action,
+        HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+    );
     let md = resp.dynamic_metadata.as_ref().expect("dynamic metadata");
     let policies = format!("{:?}", md.fields["policies"]);
     assert!(policies.contains("users-read"), "{policies}");
@@ -58,7 +70,10 @@ async fn allow_reply_overwrites_the_principal_header_and_carries_metadata() {
 #[tokio::test]
 async fn nothing_presented_is_401_without_error_code() {
     let resp = check(request("GET", "/api/orders", None, None)).await;
-    assert_eq!(outcome(&resp), (UNAUTHENTICATED, 401, Some(NO_CREDENTIALS.into())));
+    assert_eq!(
+        outcome(&resp),
+        (UNAUTHENTICATED, 401, Some(NO_CREDENTIALS.into()))
+    );
     let d = decide(&request("GET", "/api/orders", None, None));
     assert_eq!(d.denial, Some(DenyReason::NoPermit { anonymous: true }));
 }
@@ -70,8 +85,30 @@ async fn empty_and_unreadable_requests_are_denied_not_errors() {
     assert_ne!(code, 0);
     assert_eq!(http, 400);
     let mut no_method = request("GET", "/api/x", None, None);
-    no_method.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap().method.clear();
-    no_method.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap().headers.remove(":method");
+    no_method
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap()
+        .method
+        .clear();
+    no_method
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap()
+        .headers
+        .remove(":method");
     let (code, http, _) = outcome(&check(no_method).await);
     assert_ne!(code, 0);
     assert_eq!(http, 400);
@@ -98,7 +135,11 @@ async fn invalid_tokens_are_401_invalid_token_with_their_exact_reason() {
     let valid = w.es.sign(&claims());
     let (h, _, s) = {
         let mut parts = valid.split('.');
-        (parts.next().unwrap().to_string(), parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+        (
+            parts.next().unwrap().to_string(),
+            parts.next().unwrap().to_string(),
+            parts.next().unwrap().to_string(),
+        )
     };
     let impostor = TokenSigner::generate(Algorithm::ES256, "es");
     // HS256 with the RSA public key as the HMAC secret: the classic key confusion.
@@ -110,35 +151,138 @@ async fn invalid_tokens_are_401_invalid_token_with_their_exact_reason() {
     };
     let oversized = w.es.sign(&with(|c| c["pad"] = json!("x".repeat(9000))));
     let cases: Vec<(&str, String, TokenRejection)> = vec![
-        ("expired", w.es.sign(&with(|c| { c["iat"] = json!(now - 4000); c["exp"] = json!(now - 3600) })), TokenRejection::Expired),
-        ("nbf ahead", w.es.sign(&with(|c| c["nbf"] = json!(now + 3600))), TokenRejection::NotYetValid),
-        ("iat in the future", w.es.sign(&with(|c| { c["iat"] = json!(now + 600); c["exp"] = json!(now + 900) })), TokenRejection::IssuedInFuture),
-        ("wrong aud", w.es.sign(&with(|c| c["aud"] = json!("billing"))), TokenRejection::WrongAudience),
-        ("no aud", w.es.sign(&with(|c| { c.as_object_mut().unwrap().remove("aud"); })), TokenRejection::MissingAudience),
-        ("wrong iss", w.es.sign(&with(|c| c["iss"] = json!("https://evil.test"))), TokenRejection::UnknownIssuer("https://evil.test".into())),
-        ("unknown kid", signed(&w.es, |h| h.kid = Some("nope".into()), &claims()), TokenRejection::UnknownKey("nope".into())),
-        ("bad signature", impostor.sign(&claims()), TokenRejection::BadSignature),
-        ("tampered payload", format!("{h}.{}.{s}", b64(&with(|c| c["sub"] = json!("root")))), TokenRejection::BadSignature),
-        ("alg none", format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims())), TokenRejection::Malformed(String::new())),
-        ("HS256 with the RSA public key as secret", confused, TokenRejection::AlgorithmNotAllowed("HS256".into())),
-        ("missing exp", w.es.sign(&with(|c| { c.as_object_mut().unwrap().remove("exp"); })), TokenRejection::MissingClaim("exp".into())),
-        ("lifetime over the maximum", w.es.sign(&with(|c| c["exp"] = json!(now + 7200))), TokenRejection::LifetimeTooLong { max_secs: 3600 }),
-        ("unknown crit", signed(&w.es, |h| h.crit = Some(vec!["urn:example:ext".into()]), &claims()), TokenRejection::UnknownCritical),
-        ("oversized", oversized, TokenRejection::TooLarge { max: 8192 }),
-        ("not a JWT", "hello-world".to_string(), TokenRejection::Malformed(String::new())),
-        ("key of another type for the kid", signed(&w.es, |h| h.kid = Some("ed".into()), &claims()), TokenRejection::NoKeyForAlgorithm("ES256".into())),
-        ("no sub", w.es.sign(&with(|c| { c.as_object_mut().unwrap().remove("sub"); })), TokenRejection::MissingClaim("sub".into())),
+        (
+            "expired",
+            w.es.sign(&with(|c| {
+                c["iat"] = json!(now - 4000);
+                c["exp"] = json!(now - 3600)
+            })),
+            TokenRejection::Expired,
+        ),
+        (
+            "nbf ahead",
+            w.es.sign(&with(|c| c["nbf"] = json!(now + 3600))),
+            TokenRejection::NotYetValid,
+        ),
+        (
+            "iat in the future",
+            w.es.sign(&with(|c| {
+                c["iat"] = json!(now + 600);
+                c["exp"] = json!(now + 900)
+            })),
+            TokenRejection::IssuedInFuture,
+        ),
+        (
+            "wrong aud",
+            w.es.sign(&with(|c| c["aud"] = json!("billing"))),
+            TokenRejection::WrongAudience,
+        ),
+        (
+            "no aud",
+            w.es.sign(&with(|c| {
+                c.as_object_mut().unwrap().remove("aud");
+            })),
+            TokenRejection::MissingAudience,
+        ),
+        (
+            "wrong iss",
+            w.es.sign(&with(|c| c["iss"] = json!("https://evil.test"))),
+            TokenRejection::UnknownIssuer("https://evil.test".into()),
+        ),
+        (
+            "unknown kid",
+            signed(&w.es, |h| h.kid = Some("nope".into()), &claims()),
+            TokenRejection::UnknownKey("nope".into()),
+        ),
+        (
+            "bad signature",
+            impostor.sign(&claims()),
+            TokenRejection::BadSignature,
+        ),
+        (
+            "tampered payload",
+            format!("{h}.{}.{s}", b64(&with(|c| c["sub"] = json!("root")))),
+            TokenRejection::BadSignature,
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none", "typ": "JWT"})),
+                b64(&claims())
+            ),
+            TokenRejection::Malformed(String::new()),
+        ),
+        (
+            "HS256 with the RSA public key as secret",
+            confused,
+            TokenRejection::AlgorithmNotAllowed("HS256".into()),
+        ),
+        (
+            "missing exp",
+            w.es.sign(&with(|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            })),
+            TokenRejection::MissingClaim("exp".into()),
+        ),
+        (
+            "lifetime over the maximum",
+            w.es.sign(&with(|c| c["exp"] = json!(now + 7200))),
+            TokenRejection::LifetimeTooLong { max_secs: 3600 },
+        ),
+        (
+            "unknown crit",
+            signed(
+                &w.es,
+                |h| h.crit = Some(vec!["urn:example:ext".into()]),
+                &claims(),
+            ),
+            TokenRejection::UnknownCritical,
+        ),
+        (
+            "oversized",
+            oversized,
+            TokenRejection::TooLarge { max: 8192 },
+        ),
+        (
+            "not a JWT",
+            "hello-world".to_string(),
+            TokenRejection::Malformed(String::new()),
+        ),
+        (
+            "key of another type for the kid",
+            signed(&w.es, |h| h.kid = Some("ed".into()), &claims()),
+            TokenRejection::NoKeyForAlgorithm("ES256".into()),
+        ),
+        (
+            "no sub",
+            w.es.sign(&with(|c| {
+                c.as_object_mut().unwrap().remove("sub");
+            })),
+            TokenRejection::MissingClaim("sub".into()),
+        ),
     ];
     for (name, token, expected) in cases {
         let req = request("GET", "/api/orders", None, Some(&token));
         let d = decide(&req);
         match (&d.denial, &expected) {
             // Malformed carries a parser message; only the variant matters.
-            (Some(DenyReason::Token(TokenRejection::Malformed(_))), TokenRejection::Malformed(_)) => {}
-            (got, _) => assert_eq!(got, &Some(DenyReason::Token(expected.clone())), "case {name}"),
+            (
+                Some(DenyReason::Token(TokenRejection::Malformed(_))),
+                TokenRejection::Malformed(_),
+            ) => {}
+            (got, _) => assert_eq!(
+                got,
+                &Some(DenyReason::Token(expected.clone())),
+                "case {name}"
+            ),
         }
         let resp = check(req).await;
-        assert_eq!(outcome(&resp), (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into())), "case {name}");
+        assert_eq!(
+            outcome(&resp),
+            (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into())),
+            "case {name}"
+        );
     }
 }
 
@@ -147,10 +291,23 @@ async fn a_malformed_bearer_header_is_invalid_not_ignored() {
     let w = world();
     let t = w.es.sign(&claims());
     let mut req = request("GET", "/api/orders", None, None);
-    let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+    let http = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
     // Two Authorization headers, joined by Envoy with a comma.
-    http.headers.insert("authorization".into(), format!("Bearer {t},Bearer {t}"));
-    assert_eq!(outcome(&check(req).await), (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into())));
+    http.headers
+        .insert("authorization".into(), format!("Bearer {t},Bearer {t}"));
+    assert_eq!(
+        outcome(&check(req).await),
+        (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into()))
+    );
 }
 
 #[tokio::test]
@@ -169,28 +326,77 @@ async fn bad_certificates_are_denied_with_their_exact_reason() {
     let mut ca_leaf = spec.clone();
     ca_leaf.ca = true;
     let mut two_uris = spec.clone();
-    two_uris.uris.push("spiffe://example.org/ns/test/sa/other".into());
+    two_uris
+        .uris
+        .push("spiffe://example.org/ns/test/sa/other".into());
     let foreign = LeafSpec::spiffe("spiffe://evil.org/ns/test/sa/reader");
     let cases: Vec<(&str, String, CertRejection)> = vec![
-        ("other CA", w.other_ca.issue(&spec).envoy_encoded(), CertRejection::UnknownIssuer(String::new())),
-        ("expired", w.inter.issue(&expired).envoy_encoded(), CertRejection::Expired),
-        ("not yet valid", w.inter.issue(&future).envoy_encoded(), CertRejection::NotYetValid),
-        ("no clientAuth usage", w.inter.issue(&server_only).envoy_encoded(), CertRejection::Usage),
-        ("CA certificate as leaf", w.inter.issue(&ca_leaf).envoy_encoded(), CertRejection::CaAsLeaf),
-        ("two URI SANs", w.inter.issue(&two_uris).envoy_encoded(), CertRejection::SpiffeUriCount(2)),
-        ("foreign trust domain", w.inter.issue(&foreign).envoy_encoded(), CertRejection::ForeignTrustDomain("evil.org".into())),
-        ("garbage", "not%20a%20certificate".into(), CertRejection::Count(0)),
-        ("the CA itself", portcullis::demo::envoy_url_encode(&w.root.cert_pem()), CertRejection::CaAsLeaf),
+        (
+            "other CA",
+            w.other_ca.issue(&spec).envoy_encoded(),
+            CertRejection::UnknownIssuer(String::new()),
+        ),
+        (
+            "expired",
+            w.inter.issue(&expired).envoy_encoded(),
+            CertRejection::Expired,
+        ),
+        (
+            "not yet valid",
+            w.inter.issue(&future).envoy_encoded(),
+            CertRejection::NotYetValid,
+        ),
+        (
+            "no clientAuth usage",
+            w.inter.issue(&server_only).envoy_encoded(),
+            CertRejection::Usage,
+        ),
+        (
+            "CA certificate as leaf",
+            w.inter.issue(&ca_leaf).envoy_encoded(),
+            CertRejection::CaAsLeaf,
+        ),
+        (
+            "two URI SANs",
+            w.inter.issue(&two_uris).envoy_encoded(),
+            CertRejection::SpiffeUriCount(2),
+        ),
+        (
+            "foreign trust domain",
+            w.inter.issue(&foreign).envoy_encoded(),
+            CertRejection::ForeignTrustDomain("evil.org".into()),
+        ),
+        (
+            "garbage",
+            "not%20a%20certificate".into(),
+            CertRejection::Count(0),
+        ),
+        (
+            "the CA itself",
+            portcullis::demo::envoy_url_encode(&w.root.cert_pem()),
+            CertRejection::CaAsLeaf,
+        ),
     ];
     for (name, cert, expected) in cases {
         let req = request("GET", "/internal/data", Some(&cert), None);
         let d = decide(&req);
         match (&d.denial, &expected) {
-            (Some(DenyReason::Certificate(CertRejection::UnknownIssuer(_))), CertRejection::UnknownIssuer(_)) => {}
-            (got, _) => assert_eq!(got, &Some(DenyReason::Certificate(expected.clone())), "case {name}"),
+            (
+                Some(DenyReason::Certificate(CertRejection::UnknownIssuer(_))),
+                CertRejection::UnknownIssuer(_),
+            ) => {}
+            (got, _) => assert_eq!(
+                got,
+                &Some(DenyReason::Certificate(expected.clone())),
+                "case {name}"
+            ),
         }
         let resp = check(req).await;
-        assert_eq!(outcome(&resp), (UNAUTHENTICATED, 401, Some(NO_CREDENTIALS.into())), "case {name}");
+        assert_eq!(
+            outcome(&resp),
+            (UNAUTHENTICATED, 401, Some(NO_CREDENTIALS.into())),
+            "case {name}"
+        );
     }
 }
 
@@ -209,9 +415,15 @@ async fn workload_certificates_via_the_intermediate_or_the_root_are_allowed() {
     let via_inter = reader_cert(w).envoy_encoded();
     let resp = check(request("GET", "/internal/data", Some(&via_inter), None)).await;
     assert_eq!(outcome(&resp), (0, 0, None));
-    assert_eq!(ok_header(&resp, "x-portcullis-principal").as_deref(), Some(format!("Workload::\"{READER}\"").as_str()));
+    assert_eq!(
+        ok_header(&resp, "x-portcullis-principal").as_deref(),
+        Some(format!("Workload::\"{READER}\"").as_str())
+    );
     let direct = w.root.issue(&LeafSpec::spiffe(READER)).envoy_encoded();
-    assert_eq!(outcome(&check(request("GET", "/internal/data", Some(&direct), None)).await), (0, 0, None));
+    assert_eq!(
+        outcome(&check(request("GET", "/internal/data", Some(&direct), None)).await),
+        (0, 0, None)
+    );
     // The same workload on a path no policy grants: authenticated, so 403.
     let resp = check(request("GET", "/elsewhere", Some(&via_inter), None)).await;
     assert_eq!(outcome(&resp), (PERMISSION_DENIED, 403, None));
@@ -237,7 +449,16 @@ async fn an_erroring_policy_denies() {
     assert_eq!(outcome(&check(req).await), (PERMISSION_DENIED, 403, None));
     // Control: when the forbid evaluates without error (and does not match), the permit holds.
     let mut req = request("GET", "/api/fragile/thing", None, Some(&token));
-    let http = req.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+    let http = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
     http.headers.insert("x-flag".into(), "pass".into());
     assert_eq!(outcome(&check(req).await), (0, 0, None));
 }
@@ -247,21 +468,47 @@ async fn certificate_bound_tokens() {
     let w = world();
     let cert = reader_cert(w);
     let other = reader_cert(w);
-    let bound = w.es.sign(&with(|c| c["cnf"] = json!({ "x5t#S256": cert.thumbprint() })));
+    let bound = w.es.sign(&with(|c| {
+        c["cnf"] = json!({ "x5t#S256": cert.thumbprint() })
+    }));
     // Bound token with its certificate: allowed, and policies see the binding.
-    let req = request("POST", "/api/orders", Some(&cert.envoy_encoded()), Some(&bound));
+    let req = request(
+        "POST",
+        "/api/orders",
+        Some(&cert.envoy_encoded()),
+        Some(&bound),
+    );
     assert_eq!(outcome(&check(req).await), (0, 0, None));
     // The same token replayed with another certificate of the same workload.
-    let req = request("POST", "/api/orders", Some(&other.envoy_encoded()), Some(&bound));
-    assert_eq!(decide(&req).denial, Some(DenyReason::Token(TokenRejection::BindingMismatch)));
-    assert_eq!(outcome(&check(req).await), (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into())));
+    let req = request(
+        "POST",
+        "/api/orders",
+        Some(&other.envoy_encoded()),
+        Some(&bound),
+    );
+    assert_eq!(
+        decide(&req).denial,
+        Some(DenyReason::Token(TokenRejection::BindingMismatch))
+    );
+    assert_eq!(
+        outcome(&check(req).await),
+        (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into()))
+    );
     // Replayed with no certificate at all.
     let req = request("POST", "/api/orders", None, Some(&bound));
-    assert_eq!(decide(&req).denial, Some(DenyReason::Token(TokenRejection::BoundWithoutCertificate)));
+    assert_eq!(
+        decide(&req).denial,
+        Some(DenyReason::Token(TokenRejection::BoundWithoutCertificate))
+    );
     assert_eq!(outcome(&check(req).await).1, 401);
     // An unbound token: valid, but the bound-writes policy does not permit it.
     let unbound = w.es.sign(&claims());
-    let req = request("POST", "/api/orders", Some(&cert.envoy_encoded()), Some(&unbound));
+    let req = request(
+        "POST",
+        "/api/orders",
+        Some(&cert.envoy_encoded()),
+        Some(&unbound),
+    );
     assert_eq!(outcome(&check(req).await), (PERMISSION_DENIED, 403, None));
 }
 
@@ -280,20 +527,51 @@ async fn an_issuer_can_require_binding_and_a_token_type() {
     let mut bound_claims = base();
     bound_claims["cnf"] = json!({ "x5t#S256": cert.thumbprint() });
     let bound = signed(&w.pem_signer, at_jwt, &bound_claims);
-    let req = request("GET", "/api/orders", Some(&cert.envoy_encoded()), Some(&bound));
+    let req = request(
+        "GET",
+        "/api/orders",
+        Some(&cert.envoy_encoded()),
+        Some(&bound),
+    );
     let resp = check(req).await;
     assert_eq!(outcome(&resp), (0, 0, None));
     // The issuer's id prefix keeps its subjects apart from other issuers'.
-    assert_eq!(ok_header(&resp, "x-portcullis-principal").as_deref(), Some("User::\"pem/svc\""));
+    assert_eq!(
+        ok_header(&resp, "x-portcullis-principal").as_deref(),
+        Some("User::\"pem/svc\"")
+    );
 
     let unbound = signed(&w.pem_signer, at_jwt, &base());
-    let req = request("GET", "/api/orders", Some(&cert.envoy_encoded()), Some(&unbound));
-    assert_eq!(decide(&req).denial, Some(DenyReason::Token(TokenRejection::Unbound)));
+    let req = request(
+        "GET",
+        "/api/orders",
+        Some(&cert.envoy_encoded()),
+        Some(&unbound),
+    );
+    assert_eq!(
+        decide(&req).denial,
+        Some(DenyReason::Token(TokenRejection::Unbound))
+    );
     assert_eq!(outcome(&check(req).await).1, 401);
 
-    let wrong_typ = signed(&w.pem_signer, |h| { h.kid = None; h.typ = Some("JWT".into()) }, &bound_claims);
-    let req = request("GET", "/api/orders", Some(&cert.envoy_encoded()), Some(&wrong_typ));
-    assert!(matches!(decide(&req).denial, Some(DenyReason::Token(TokenRejection::WrongType { .. }))));
+    let wrong_typ = signed(
+        &w.pem_signer,
+        |h| {
+            h.kid = None;
+            h.typ = Some("JWT".into())
+        },
+        &bound_claims,
+    );
+    let req = request(
+        "GET",
+        "/api/orders",
+        Some(&cert.envoy_encoded()),
+        Some(&wrong_typ),
+    );
+    assert!(matches!(
+        decide(&req).denial,
+        Some(DenyReason::Token(TokenRejection::WrongType { .. }))
+    ));
     assert_eq!(outcome(&check(req).await).1, 401);
 
     // An RS256 token is not in this issuer's allow-list, even though the JWKS issuer takes it.
@@ -301,12 +579,19 @@ async fn an_issuer_can_require_binding_and_a_token_type() {
     rs_claims["iss"] = json!(PEM_ISSUER);
     let rs = signed(&w.rs, at_jwt, &rs_claims);
     let req = request("GET", "/api/orders", Some(&cert.envoy_encoded()), Some(&rs));
-    assert_eq!(decide(&req).denial, Some(DenyReason::Token(TokenRejection::AlgorithmNotAllowed("RS256".into()))));
+    assert_eq!(
+        decide(&req).denial,
+        Some(DenyReason::Token(TokenRejection::AlgorithmNotAllowed(
+            "RS256".into()
+        )))
+    );
 }
 
 #[tokio::test]
 async fn grpc_health_reports_serving() {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let w = world();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", w.addr))
         .unwrap()
@@ -316,7 +601,9 @@ async fn grpc_health_reports_serving() {
     let mut client = HealthClient::new(channel);
     for service in ["", "envoy.service.auth.v3.Authorization"] {
         let resp = client
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();

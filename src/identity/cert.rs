@@ -236,7 +236,10 @@ impl PeerVerifier {
                 _ => {}
             }
         }
-        let spiffe_id = if uri_sans.iter().any(|u| u.starts_with("spiffe:") || u.starts_with("SPIFFE:")) {
+        let spiffe_id = if uri_sans
+            .iter()
+            .any(|u| u.starts_with("spiffe:") || u.starts_with("SPIFFE:"))
+        {
             Some(self.spiffe_checks(cert, &uri_sans)?)
         } else {
             None
@@ -289,7 +292,9 @@ impl PeerVerifier {
         let id = SpiffeId::try_from(uri_sans[0].as_str()).map_err(CertRejection::SpiffeId)?;
         // SECURITY: a certificate from a shared CA must still belong to one of our trust domains.
         if !self.trust_domains.contains(id.trust_domain()) {
-            return Err(CertRejection::ForeignTrustDomain(id.trust_domain().to_string()));
+            return Err(CertRejection::ForeignTrustDomain(
+                id.trust_domain().to_string(),
+            ));
         }
         Ok(id)
     }

@@ -52,7 +52,9 @@ pub enum TokenRejection {
     MissingAudience,
     #[error("token audience is not accepted by this issuer")]
     WrongAudience,
-    #[error("token is bound to a certificate (cnf.x5t#S256) but no verified certificate was presented")]
+    #[error(
+        "token is bound to a certificate (cnf.x5t#S256) but no verified certificate was presented"
+    )]
     BoundWithoutCertificate,
     #[error("token is bound to a different certificate")]
     BindingMismatch,
@@ -227,7 +229,9 @@ fn truncate(s: &str) -> String {
 fn typ_matches(expected: &str, found: Option<&str>) -> bool {
     let norm = |t: &str| {
         let t = t.to_ascii_lowercase();
-        t.strip_prefix("application/").map(str::to_string).unwrap_or(t)
+        t.strip_prefix("application/")
+            .map(str::to_string)
+            .unwrap_or(t)
     };
     found.is_some_and(|f| norm(f) == norm(expected))
 }
@@ -289,7 +293,11 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, 
         None => Ok(None),
         Some(v) => v
             .as_i64()
-            .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f.floor() as i64)
+            })
             .map(Some)
             .ok_or_else(|| TokenRejection::InvalidClaim(name.into())),
     }
@@ -298,7 +306,10 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, 
 fn strings(v: &Value) -> Option<BTreeSet<String>> {
     match v {
         Value::String(s) => Some(BTreeSet::from([s.clone()])),
-        Value::Array(items) => items.iter().map(|i| i.as_str().map(str::to_string)).collect(),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect(),
         _ => None,
     }
 }
@@ -313,7 +324,8 @@ fn check_claims(
         return Err(TokenRejection::UnknownIssuer(String::new()));
     }
     let leeway = s.leeway.as_secs() as i64;
-    let exp = numeric_date(&claims, "exp")?.ok_or_else(|| TokenRejection::MissingClaim("exp".into()))?;
+    let exp =
+        numeric_date(&claims, "exp")?.ok_or_else(|| TokenRejection::MissingClaim("exp".into()))?;
     if now > exp.saturating_add(leeway) {
         return Err(TokenRejection::Expired);
     }
@@ -368,7 +380,9 @@ fn check_claims(
     };
     let groups = match claims.get(&s.groups_claim) {
         None | Some(Value::Null) => BTreeSet::new(),
-        Some(v) => strings(v).ok_or_else(|| TokenRejection::InvalidClaim(truncate(&s.groups_claim)))?,
+        Some(v) => {
+            strings(v).ok_or_else(|| TokenRejection::InvalidClaim(truncate(&s.groups_claim)))?
+        }
     };
     Ok(TokenClaims {
         issuer: s.issuer.clone(),

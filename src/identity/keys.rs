@@ -114,7 +114,10 @@ impl KeySet {
 
     /// Keys that may verify `alg`, for a token that names no `kid`.
     pub fn without_kid(&self, alg: Algorithm) -> impl Iterator<Item = &VerificationKey> {
-        self.all.iter().map(Arc::as_ref).filter(move |k| k.accepts(alg))
+        self.all
+            .iter()
+            .map(Arc::as_ref)
+            .filter(move |k| k.accepts(alg))
     }
 
     fn insert(&mut self, key: VerificationKey) -> Result<(), String> {
@@ -148,7 +151,11 @@ impl KeySet {
         let mut notes = Vec::new();
         for (i, value) in doc.keys.into_iter().enumerate() {
             let at = format!("key #{}", i + 1);
-            if value.get("use").and_then(|u| u.as_str()).is_some_and(|u| u != "sig") {
+            if value
+                .get("use")
+                .and_then(|u| u.as_str())
+                .is_some_and(|u| u != "sig")
+            {
                 notes.push(format!("{at}: skipped, not a signing key"));
                 continue;
             }
@@ -161,7 +168,9 @@ impl KeySet {
             };
             match key_from_jwk(&jwk) {
                 Ok(Some(key)) => self.insert(key).map_err(|e| format!("{at}: {e}"))?,
-                Ok(None) => notes.push(format!("{at}: skipped, key type not used for signatures here")),
+                Ok(None) => notes.push(format!(
+                    "{at}: skipped, key type not used for signatures here"
+                )),
                 Err(e) => return Err(format!("{at}: {e}")),
             }
         }
@@ -172,7 +181,10 @@ impl KeySet {
     }
 
     /// Loads an issuer's key files: its JWKS file and its PEM public keys.
-    pub fn load(jwks_file: Option<&Path>, pem_keys: &[(std::path::PathBuf, Option<String>)]) -> Result<KeySet, Vec<String>> {
+    pub fn load(
+        jwks_file: Option<&Path>,
+        pem_keys: &[(std::path::PathBuf, Option<String>)],
+    ) -> Result<KeySet, Vec<String>> {
         let mut set = KeySet::default();
         let mut problems = Vec::new();
         if let Some(path) = jwks_file {
@@ -206,7 +218,12 @@ impl KeySet {
 }
 
 fn key_from_jwk(jwk: &Jwk) -> Result<Option<VerificationKey>, String> {
-    if jwk.common.public_key_use.as_ref().is_some_and(|u| *u != PublicKeyUse::Signature) {
+    if jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
         return Ok(None);
     }
     let family = match &jwk.algorithm {
@@ -233,9 +250,7 @@ fn key_from_jwk(jwk: &Jwk) -> Result<Option<VerificationKey>, String> {
             match name.parse::<Algorithm>() {
                 Ok(a) if family_of(a) == Some(family) => Some(a),
                 Ok(a) => {
-                    return Err(format!(
-                        "alg \"{a:?}\" does not fit a {family} key"
-                    ));
+                    return Err(format!("alg \"{a:?}\" does not fit a {family} key"));
                 }
                 // An encryption algorithm (RSA-OAEP, ...) marks a key not for signatures.
                 Err(_) => return Ok(None),
@@ -313,7 +328,11 @@ mod tests {
         assert!(parse_allowed_algorithm("RS256").is_ok());
         assert!(parse_allowed_algorithm("EdDSA").is_ok());
         assert!(parse_allowed_algorithm("none").is_err());
-        assert!(parse_allowed_algorithm("HS256").unwrap_err().contains("shared-secret"));
+        assert!(
+            parse_allowed_algorithm("HS256")
+                .unwrap_err()
+                .contains("shared-secret")
+        );
         assert!(parse_allowed_algorithm("rs256").is_err());
     }
 

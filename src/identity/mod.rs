@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 #[derive(Debug, Clone)]
 pub enum PeerOutcome {
     NotPresented,
-    Verified(PeerIdentity),
+    Verified(Box<PeerIdentity>),
     Rejected(CertRejection),
     /// A certificate was presented but no trust bundle is configured to verify it.
     NotConfigured,
@@ -41,7 +41,7 @@ pub struct Identity {
 impl Identity {
     pub fn peer(&self) -> Option<&PeerIdentity> {
         match &self.peer {
-            PeerOutcome::Verified(p) => Some(p),
+            PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         }
     }
@@ -106,22 +106,25 @@ impl Verifier {
             (Some(_), None) => PeerOutcome::NotConfigured,
             (Some(pem), Some(v)) => {
                 match v.verify_url_encoded_pem(pem, UnixTime::since_unix_epoch(since_epoch)) {
-                    Ok(id) => PeerOutcome::Verified(id),
+                    Ok(id) => PeerOutcome::Verified(Box::new(id)),
                     Err(e) => PeerOutcome::Rejected(e),
                 }
             }
         };
         let verified_peer = match &peer {
-            PeerOutcome::Verified(p) => Some(p),
+            PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         };
         let token = match bearer_from_headers(facts) {
             Bearer::None => TokenOutcome::NotPresented,
-            Bearer::Malformed => {
-                TokenOutcome::Rejected(TokenRejection::Malformed("empty or invalid bearer value".into()))
-            }
+            Bearer::Malformed => TokenOutcome::Rejected(TokenRejection::Malformed(
+                "empty or invalid bearer value".into(),
+            )),
             Bearer::Token(t) => {
-                match self.tokens.verify(t, verified_peer, since_epoch.as_secs() as i64) {
+                match self
+                    .tokens
+                    .verify(t, verified_peer, since_epoch.as_secs() as i64)
+                {
                     Ok(c) => TokenOutcome::Verified(c),
                     Err(e) => TokenOutcome::Rejected(e),
                 }

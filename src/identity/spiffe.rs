@@ -8,7 +8,9 @@ pub enum SpiffeError {
     Scheme(String),
     #[error("trust domain \"{0}\" must be non-empty and use only a-z, 0-9, '.', '-' and '_'")]
     TrustDomain(String),
-    #[error("SPIFFE ID \"{0}\" has an invalid path (empty, '.' or '..' segment, or a character outside A-Z a-z 0-9 . - _)")]
+    #[error(
+        "SPIFFE ID \"{0}\" has an invalid path (empty, '.' or '..' segment, or a character outside A-Z a-z 0-9 . - _)"
+    )]
     Path(String),
     #[error("SPIFFE ID \"{0}\" is longer than 2048 bytes")]
     TooLong(String),

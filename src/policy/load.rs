@@ -1,7 +1,7 @@
 //! Loading Cedar material: `*.cedar` files, the optional schema and entities file in; a
 //! validated [`PolicySnapshot`] out, or every problem found, each with file and line.
 
-use crate::config::{line_col, PolicySettings};
+use crate::config::{PolicySettings, line_col};
 use cedar_policy::{Entities, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use miette::Diagnostic;
 use std::collections::HashMap;
@@ -31,7 +31,10 @@ fn located(file: &Path, text: &str, d: &dyn Diagnostic, message: String) -> Stri
         .labels()
         .and_then(|mut labels| labels.next())
         .map(|l| l.offset());
-    let help = d.help().map(|h| format!(" (help: {h})")).unwrap_or_default();
+    let help = d
+        .help()
+        .map(|h| format!(" (help: {h})"))
+        .unwrap_or_default();
     match offset {
         Some(o) => {
             let (line, col) = line_col(text, o);
@@ -80,7 +83,10 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
             .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "cedar"))
             .collect(),
         Err(e) => {
-            problems.push(format!("{}: cannot read policy directory: {e}", dir.display()));
+            problems.push(format!(
+                "{}: cannot read policy directory: {e}",
+                dir.display()
+            ));
             return (set, sources);
         }
     };
@@ -89,7 +95,9 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
         problems.push(format!("{}: no *.cedar policy files", dir.display()));
     }
     for file in files {
-        let Some(text) = read(&file, problems) else { continue };
+        let Some(text) = read(&file, problems) else {
+            continue;
+        };
         let parsed = match PolicySet::from_str(&text) {
             Ok(p) => p,
             Err(errs) => {
@@ -121,7 +129,11 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
         for (i, policy) in policies.into_iter().enumerate() {
             let id = match policy.annotation("id") {
                 Some(id) if id.trim().is_empty() => {
-                    problems.push(format!("{}: policy #{} has an empty @id", file.display(), i + 1));
+                    problems.push(format!(
+                        "{}: policy #{} has an empty @id",
+                        file.display(),
+                        i + 1
+                    ));
                     continue;
                 }
                 Some(id) => id.to_string(),

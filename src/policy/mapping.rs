@@ -6,7 +6,7 @@
 use crate::facts::RequestFacts;
 use crate::identity::{Identity, PeerIdentity, TokenClaims};
 use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use std::str::FromStr;
 
 /// Headers never shown to policies: credentials stay inside the verifier.
@@ -62,7 +62,10 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
             principal_parents = t
                 .groups()
                 .iter()
-                .map(|g| Uid { kind: "Group", id: g.clone() })
+                .map(|g| Uid {
+                    kind: "Group",
+                    id: g.clone(),
+                })
                 .collect();
             principal_attrs.insert("issuer".into(), json!(t.issuer()));
             for (k, v) in t.claims() {
@@ -73,10 +76,19 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
                 };
                 principal_tags.insert(k.clone(), Value::String(s));
             }
-            Uid { kind: "User", id: t.principal_id().to_string() }
+            Uid {
+                kind: "User",
+                id: t.principal_id().to_string(),
+            }
         }
-        (None, Some(p)) => Uid { kind: "Workload", id: p.workload_id() },
-        (None, None) => Uid { kind: "Anonymous", id: "anonymous".into() },
+        (None, Some(p)) => Uid {
+            kind: "Workload",
+            id: p.workload_id(),
+        },
+        (None, None) => Uid {
+            kind: "Anonymous",
+            id: "anonymous".into(),
+        },
     };
 
     let headers: Map<String, Value> = facts
@@ -104,12 +116,21 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
     if let Some(t) = token {
         context.insert("token".into(), token_record(t));
     }
-    context.insert("binding".into(), json!(token.is_some_and(TokenClaims::bound)));
+    context.insert(
+        "binding".into(),
+        json!(token.is_some_and(TokenClaims::bound)),
+    );
 
     CedarRequest {
         principal,
-        action: Uid { kind: "Action", id: facts.method.clone() },
-        resource: Uid { kind: "Path", id: facts.path.clone() },
+        action: Uid {
+            kind: "Action",
+            id: facts.method.clone(),
+        },
+        resource: Uid {
+            kind: "Path",
+            id: facts.path.clone(),
+        },
         context: Value::Object(context),
         principal_parents,
         principal_attrs,
@@ -188,7 +209,10 @@ impl CedarRequest {
                 let (mut attrs, mut parents) = match existing {
                     Some(e) => {
                         let (_, attrs, parents) = e.into_inner();
-                        (attrs.into_iter().collect::<Vec<_>>(), parents.into_iter().collect::<Vec<_>>())
+                        (
+                            attrs.into_iter().collect::<Vec<_>>(),
+                            parents.into_iter().collect::<Vec<_>>(),
+                        )
                     }
                     None => (Vec::new(), Vec::new()),
                 };
@@ -205,17 +229,27 @@ impl CedarRequest {
             (_, None) => out.push(Entity::with_uid(uid)),
         }
         let resource_attrs = [
-            ("path".to_string(), RestrictedExpression::new_string(self.resource.id.clone())),
+            (
+                "path".to_string(),
+                RestrictedExpression::new_string(self.resource.id.clone()),
+            ),
             (
                 "host".to_string(),
                 RestrictedExpression::new_string(
-                    self.context["request"]["host"].as_str().unwrap_or_default().to_string(),
+                    self.context["request"]["host"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                 ),
             ),
         ];
         out.push(
-            Entity::new(self.resource.to_cedar(), resource_attrs.into_iter().collect(), Default::default())
-                .map_err(|e| format!("resource entity: {e}"))?,
+            Entity::new(
+                self.resource.to_cedar(),
+                resource_attrs.into_iter().collect(),
+                Default::default(),
+            )
+            .map_err(|e| format!("resource entity: {e}"))?,
         );
         Ok(out)
     }

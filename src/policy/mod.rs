@@ -9,8 +9,8 @@ pub mod mapping;
 use crate::facts::RequestFacts;
 use crate::identity::Identity;
 use cedar_policy::{Authorizer, Context, Decision, Request};
-pub use load::{load, PolicySnapshot};
-pub use mapping::{map_request, CedarRequest};
+pub use load::{PolicySnapshot, load};
+pub use mapping::{CedarRequest, map_request};
 
 /// What the policies said about one request.
 #[derive(Debug, Clone)]

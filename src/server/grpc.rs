@@ -4,7 +4,9 @@
 
 use crate::decision::check_response;
 use crate::engine::Engine;
-use crate::proto::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use crate::proto::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
 use crate::proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use std::future::Future;
 use std::sync::Arc;
@@ -36,7 +38,10 @@ impl Authorization for AuthorizationService {
         let decision = self.engine.check(request.get_ref(), SystemTime::now());
         tracing::info!(target: "portcullis::audit", "{}", decision.audit_json());
         // SECURITY: always a successful RPC; a denial travels in the response status.
-        Ok(tonic::Response::new(check_response(&decision, self.engine.reply_settings())))
+        Ok(tonic::Response::new(check_response(
+            &decision,
+            self.engine.reply_settings(),
+        )))
     }
 }
 

@@ -3,4 +3,4 @@
 
 pub mod grpc;
 
-pub use grpc::{serve, serve_on, AuthorizationService};
+pub use grpc::{AuthorizationService, serve, serve_on};

@@ -8,8 +8,10 @@ use portcullis::config::Settings;
 use portcullis::demo::{Authority, ClientCert, LeafSpec, TokenSigner};
 use portcullis::engine::Engine;
 use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use portcullis::proto::envoy::service::auth::v3::{attribute_context, AttributeContext, CheckRequest, CheckResponse};
-use serde_json::{json, Value};
+use portcullis::proto::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, attribute_context,
+};
+use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -109,8 +111,16 @@ pub fn world() -> &'static World {
         let pem_signer = TokenSigner::generate(Algorithm::ES256, "unused");
         write(dir.path(), "ca.pem", &root.cert_pem());
         write(dir.path(), "intermediate.pem", &inter.cert_pem());
-        write(dir.path(), "idp.jwks.json", &portcullis::demo::jwks(&[&rs, &es, &ed]));
-        write(dir.path(), "pem-issuer.pub.pem", &pem_signer.public_key_pem());
+        write(
+            dir.path(),
+            "idp.jwks.json",
+            &portcullis::demo::jwks(&[&rs, &es, &ed]),
+        );
+        write(
+            dir.path(),
+            "pem-issuer.pub.pem",
+            &pem_signer.public_key_pem(),
+        );
         std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
         write(&dir.path().join("policies"), "test.cedar", POLICIES);
         let config = dir.path().join("portcullis.toml");
@@ -123,15 +133,31 @@ pub fn world() -> &'static World {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                tx.send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
                 portcullis::server::serve_on(listener, server_engine, std::future::pending())
                     .await
                     .expect("server runs");
             });
         });
-        let addr = rx.recv_timeout(Duration::from_secs(10)).expect("server started");
-        World { dir, root, inter, other_ca, rs, es, ed, pem_signer, engine, addr }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server started");
+        World {
+            dir,
+            root,
+            inter,
+            other_ca,
+            rs,
+            es,
+            ed,
+            pem_signer,
+            engine,
+            addr,
+        }
     })
 }
 
@@ -167,7 +193,8 @@ pub fn request(method: &str, path: &str, cert: Option<&str>, token: Option<&str>
     http.headers.insert(":path".into(), path.into());
     http.headers.insert(":authority".into(), "api.test".into());
     if let Some(t) = token {
-        http.headers.insert("authorization".into(), format!("Bearer {t}"));
+        http.headers
+            .insert("authorization".into(), format!("Bearer {t}"));
     }
     CheckRequest {
         attributes: Some(AttributeContext {
@@ -175,7 +202,10 @@ pub fn request(method: &str, path: &str, cert: Option<&str>, token: Option<&str>
                 certificate: cert.unwrap_or_default().to_string(),
                 ..Default::default()
             }),
-            request: Some(attribute_context::Request { time: None, http: Some(http) }),
+            request: Some(attribute_context::Request {
+                time: None,
+                http: Some(http),
+            }),
             ..Default::default()
         }),
     }
@@ -189,7 +219,11 @@ pub async fn check(req: CheckRequest) -> CheckResponse {
         .expect("connect");
     let mut r = tonic::Request::new(req);
     r.set_timeout(Duration::from_secs(5));
-    client.check(r).await.expect("Check is a successful RPC").into_inner()
+    client
+        .check(r)
+        .await
+        .expect("Check is a successful RPC")
+        .into_inner()
 }
 
 /// (grpc code, http status, www-authenticate) of a reply; http 0 for an allow.

@@ -500,6 +500,36 @@ def run_checks(channel, demo: Path):
     return results
 
 
+def envoy_example_config_parses():
+    """The shipped examples/envoy.yaml is a valid Envoy v3 Bootstrap (checked against
+    Envoy's own protos from xds-protos) with the ext_authz settings Portcullis needs."""
+    import yaml
+    from google.protobuf import json_format
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 (registers the type)
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "envoy.yaml"
+    doc = yaml.safe_load(path.read_text())
+    boot = json_format.ParseDict(doc, bootstrap_pb2.Bootstrap())
+    hcm = http_connection_manager_pb2.HttpConnectionManager()
+    boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    authz = ext_authz_pb2.ExtAuthz()
+    found = [f for f in hcm.http_filters if f.name == "envoy.filters.http.ext_authz"]
+    expect(len(found) == 1, "examples/envoy.yaml has no ext_authz filter")
+    found[0].typed_config.Unpack(authz)
+    expect(authz.include_peer_certificate, "include_peer_certificate must be true")
+    expect(not authz.failure_mode_allow, "failure_mode_allow must be false")
+    expect(authz.grpc_service.envoy_grpc.cluster_name == "portcullis", "ext_authz must call the portcullis cluster")
+    expect(authz.grpc_service.timeout.ToMilliseconds() == 200, "ext_authz timeout should be 200ms")
+    cluster = [c for c in boot.static_resources.clusters if c.name == "portcullis"][0]
+    expect("envoy.extensions.upstreams.http.v3.HttpProtocolOptions" in cluster.typed_extension_protocol_options,
+           "the portcullis cluster must speak HTTP/2")
+
+
 def main(argv) -> int:
     if len(argv) != 2:
         print(f"usage: {argv[0]} PATH/TO/portcullis", file=sys.stderr)
@@ -551,6 +581,12 @@ def main(argv) -> int:
                 channel.close()
         finally:
             rc, killed = server.stop()
+
+        try:
+            envoy_example_config_parses()
+            results.append(("envoy_example_config_parses", True, ""))
+        except Exception:
+            results.append(("envoy_example_config_parses", False, traceback.format_exc().strip()))
 
         # The server must stop cleanly on SIGTERM (exit 0), not need a SIGKILL.
         if killed:

@@ -1,0 +1,254 @@
+//! The engine as a library, in-process: settings that change the pipeline (dry-run,
+//! required certificates, no trust bundle), what policies can see of a token, and how
+//! replies treat hostile values.
+
+use jsonwebtoken::Algorithm;
+use portcullis::config::Settings;
+use portcullis::decision::{DRY_RUN_HEADER, check_response};
+use portcullis::demo::{Authority, LeafSpec, TokenSigner};
+use portcullis::engine::{DenyReason, Engine};
+use portcullis::proto::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, attribute_context, check_response::HttpResponse,
+};
+use serde_json::json;
+use std::time::SystemTime;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    signer: TokenSigner,
+    ca: Authority,
+    engine: Engine,
+}
+
+fn setup(extra_config: &str, policies: &str, with_peer: bool) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::root("engine test CA");
+    let signer = TokenSigner::generate(Algorithm::ES256, "k1");
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        portcullis::demo::jwks(&[&signer]),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/p.cedar"), policies).unwrap();
+    let peer = if with_peer {
+        "[peer]\ntrust_bundle = \"ca.pem\"\ntrust_domains = [\"example.org\"]\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        "{extra_config}\n{peer}\n[[issuer]]\nissuer = \"https://idp\"\naudiences = [\"api\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\n\n[policy]\ndir = \"policies\"\n"
+    );
+    let settings = Settings::from_toml(&text, dir.path()).unwrap();
+    let engine = Engine::load(&settings).unwrap();
+    Setup {
+        _dir: dir,
+        signer,
+        ca,
+        engine,
+    }
+}
+
+fn token(s: &Setup, extra: serde_json::Value) -> String {
+    let now = portcullis::demo::unix_now();
+    let mut c =
+        json!({ "iss": "https://idp", "aud": "api", "sub": "alice", "iat": now, "exp": now + 300 });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    s.signer.sign(&c)
+}
+
+fn request(path: &str, cert: Option<String>, token: Option<String>) -> CheckRequest {
+    let mut http = attribute_context::HttpRequest {
+        method: "GET".into(),
+        path: path.into(),
+        host: "h".into(),
+        ..Default::default()
+    };
+    if let Some(t) = token {
+        http.headers
+            .insert("authorization".into(), format!("Bearer {t}"));
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(attribute_context::Peer {
+                certificate: cert.unwrap_or_default(),
+                ..Default::default()
+            }),
+            request: Some(attribute_context::Request {
+                time: None,
+                http: Some(http),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn dry_run_allows_but_marks_the_would_be_denial() {
+    let s = setup(
+        "[server]\nmode = \"dry-run\"",
+        "permit (principal, action, resource) when { false };",
+        false,
+    );
+    let d = s
+        .engine
+        .check(&request("/x", None, None), SystemTime::now());
+    assert_eq!(d.denial, Some(DenyReason::NoPermit { anonymous: true }));
+    assert!(d.allowed());
+    let resp = check_response(&d, s.engine.reply_settings());
+    assert_eq!(resp.status.unwrap().code, 0);
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("dry-run must allow")
+    };
+    let marked = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .any(|h| h.key == DRY_RUN_HEADER && h.value.contains("no_permit"));
+    assert!(marked);
+    assert_eq!(d.audit_json()["enforced"], json!(false));
+    assert_eq!(d.audit_json()["decision"], json!("deny"));
+}
+
+#[test]
+fn enforce_mode_denies_the_same_request() {
+    let s = setup(
+        "",
+        "permit (principal, action, resource) when { false };",
+        false,
+    );
+    let d = s
+        .engine
+        .check(&request("/x", None, None), SystemTime::now());
+    assert!(!d.allowed());
+    assert_eq!(
+        check_response(&d, s.engine.reply_settings())
+            .status
+            .unwrap()
+            .code,
+        16
+    );
+}
+
+#[test]
+fn a_required_certificate_is_checked_before_policy() {
+    let s = setup("", "permit (principal, action, resource);", true);
+    // Without `require`, the permit-all policy lets an anonymous request through...
+    assert!(
+        s.engine
+            .check(&request("/x", None, None), SystemTime::now())
+            .allowed()
+    );
+    // ...with it, the missing certificate denies first.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), s.ca.cert_pem()).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/p.cedar"),
+        "permit (principal, action, resource);",
+    )
+    .unwrap();
+    let text = "[peer]\ntrust_bundle = \"ca.pem\"\nrequire = true\n[policy]\ndir = \"policies\"\n";
+    let engine = Engine::load(&Settings::from_toml(text, dir.path()).unwrap()).unwrap();
+    let d = engine.check(&request("/x", None, None), SystemTime::now());
+    assert_eq!(d.denial, Some(DenyReason::CertificateRequired));
+    // A certificate that is not SPIFFE is named by its DNS SAN.
+    let mut spec = LeafSpec::spiffe("spiffe://example.org/x");
+    spec.uris.clear();
+    spec.dns = vec!["svc.internal".into()];
+    let cert = s.ca.issue(&spec).envoy_encoded();
+    let d = engine.check(&request("/x", Some(cert), None), SystemTime::now());
+    assert!(d.allowed(), "{:?}", d.reasons);
+    assert_eq!(d.principal().as_deref(), Some("Workload::\"svc.internal\""));
+}
+
+#[test]
+fn a_certificate_without_a_trust_bundle_is_not_trusted() {
+    let s = setup(
+        "",
+        "permit (principal is Workload, action, resource);",
+        false,
+    );
+    let cert =
+        s.ca.issue(&LeafSpec::spiffe("spiffe://example.org/x"))
+            .envoy_encoded();
+    let d = s
+        .engine
+        .check(&request("/x", Some(cert), None), SystemTime::now());
+    assert!(!d.allowed());
+    assert_eq!(d.principal().as_deref(), Some("Anonymous::\"anonymous\""));
+}
+
+#[test]
+fn policies_see_claims_scopes_and_groups() {
+    let policy = r#"
+        permit (principal in Group::"admins", action, resource)
+        when {
+            principal.hasTag("email") && principal.getTag("email") like "*@example.org" &&
+            context.token.scopes.contains("write") &&
+            context.token.claims.tenant.id == 7 &&
+            principal.issuer == "https://idp"
+        };
+    "#;
+    let s = setup("", policy, false);
+    let good = json!({ "email": "a@example.org", "scope": "read write", "groups": ["admins"], "tenant": { "id": 7 } });
+    let d = s.engine.check(
+        &request("/x", None, Some(token(&s, good.clone()))),
+        SystemTime::now(),
+    );
+    assert!(d.allowed(), "{:?}", d.reasons);
+    for (k, v) in [
+        ("email", json!("a@evil.org")),
+        ("scope", json!("read")),
+        ("groups", json!(["users"])),
+    ] {
+        let mut c = good.clone();
+        c[k] = v;
+        let d = s
+            .engine
+            .check(&request("/x", None, Some(token(&s, c))), SystemTime::now());
+        assert!(!d.allowed(), "changing {k} must deny");
+        assert_eq!(d.denial, Some(DenyReason::NoPermit { anonymous: false }));
+    }
+}
+
+#[test]
+fn policies_never_see_the_credentials_themselves() {
+    let policy = r#"permit (principal, action, resource) when { context.request.headers has "authorization" };"#;
+    let s = setup("", policy, false);
+    let d = s.engine.check(
+        &request("/x", None, Some(token(&s, json!({})))),
+        SystemTime::now(),
+    );
+    assert!(!d.allowed());
+    let text = serde_json::to_string(&d.policy.unwrap().request.context).unwrap();
+    assert!(!text.contains("Bearer"));
+}
+
+#[test]
+fn a_hostile_subject_cannot_inject_headers() {
+    let s = setup("", "permit (principal, action, resource);", false);
+    let d = s.engine.check(
+        &request(
+            "/x",
+            None,
+            Some(token(&s, json!({ "sub": "eve\r\nx-admin: 1" }))),
+        ),
+        SystemTime::now(),
+    );
+    assert!(d.allowed());
+    let resp = check_response(&d, s.engine.reply_settings());
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!()
+    };
+    for h in ok.headers.iter().filter_map(|h| h.header.as_ref()) {
+        assert!(
+            !h.value.contains('\r') && !h.value.contains('\n'),
+            "{:?}",
+            h.value
+        );
+    }
+}
