@@ -2,14 +2,14 @@
 //! required certificates, no trust bundle), what policies can see of a token, and how
 //! replies treat hostile values.
 
+mod common;
+
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;
 use portcullis::decision::{DRY_RUN_HEADER, check_response};
 use portcullis::demo::{Authority, LeafSpec, TokenSigner};
 use portcullis::engine::{DenyReason, Engine};
-use portcullis::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context, check_response::HttpResponse,
-};
+use portcullis::proto::envoy::service::auth::v3::{CheckRequest, check_response::HttpResponse};
 use serde_json::json;
 use std::time::SystemTime;
 
@@ -61,29 +61,7 @@ fn token(s: &Setup, extra: serde_json::Value) -> String {
 }
 
 fn request(path: &str, cert: Option<String>, token: Option<String>) -> CheckRequest {
-    let mut http = attribute_context::HttpRequest {
-        method: "GET".into(),
-        path: path.into(),
-        host: "h".into(),
-        ..Default::default()
-    };
-    if let Some(t) = token {
-        http.headers
-            .insert("authorization".into(), format!("Bearer {t}"));
-    }
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(attribute_context::Peer {
-                certificate: cert.unwrap_or_default(),
-                ..Default::default()
-            }),
-            request: Some(attribute_context::Request {
-                time: None,
-                http: Some(http),
-            }),
-            ..Default::default()
-        }),
-    }
+    common::request("GET", path, cert.as_deref(), token.as_deref())
 }
 
 #[test]
