@@ -68,6 +68,7 @@ impl Authority {
                     .iter()
                     .map(|d| SanType::DnsName(d.as_str().try_into().expect("ASCII name"))),
             )
+            .chain(spec.ips.iter().map(|ip| SanType::IpAddress(*ip)))
             .collect();
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
@@ -102,6 +103,7 @@ pub struct LeafSpec {
     pub common_name: String,
     pub uris: Vec<String>,
     pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
     pub client_auth: bool,
@@ -109,6 +111,17 @@ pub struct LeafSpec {
 }
 
 impl LeafSpec {
+    /// A TLS server certificate for 127.0.0.1 and localhost (for test servers).
+    pub fn loopback_server() -> LeafSpec {
+        let mut spec = LeafSpec::spiffe("spiffe://example.org/test-server");
+        spec.common_name = "localhost".into();
+        spec.uris.clear();
+        spec.dns = vec!["localhost".into()];
+        spec.ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+        spec.client_auth = false;
+        spec
+    }
+
     /// A valid client certificate for a SPIFFE ID, good from an hour ago for a day.
     pub fn spiffe(id: &str) -> LeafSpec {
         let now = OffsetDateTime::now_utc();
@@ -116,6 +129,7 @@ impl LeafSpec {
             common_name: id.rsplit('/').next().unwrap_or(id).to_string(),
             uris: vec![id.to_string()],
             dns: Vec::new(),
+            ips: Vec::new(),
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(1),
             client_auth: true,
