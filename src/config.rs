@@ -50,6 +50,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     grpc: Option<String>,
+    http: Option<String>,
     mode: Option<String>,
 }
 
@@ -69,6 +70,9 @@ struct RawPeer {
 #[serde(deny_unknown_fields)]
 struct RawToken {
     max_size: Option<usize>,
+    revoked: Option<PathBuf>,
+    header: Option<String>,
+    cookie: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +84,18 @@ struct RawIssuer {
     jwks_file: Option<PathBuf>,
     #[serde(default)]
     pem_keys: Vec<RawPemKey>,
+    jwks_uri: Option<String>,
+    #[serde(default)]
+    discovery: bool,
+    ca_bundle: Option<PathBuf>,
+    refresh_min: Option<String>,
+    refresh_max: Option<String>,
+    fetch_timeout: Option<String>,
+    max_key_set_size: Option<usize>,
+    unknown_kid_interval: Option<String>,
+    unknown_kid_wait: Option<String>,
+    max_staleness: Option<String>,
+    required_at_start: Option<bool>,
     algorithms: Option<Vec<String>>,
     leeway: Option<String>,
     max_lifetime: Option<String>,
@@ -111,6 +127,10 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawResponse {
     principal_header: Option<String>,
+    #[serde(default)]
+    claim_headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    strip_authorization: bool,
 }
 
 /// Whether denials are enforced or only reported.
@@ -125,12 +145,58 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub grpc_listen: String,
+    /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`), if any.
+    pub http_listen: Option<String>,
     pub mode: Mode,
     pub peer: Option<PeerSettings>,
-    pub token_max_size: usize,
+    pub token: TokenSettings,
     pub issuers: Vec<IssuerSettings>,
     pub policy: PolicySettings,
+    pub response: ResponseSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    pub max_size: usize,
+    /// The revocation list, reloaded when it changes.
+    pub revoked: Option<PathBuf>,
+    /// A header carrying the token (raw, or with a `Bearer ` prefix), after `Authorization`.
+    pub header: Option<String>,
+    /// A cookie carrying the token, tried last.
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseSettings {
     pub principal_header: String,
+    /// Upstream header name -> claim name; scalar claims only.
+    pub claim_headers: Vec<(String, String)>,
+    pub strip_authorization: bool,
+}
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A JWKS file and/or PEM public keys, loaded at start-up.
+    Files,
+    /// A JWKS URL, fetched and refreshed in the background.
+    JwksUri(String),
+    /// OIDC discovery: `<issuer>/.well-known/openid-configuration` names the JWKS URL.
+    Discovery,
+}
+
+/// How remote key sets are fetched and kept.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    pub ca_bundle: Option<PathBuf>,
+    pub refresh_min: Duration,
+    pub refresh_max: Duration,
+    pub timeout: Duration,
+    pub max_size: usize,
+    pub unknown_kid_interval: Duration,
+    pub unknown_kid_wait: Duration,
+    pub max_staleness: Duration,
+    pub required_at_start: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -147,8 +213,10 @@ pub struct PeerSettings {
 pub struct IssuerSettings {
     pub issuer: String,
     pub audiences: Vec<String>,
+    pub source: KeySource,
     pub jwks_file: Option<PathBuf>,
     pub pem_keys: Vec<(PathBuf, Option<String>)>,
+    pub fetch: FetchSettings,
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub leeway: Duration,
     pub max_lifetime: Duration,
@@ -173,6 +241,13 @@ pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_PRINCIPAL_HEADER: &str = "x-portcullis-principal";
+pub const DEFAULT_REFRESH_MIN: Duration = Duration::from_secs(60);
+pub const DEFAULT_REFRESH_MAX: Duration = Duration::from_secs(3600);
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_KEY_SET_SIZE: usize = 256 * 1024;
+pub const DEFAULT_UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_UNKNOWN_KID_WAIT: Duration = Duration::from_millis(150);
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(12 * 3600);
 const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256", "EdDSA"];
 
 impl Settings {
@@ -293,8 +368,58 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                     "{at}: audiences must list at least one non-empty audience (tokens without a matching aud are rejected)"
                 ));
             }
-            if r.jwks_file.is_none() && r.pem_keys.is_empty() {
-                problems.push(format!("{at}: no keys: set jwks_file or pem_keys"));
+            let files = r.jwks_file.is_some() || !r.pem_keys.is_empty();
+            let source = match (files, r.jwks_uri.clone(), r.discovery) {
+                (true, None, false) => KeySource::Files,
+                (false, Some(uri), false) => {
+                    if let Err(e) = check_fetch_url(&uri) {
+                        problems.push(format!("{at}: jwks_uri: {e}"));
+                    }
+                    KeySource::JwksUri(uri)
+                }
+                (false, None, true) => {
+                    if let Err(e) = check_fetch_url(&r.issuer) {
+                        problems.push(format!("{at}: discovery needs a fetchable issuer URL: {e}"));
+                    }
+                    KeySource::Discovery
+                }
+                (false, None, false) => {
+                    problems.push(format!(
+                        "{at}: no keys: set jwks_file or pem_keys, jwks_uri, or discovery = true"
+                    ));
+                    KeySource::Files
+                }
+                _ => {
+                    problems.push(format!(
+                        "{at}: choose one key source: jwks_file/pem_keys, jwks_uri, or discovery = true"
+                    ));
+                    KeySource::Files
+                }
+            };
+            let d = |name: &str, v: Option<String>, default: Duration, problems: &mut Vec<String>| {
+                duration(&format!("{at}: {name}"), v, default, problems)
+            };
+            let fetch = FetchSettings {
+                ca_bundle: r.ca_bundle.map(|p| resolve(base, p)),
+                refresh_min: d("refresh_min", r.refresh_min, DEFAULT_REFRESH_MIN, problems),
+                refresh_max: d("refresh_max", r.refresh_max, DEFAULT_REFRESH_MAX, problems),
+                timeout: d("fetch_timeout", r.fetch_timeout, DEFAULT_FETCH_TIMEOUT, problems),
+                max_size: r.max_key_set_size.unwrap_or(DEFAULT_MAX_KEY_SET_SIZE),
+                unknown_kid_interval: d(
+                    "unknown_kid_interval",
+                    r.unknown_kid_interval,
+                    DEFAULT_UNKNOWN_KID_INTERVAL,
+                    problems,
+                ),
+                unknown_kid_wait: d("unknown_kid_wait", r.unknown_kid_wait, DEFAULT_UNKNOWN_KID_WAIT, problems),
+                max_staleness: d("max_staleness", r.max_staleness, DEFAULT_MAX_STALENESS, problems),
+                required_at_start: r.required_at_start.unwrap_or(true),
+            };
+            if fetch.refresh_min > fetch.refresh_max {
+                problems.push(format!("{at}: refresh_min is larger than refresh_max"));
+            }
+            if fetch.refresh_min.is_zero() || fetch.timeout.is_zero() {
+                problems.push(format!("{at}: refresh_min and fetch_timeout must be positive"));
             }
             let names = r
                 .algorithms
@@ -330,6 +455,8 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             }
             IssuerSettings {
                 audiences: r.audiences,
+                source,
+                fetch,
                 jwks_file: r.jwks_file.map(|p| resolve(base, p)),
                 pem_keys: r
                     .pem_keys
@@ -358,29 +485,93 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         entities: raw.policy.entities.map(|p| resolve(base, p)),
     };
 
-    let principal_header = raw
+    let principal_header = header_name(
+        "response.principal_header",
+        raw.response
+            .principal_header
+            .unwrap_or_else(|| DEFAULT_PRINCIPAL_HEADER.to_string()),
+        problems,
+    );
+    let claim_headers = raw
         .response
-        .principal_header
-        .unwrap_or_else(|| DEFAULT_PRINCIPAL_HEADER.to_string())
-        .to_ascii_lowercase();
-    if principal_header.is_empty()
-        || !principal_header
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        .claim_headers
+        .into_iter()
+        .map(|(h, c)| (header_name("response.claim_headers", h, problems), c))
+        .collect();
+    let http_listen = raw.server.http;
+    if let Some(h) = &http_listen
+        && h.parse::<std::net::SocketAddr>().is_err()
     {
         problems.push(format!(
-            "response.principal_header: \"{principal_header}\" is not a valid header name"
+            "server.http: \"{h}\" is not an address like \"127.0.0.1:9192\""
         ));
     }
+    let token = TokenSettings {
+        max_size: raw.token.max_size.unwrap_or(DEFAULT_TOKEN_MAX_SIZE),
+        revoked: raw.token.revoked.map(|p| resolve(base, p)),
+        header: raw
+            .token
+            .header
+            .map(|h| header_name("token.header", h, problems)),
+        cookie: raw.token.cookie,
+    };
 
     Settings {
         grpc_listen,
+        http_listen,
         mode,
         peer,
-        token_max_size: raw.token.max_size.unwrap_or(DEFAULT_TOKEN_MAX_SIZE),
+        token,
         issuers,
         policy,
-        principal_header,
+        response: ResponseSettings {
+            principal_header,
+            claim_headers,
+            strip_authorization: raw.response.strip_authorization,
+        },
+    }
+}
+
+/// A lower-case HTTP header name, or a problem.
+fn header_name(what: &str, name: String, problems: &mut Vec<String>) -> String {
+    let name = name.to_ascii_lowercase();
+    // RFC 9110 §5.1 token characters.
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(tchar) {
+        problems.push(format!("{what}: \"{name}\" is not a valid header name"));
+    }
+    name
+}
+
+/// Key-set URLs must be HTTPS; plain HTTP only to a loopback address (tests, sidecars).
+pub fn check_fetch_url(url: &str) -> Result<(), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("\"{url}\" is not an absolute URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("\"{url}\" has no host, or has user information"));
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http" => {
+            let host = match authority.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or_default(),
+                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+            };
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "\"{url}\": plain http is only allowed to a loopback address; use https"
+                ))
+            }
+        }
+        other => Err(format!("\"{url}\": scheme \"{other}\" is not https")),
     }
 }
 
@@ -394,8 +585,45 @@ mod tests {
         assert_eq!(s.grpc_listen, DEFAULT_GRPC_LISTEN);
         assert_eq!(s.mode, Mode::Enforce);
         assert_eq!(s.policy.dir, PathBuf::from("/etc/p/policies"));
-        assert_eq!(s.token_max_size, 8192);
+        assert_eq!(s.token.max_size, 8192);
         assert!(s.peer.is_none());
+    }
+
+    #[test]
+    fn fetch_urls_are_https_or_loopback_http() {
+        for ok in [
+            "https://idp.example.org/keys",
+            "http://127.0.0.1:8080/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:9/k",
+        ] {
+            assert_eq!(check_fetch_url(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "http://idp.example.org/keys",
+            "http://10.0.0.1/jwks",
+            "ftp://x/y",
+            "https://",
+            "keys.json",
+            "http://user@127.0.0.1/",
+        ] {
+            assert!(check_fetch_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn one_key_source_per_issuer() {
+        let both = "[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\ndiscovery = true\n";
+        let err = Settings::from_toml(both, Path::new(""))
+            .unwrap_err()
+            .join("\n");
+        assert!(err.contains("choose one key source"), "{err}");
+        let remote = "[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_uri = \"https://i/jwks\"\n";
+        let s = Settings::from_toml(remote, Path::new("")).unwrap();
+        assert_eq!(
+            s.issuers[0].source,
+            KeySource::JwksUri("https://i/jwks".into())
+        );
     }
 
     #[test]

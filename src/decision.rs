@@ -2,7 +2,8 @@
 //! successful RPC carrying a non-zero status and a `denied_response`, because Envoy turns
 //! RPC errors into allows under `failure_mode_allow`.
 
-use crate::engine::{Decision, DenyReason, ReplySettings};
+use crate::config::ResponseSettings;
+use crate::engine::{Decision, DenyReason};
 use crate::proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
@@ -134,7 +135,7 @@ fn metadata(decision: &Decision) -> Struct {
 }
 
 /// The Envoy reply for a decision.
-pub fn check_response(decision: &Decision, settings: &ReplySettings) -> CheckResponse {
+pub fn check_response(decision: &Decision, settings: &ResponseSettings) -> CheckResponse {
     let dynamic_metadata = Some(metadata(decision));
     match &decision.denial {
         Some(reason) if !decision.dry_run => {
@@ -162,6 +163,30 @@ pub fn check_response(decision: &Decision, settings: &ReplySettings) -> CheckRes
         _ => {
             let principal = decision.principal().unwrap_or_default();
             let mut headers = vec![header(&settings.principal_header, header_safe(&principal))];
+            let mut headers_to_remove = Vec::new();
+            let claims = decision
+                .identity
+                .as_ref()
+                .and_then(|i| i.token())
+                .map(|t| t.claims());
+            for (name, claim) in &settings.claim_headers {
+                let value = match claims.and_then(|c| c.get(claim)) {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                        Some(v.to_string())
+                    }
+                    _ => None,
+                };
+                match value {
+                    Some(v) => headers.push(header(name, header_safe(&v))),
+                    // SECURITY: a client-sent header of that name must not reach upstream
+                    // looking as if Portcullis had vouched for it.
+                    None => headers_to_remove.push(name.clone()),
+                }
+            }
+            if settings.strip_authorization {
+                headers_to_remove.push("authorization".to_string());
+            }
             if let Some(reason) = &decision.denial {
                 headers.push(header(
                     DRY_RUN_HEADER,
@@ -176,6 +201,7 @@ pub fn check_response(decision: &Decision, settings: &ReplySettings) -> CheckRes
                 }),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                     headers,
+                    headers_to_remove,
                     ..Default::default()
                 })),
                 dynamic_metadata,

@@ -2,12 +2,14 @@
 //! the pipeline (identity, then policy) and is what every front door calls; it does no
 //! I/O on the request path.
 
-use crate::config::{Mode, Settings};
+use crate::config::{Mode, ResponseSettings, Settings};
 use crate::facts::{FactsError, RequestFacts};
+use crate::fetch::KeyFetcher;
 use crate::identity::{
-    CertRejection, Identity, PeerOutcome, PeerVerifier, TokenOutcome, TokenRejection,
+    CertRejection, Identity, PeerOutcome, PeerVerifier, TokenOutcome, TokenRejection, TokenSources,
     TokenVerifier, Verifier,
 };
+use crate::metrics::Metrics;
 use crate::policy::{self, PolicyOutcome, PolicySnapshot};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use serde_json::json;
@@ -101,12 +103,6 @@ impl Decision {
     }
 }
 
-/// Settings of the reply, fixed at start-up.
-#[derive(Debug, Clone)]
-pub struct ReplySettings {
-    pub principal_header: String,
-}
-
 /// Everything needed to decide, built once at start-up and shared by `Arc`.
 #[derive(Debug)]
 pub struct Engine {
@@ -114,7 +110,25 @@ pub struct Engine {
     policy: Arc<PolicySnapshot>,
     mode: Mode,
     require_peer: bool,
-    reply: ReplySettings,
+    reply: ResponseSettings,
+    fetcher: KeyFetcher,
+    metrics: Arc<Metrics>,
+    revoked_file: Option<std::path::PathBuf>,
+}
+
+/// The engine's background work (key fetching, file watches); dropping it stops them.
+#[derive(Debug)]
+pub struct Background {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _watches: Vec<crate::reload::WatchGuard>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 impl Engine {
@@ -125,28 +139,115 @@ impl Engine {
             None => None,
             Some(p) => PeerVerifier::load(p).map_err(|e| problems.extend(e)).ok(),
         };
-        let tokens = TokenVerifier::load(&settings.issuers, settings.token_max_size)
+        let metrics = Arc::new(Metrics::new());
+        let tokens = TokenVerifier::load(&settings.issuers, &settings.token)
             .map_err(|e| problems.extend(e))
             .ok();
+        let fetcher = tokens.as_ref().and_then(|t| {
+            KeyFetcher::new(&settings.issuers, t, metrics.clone())
+                .map_err(|e| problems.extend(e))
+                .ok()
+        });
         let policy = policy::load(&settings.policy)
             .map_err(|e| problems.extend(e))
             .ok();
-        match (tokens, policy) {
-            (Some(tokens), Some(policy)) if problems.is_empty() => Ok(Engine {
-                verifier: Verifier::new(peer, tokens),
-                policy: Arc::new(policy),
-                mode: settings.mode,
-                require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
-                reply: ReplySettings {
-                    principal_header: settings.principal_header.clone(),
-                },
-            }),
+        match (tokens, fetcher, policy) {
+            (Some(tokens), Some(fetcher), Some(policy)) if problems.is_empty() => {
+                if let Some(n) = settings
+                    .token
+                    .revoked
+                    .as_ref()
+                    .map(|_| tokens.revocation().load().len())
+                {
+                    metrics.revocation_reload(Some(n));
+                }
+                let sources = TokenSources {
+                    header: settings.token.header.clone(),
+                    cookie: settings.token.cookie.clone(),
+                };
+                Ok(Engine {
+                    verifier: Verifier::new(peer, tokens, sources),
+                    policy: Arc::new(policy),
+                    mode: settings.mode,
+                    require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
+                    reply: settings.response.clone(),
+                    fetcher,
+                    metrics,
+                    revoked_file: settings.token.revoked.clone(),
+                })
+            }
             _ => Err(problems),
         }
     }
 
-    pub fn reply_settings(&self) -> &ReplySettings {
+    /// Starts the background work: key fetching and file watches. Call it inside a
+    /// tokio runtime and keep the result alive for as long as the engine serves.
+    pub fn start(&self) -> Result<Background, String> {
+        let mut watches = Vec::new();
+        if let Some(path) = &self.revoked_file {
+            watches.push(crate::reload::watch_revocations(
+                path.clone(),
+                self.verifier.tokens().revocation(),
+                self.metrics.clone(),
+            )?);
+        }
+        Ok(Background {
+            tasks: self.fetcher.spawn(),
+            _watches: watches,
+        })
+    }
+
+    /// Fetches every remote key set once, for offline use (`portcullis check`).
+    pub async fn fetch_keys_once(&self) -> Vec<String> {
+        self.fetcher.fetch_all_once().await
+    }
+
+    /// Ready when every issuer that must have keys at start has them; else the issuers
+    /// still waiting.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let waiting = self.fetcher.not_ready();
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(waiting)
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn reply_settings(&self) -> &ResponseSettings {
         &self.reply
+    }
+
+    /// Decides a CheckRequest; when the only problem is a token signed with a `kid` the
+    /// issuer's key set lacks, asks for one early key refresh (bounded wait, rate-limited)
+    /// and decides again. `now` is read for each attempt.
+    pub async fn check_with_refresh(
+        &self,
+        request: &CheckRequest,
+        now: impl Fn() -> SystemTime,
+    ) -> Decision {
+        let first = self.check(request, now());
+        if let Some(DenyReason::Token(TokenRejection::UnknownKey { issuer, .. })) = &first.denial
+            && self.fetcher.refresh_for_unknown_kid(issuer).await
+        {
+            return self.check(request, now());
+        }
+        first
+    }
+
+    /// Records a final decision: metrics and the audit line. Call once per request.
+    pub fn observe(&self, decision: &Decision) {
+        let outcome = match (&decision.denial, decision.dry_run) {
+            (None, _) => "allow",
+            (Some(_), true) => "dry_run_deny",
+            (Some(_), false) => "deny",
+        };
+        let reason = decision.denial.as_ref().map_or("", DenyReason::code);
+        self.metrics.decision(outcome, reason);
+        tracing::info!(target: "portcullis::audit", "{}", decision.audit_json());
     }
 
     pub fn policy(&self) -> &PolicySnapshot {

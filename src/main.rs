@@ -92,6 +92,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             runtime
                 .block_on(portcullis::server::serve(
                     &settings.grpc_listen,
+                    settings.http_listen.as_deref(),
                     Arc::new(engine),
                 ))
                 .map_err(|e| format!("server failed: {e}"))?;
@@ -99,6 +100,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Check { config, request } => {
             let (_, engine) = load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            for failure in runtime.block_on(engine.fetch_keys_once()) {
+                eprintln!("portcullis: warning: {failure}");
+            }
             let text = if request.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
             } else {

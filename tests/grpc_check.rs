@@ -216,7 +216,10 @@ async fn invalid_tokens_are_401_invalid_token_with_their_exact_reason() {
         (
             "unknown kid",
             signed(&w.es, |h| h.kid = Some("nope".into()), &claims()),
-            TokenRejection::UnknownKey("nope".into()),
+            TokenRejection::UnknownKey {
+                issuer: ISSUER.into(),
+                kid: "nope".into(),
+            },
         ),
         (
             "bad signature",

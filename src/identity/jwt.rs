@@ -4,11 +4,14 @@
 //! issuer's settings and the `now` passed in (RFC 7519, RFC 8725, RFC 9068, RFC 8705).
 
 use super::cert::PeerIdentity;
-use super::keys::{KeySet, VerificationKey};
-use crate::config::IssuerSettings;
+use super::keys::{KeyCell, KeySet, KeySnapshot, VerificationKey};
+use super::revocation::RevocationList;
+use crate::config::{IssuerSettings, KeySource, TokenSettings};
+use arc_swap::ArcSwap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde_json::{Map, Value};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// Why a token was not accepted. Messages never contain the token.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -30,8 +33,14 @@ pub enum TokenRejection {
         expected: String,
         found: Option<String>,
     },
-    #[error("no key with kid \"{0}\"")]
-    UnknownKey(String),
+    #[error("issuer \"{issuer}\" has no key with kid \"{kid}\"")]
+    UnknownKey { issuer: String, kid: String },
+    #[error("keys of issuer \"{0}\" have not been fetched yet")]
+    KeysUnavailable(String),
+    #[error("keys of issuer \"{0}\" are older than the maximum staleness (provider unreachable)")]
+    KeysStale(String),
+    #[error("token has been revoked")]
+    Revoked,
     #[error("no key of this issuer fits algorithm {0}")]
     NoKeyForAlgorithm(String),
     #[error("signature does not verify")]
@@ -110,13 +119,14 @@ impl TokenClaims {
 
 struct Issuer {
     settings: IssuerSettings,
-    keys: KeySet,
+    keys: KeyCell,
 }
 
 /// Verifies bearer tokens for the configured issuers.
 pub struct TokenVerifier {
     issuers: HashMap<String, Issuer>,
     max_size: usize,
+    revoked: Arc<ArcSwap<RevocationList>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -128,35 +138,68 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// Loads every issuer's keys; all problems are reported together.
-    pub fn load(issuers: &[IssuerSettings], max_size: usize) -> Result<TokenVerifier, Vec<String>> {
+    /// Loads every issuer's key files and the revocation list; all problems are reported
+    /// together. Issuers with remote keys start with an empty key cell, filled by the fetcher.
+    pub fn load(
+        issuers: &[IssuerSettings],
+        token: &TokenSettings,
+    ) -> Result<TokenVerifier, Vec<String>> {
         let mut problems = Vec::new();
         let mut map = HashMap::new();
         for settings in issuers {
-            match KeySet::load(settings.jwks_file.as_deref(), &settings.pem_keys) {
-                Ok(keys) => {
-                    map.insert(
-                        settings.issuer.clone(),
-                        Issuer {
-                            settings: settings.clone(),
-                            keys,
-                        },
-                    );
+            let cell = KeyCell::default();
+            if settings.source == KeySource::Files {
+                match KeySet::load(settings.jwks_file.as_deref(), &settings.pem_keys) {
+                    Ok(keys) => cell.store(Some(Arc::new(KeySnapshot {
+                        keys,
+                        usable_until: None,
+                    }))),
+                    Err(errs) => problems.extend(
+                        errs.into_iter()
+                            .map(|e| format!("issuer \"{}\": {e}", settings.issuer)),
+                    ),
                 }
-                Err(errs) => problems.extend(
-                    errs.into_iter()
-                        .map(|e| format!("issuer \"{}\": {e}", settings.issuer)),
-                ),
             }
+            map.insert(
+                settings.issuer.clone(),
+                Issuer {
+                    settings: settings.clone(),
+                    keys: cell,
+                },
+            );
         }
+        let revoked = match &token.revoked {
+            None => RevocationList::default(),
+            Some(path) => match std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(|t| RevocationList::parse(&t))
+            {
+                Ok(list) => list,
+                Err(e) => {
+                    problems.push(format!("{}: {e}", path.display()));
+                    RevocationList::default()
+                }
+            },
+        };
         if problems.is_empty() {
             Ok(TokenVerifier {
                 issuers: map,
-                max_size,
+                max_size: token.max_size,
+                revoked: Arc::new(ArcSwap::from_pointee(revoked)),
             })
         } else {
             Err(problems)
         }
+    }
+
+    /// The key cell of an issuer, for the background fetcher to fill.
+    pub fn key_cell(&self, issuer: &str) -> Option<KeyCell> {
+        self.issuers.get(issuer).map(|i| i.keys.clone())
+    }
+
+    /// The revocation list, for the reloader to swap.
+    pub fn revocation(&self) -> Arc<ArcSwap<RevocationList>> {
+        self.revoked.clone()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -216,8 +259,32 @@ impl TokenVerifier {
                 found: header.typ.as_deref().map(truncate),
             });
         }
-        let claims = verify_signature(token, alg, header.kid.as_deref(), &issuer.keys)?;
-        check_claims(s, claims, peer, now)
+        let snapshot = issuer
+            .keys
+            .load_full()
+            .ok_or_else(|| TokenRejection::KeysUnavailable(s.issuer.clone()))?;
+        // SECURITY: keys the provider has not confirmed for `max_staleness` may include
+        // keys it has since withdrawn; refuse rather than trust them forever.
+        if snapshot.usable_until.is_some_and(|until| now > until) {
+            return Err(TokenRejection::KeysStale(s.issuer.clone()));
+        }
+        let claims = verify_signature(token, alg, header.kid.as_deref(), &snapshot.keys).map_err(
+            |e| match e {
+                TokenRejection::UnknownKey { kid, .. } => TokenRejection::UnknownKey {
+                    issuer: s.issuer.clone(),
+                    kid,
+                },
+                other => other,
+            },
+        )?;
+        let verified = check_claims(s, claims, peer, now)?;
+        let revoked = self.revoked.load();
+        let jti = verified.claims.get("jti").and_then(Value::as_str);
+        if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&verified.subject)
+        {
+            return Err(TokenRejection::Revoked);
+        }
+        Ok(verified)
     }
 }
 
@@ -254,9 +321,10 @@ fn verify_signature(
     };
     match kid {
         Some(kid) => {
-            let key = keys
-                .get(kid)
-                .ok_or_else(|| TokenRejection::UnknownKey(truncate(kid)))?;
+            let key = keys.get(kid).ok_or_else(|| TokenRejection::UnknownKey {
+                issuer: String::new(),
+                kid: truncate(kid),
+            })?;
             // SECURITY: the key's own type and `alg` must agree with the header's `alg`.
             if !key.accepts(alg) {
                 return Err(TokenRejection::NoKeyForAlgorithm(format!("{alg:?}")));

@@ -93,6 +93,19 @@ impl VerificationKey {
     }
 }
 
+/// The keys an issuer is verified with right now, swapped whole when a fetch succeeds.
+#[derive(Debug)]
+pub struct KeySnapshot {
+    pub keys: KeySet,
+    /// After this time (seconds since the epoch) the keys are too stale to trust: the
+    /// provider has not answered for `max_staleness`. `None` for keys from files.
+    pub usable_until: Option<i64>,
+}
+
+/// One issuer's current keys, shared between the verifier (reads) and the loader or
+/// background fetcher (writes). Empty until the first successful fetch.
+pub type KeyCell = std::sync::Arc<arc_swap::ArcSwapOption<KeySnapshot>>;
+
 /// An issuer's keys: those with a `kid` indexed by it, all of them in order.
 #[derive(Debug, Default, Clone)]
 pub struct KeySet {
@@ -138,6 +151,10 @@ impl KeySet {
         let mut set = KeySet::default();
         let notes = set.add_jwks(text)?;
         Ok((set, notes))
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.all.iter().filter_map(|k| k.kid())
     }
 
     fn add_jwks(&mut self, text: &str) -> Result<Vec<String>, String> {

@@ -5,6 +5,7 @@
 pub mod cert;
 pub mod jwt;
 pub mod keys;
+pub mod revocation;
 pub mod spiffe;
 
 use crate::facts::RequestFacts;
@@ -58,6 +59,16 @@ impl Identity {
 pub struct Verifier {
     peer: Option<PeerVerifier>,
     tokens: TokenVerifier,
+    sources: TokenSources,
+}
+
+/// Where a token may be found besides `Authorization: Bearer`, in order.
+#[derive(Debug, Clone, Default)]
+pub struct TokenSources {
+    /// A header carrying the token, raw or with a `Bearer ` prefix.
+    pub header: Option<String>,
+    /// A cookie carrying the token.
+    pub cookie: Option<String>,
 }
 
 /// The bearer credential found in the request headers.
@@ -69,31 +80,72 @@ pub enum Bearer<'a> {
     Malformed,
 }
 
-/// `Authorization: Bearer <token>`, scheme case-insensitive (RFC 6750 §2.1, RFC 9110 §11.1).
-/// Other schemes are not bearer credentials and are left to the policy.
-pub fn bearer_from_headers(facts: &RequestFacts) -> Bearer<'_> {
-    let Some(value) = facts.headers.get("authorization") else {
-        return Bearer::None;
-    };
-    let value = value.trim();
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Bearer::None;
-    }
-    let token = rest.trim_start_matches(' ');
-    // token68 characters only (RFC 9110 §11.2); anything else, such as two joined
-    // Authorization headers, is malformed rather than silently truncated.
-    let token68 = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
-    if token.is_empty() || !token.bytes().all(token68) {
+/// token68 characters only (RFC 9110 §11.2); anything else, such as two joined headers,
+/// is malformed rather than silently truncated.
+fn token68(token: &str) -> Bearer<'_> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+    if token.is_empty() || !token.bytes().all(ok) {
         Bearer::Malformed
     } else {
         Bearer::Token(token)
     }
 }
 
+/// `Bearer <token>`, scheme case-insensitive (RFC 6750 §2.1, RFC 9110 §11.1); `None` for
+/// another scheme.
+fn bearer_scheme(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
+}
+
+/// The token of a request: `Authorization: Bearer`, else the configured header, else the
+/// configured cookie. Other `Authorization` schemes are not bearer credentials.
+pub fn bearer_from_headers<'a>(facts: &'a RequestFacts, sources: &TokenSources) -> Bearer<'a> {
+    if let Some(token) = facts
+        .headers
+        .get("authorization")
+        .and_then(|v| bearer_scheme(v))
+    {
+        return token68(token);
+    }
+    if let Some(value) = sources.header.as_ref().and_then(|h| facts.headers.get(h)) {
+        return token68(bearer_scheme(value).unwrap_or(value.trim()));
+    }
+    let cookie = sources.cookie.as_deref().and_then(|name| {
+        // RFC 6265 §4.2.1: `name=value` pairs separated by `; ` (Envoy joins headers with `,`).
+        facts
+            .headers
+            .get("cookie")?
+            .split([';', ','])
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"'))
+            })
+    });
+    match cookie {
+        Some(token) => token68(token),
+        None => Bearer::None,
+    }
+}
+
 impl Verifier {
-    pub fn new(peer: Option<PeerVerifier>, tokens: TokenVerifier) -> Verifier {
-        Verifier { peer, tokens }
+    pub fn new(
+        peer: Option<PeerVerifier>,
+        tokens: TokenVerifier,
+        sources: TokenSources,
+    ) -> Verifier {
+        Verifier {
+            peer,
+            tokens,
+            sources,
+        }
+    }
+
+    pub fn tokens(&self) -> &TokenVerifier {
+        &self.tokens
     }
 
     /// Verifies the request's certificate, then its token (which may be bound to it).
@@ -115,7 +167,7 @@ impl Verifier {
             PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         };
-        let token = match bearer_from_headers(facts) {
+        let token = match bearer_from_headers(facts, &self.sources) {
             Bearer::None => TokenOutcome::NotPresented,
             Bearer::Malformed => TokenOutcome::Rejected(TokenRejection::Malformed(
                 "empty or invalid bearer value".into(),
@@ -155,10 +207,38 @@ mod tests {
             ("Bearer a b", Bearer::Malformed),
             ("Basic dXNlcjpwYXNz", Bearer::None),
         ];
+        let none = TokenSources::default();
         for (header, expected) in cases {
             let f = facts_with_auth(header);
-            assert_eq!(&bearer_from_headers(&f), expected, "{header}");
+            assert_eq!(&bearer_from_headers(&f, &none), expected, "{header}");
         }
-        assert_eq!(bearer_from_headers(&RequestFacts::default()), Bearer::None);
+        assert_eq!(
+            bearer_from_headers(&RequestFacts::default(), &none),
+            Bearer::None
+        );
+    }
+
+    #[test]
+    fn other_token_sources_in_order() {
+        let sources = TokenSources {
+            header: Some("x-token".into()),
+            cookie: Some("session".into()),
+        };
+        let mut f = RequestFacts::default();
+        f.headers
+            .insert("cookie".into(), "theme=dark; session=c.c.c".into());
+        assert_eq!(bearer_from_headers(&f, &sources), Bearer::Token("c.c.c"));
+        assert_eq!(
+            bearer_from_headers(&f, &TokenSources::default()),
+            Bearer::None
+        );
+        f.headers.insert("x-token".into(), "h.h.h".into());
+        assert_eq!(bearer_from_headers(&f, &sources), Bearer::Token("h.h.h"));
+        f.headers
+            .insert("authorization".into(), "Bearer a.a.a".into());
+        assert_eq!(bearer_from_headers(&f, &sources), Bearer::Token("a.a.a"));
+        // A non-bearer Authorization does not hide the configured header.
+        f.headers.insert("authorization".into(), "Basic x".into());
+        assert_eq!(bearer_from_headers(&f, &sources), Bearer::Token("h.h.h"));
     }
 }

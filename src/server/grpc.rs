@@ -35,8 +35,11 @@ impl Authorization for AuthorizationService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let decision = self.engine.check(request.get_ref(), SystemTime::now());
-        tracing::info!(target: "portcullis::audit", "{}", decision.audit_json());
+        let decision = self
+            .engine
+            .check_with_refresh(request.get_ref(), SystemTime::now)
+            .await;
+        self.engine.observe(&decision);
         // SECURITY: always a successful RPC; a denial travels in the response status.
         Ok(tonic::Response::new(check_response(
             &decision,
@@ -45,30 +48,80 @@ impl Authorization for AuthorizationService {
     }
 }
 
-/// Serves on an already bound listener until `shutdown` completes.
+/// Serves on an already bound listener until `shutdown` completes, running the engine's
+/// background work meanwhile. gRPC health reports NOT_SERVING until the engine is ready.
 pub async fn serve_on(
     listener: TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let _background = engine.start()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<AuthorizationServer<AuthorizationService>>()
+        .set_not_serving::<AuthorizationServer<AuthorizationService>>()
         .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let ready_engine = engine.clone();
+    let readiness = tokio::spawn(async move {
+        while ready_engine.readiness().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        health
+            .set_serving::<AuthorizationServer<AuthorizationService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        tracing::info!("ready");
+    });
     let authz = AuthorizationServer::new(AuthorizationService::new(engine))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(authz)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .await?;
+    readiness.abort();
+    Ok(())
 }
 
-/// Binds `addr` and serves until SIGINT or SIGTERM.
-pub async fn serve(addr: &str, engine: Arc<Engine>) -> Result<(), Box<dyn std::error::Error>> {
-    let listener = TcpListener::bind(addr).await?;
+/// Binds the gRPC listener (and the admin HTTP listener, if configured) and serves until
+/// SIGINT or SIGTERM.
+pub async fn serve(
+    grpc_addr: &str,
+    http_addr: Option<&str>,
+    engine: Arc<Engine>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let listener = TcpListener::bind(grpc_addr).await?;
     tracing::info!("gRPC listening on {}", listener.local_addr()?);
-    serve_on(listener, engine, shutdown_signal()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin = match http_addr {
+        Some(addr) => {
+            let http = TcpListener::bind(addr).await?;
+            tracing::info!("HTTP listening on {}", http.local_addr()?);
+            let mut rx = stop_rx.clone();
+            let stopped = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            Some(tokio::spawn(super::admin::serve_admin(
+                http,
+                engine.clone(),
+                stopped,
+            )))
+        }
+        None => None,
+    };
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    };
+    serve_on(listener, engine, shutdown).await?;
+    if let Some(admin) = admin {
+        admin.await??;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! Front doors: glue between the network and the [`Engine`]. They translate wire formats
-//! and hold no security logic.
+//! Front doors: glue between the network and the [`Engine`](crate::engine::Engine). They
+//! translate wire formats and hold no security logic.
 
+pub mod admin;
 pub mod grpc;
 
 pub use grpc::{AuthorizationService, serve, serve_on};

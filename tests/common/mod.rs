@@ -3,6 +3,8 @@
 //! on 127.0.0.1:0 running on its own thread for the whole test binary.
 #![allow(dead_code)]
 
+pub mod keyserver;
+
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;
 use portcullis::demo::{Authority, ClientCert, LeafSpec, TokenSigner};

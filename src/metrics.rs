@@ -1,0 +1,184 @@
+//! Prometheus metrics: counters and gauges the engine, the key fetcher and the reloaders
+//! update, rendered in the OpenMetrics text format for `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    pub issuer: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric Portcullis exports.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    key_fetches: Family<FetchLabels, Counter>,
+    key_set_size: Family<IssuerLabels, Gauge>,
+    key_last_success_age: Family<IssuerLabels, FloatGauge>,
+    revocation_entries: Gauge,
+    revocation_reloads: Family<ResultLabels, Counter>,
+    /// Last successful fetch per issuer, seconds since the epoch; ages are computed at scrape.
+    last_success: Mutex<BTreeMap<String, f64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn epoch_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("portcullis");
+        let decisions = Family::default();
+        registry.register(
+            "decisions",
+            "Decisions by outcome and reason",
+            decisions.clone(),
+        );
+        let key_fetches = Family::default();
+        registry.register(
+            "key_fetches",
+            "Key-set fetches by issuer and result",
+            key_fetches.clone(),
+        );
+        let key_set_size = Family::default();
+        registry.register(
+            "key_set_keys",
+            "Keys in the issuer's current key set",
+            key_set_size.clone(),
+        );
+        let key_last_success_age = Family::default();
+        registry.register(
+            "key_set_age_seconds",
+            "Seconds since the issuer's key set was last fetched successfully",
+            key_last_success_age.clone(),
+        );
+        let revocation_entries = Gauge::default();
+        registry.register(
+            "revocation_entries",
+            "Entries in the revocation list",
+            revocation_entries.clone(),
+        );
+        let revocation_reloads = Family::default();
+        registry.register(
+            "revocation_reloads",
+            "Revocation list reloads by result",
+            revocation_reloads.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            key_fetches,
+            key_set_size,
+            key_last_success_age,
+            revocation_entries,
+            revocation_reloads,
+            last_success: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn decision(&self, decision: &str, reason: &str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision: decision.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A key-set fetch finished; `keys` is the new key count on success.
+    pub fn key_fetch(&self, issuer: &str, keys: Option<usize>) {
+        let result = if keys.is_some() { "success" } else { "failure" };
+        self.key_fetches
+            .get_or_create(&FetchLabels {
+                issuer: issuer.into(),
+                result: result.into(),
+            })
+            .inc();
+        if let Some(n) = keys {
+            self.key_set_size
+                .get_or_create(&IssuerLabels {
+                    issuer: issuer.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            if let Ok(mut m) = self.last_success.lock() {
+                m.insert(issuer.to_string(), epoch_secs());
+            }
+        }
+    }
+
+    pub fn revocation_reload(&self, entries: Option<usize>) {
+        let result = if entries.is_some() {
+            "success"
+        } else {
+            "failure"
+        };
+        self.revocation_reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+        if let Some(n) = entries {
+            self.revocation_entries
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let now = epoch_secs();
+        if let Ok(m) = self.last_success.lock() {
+            for (issuer, at) in m.iter() {
+                self.key_last_success_age
+                    .get_or_create(&IssuerLabels {
+                        issuer: issuer.clone(),
+                    })
+                    .set(now - at);
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
