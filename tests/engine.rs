@@ -230,3 +230,85 @@ fn a_hostile_subject_cannot_inject_headers() {
         );
     }
 }
+
+#[test]
+fn claim_headers_carry_scalar_claims_and_never_a_client_value() {
+    let config = "[response]\nclaim_headers = { \"x-user-email\" = \"email\", \"x-tenant\" = \"tenant\", \"x-groups\" = \"groups\" }\nstrip_authorization = true";
+    let s = setup(config, "permit (principal, action, resource);", false);
+    let t = token(
+        &s,
+        json!({ "email": "a@example.org", "tenant": 7, "groups": ["x"] }),
+    );
+    let mut req = request("/x", None, Some(t));
+    // The client tries to set a claim header itself.
+    let http = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.headers.insert("x-groups".into(), "admins".into());
+    let d = s.engine.check(&req, SystemTime::now());
+    let resp = check_response(&d, s.engine.reply_settings());
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("allowed")
+    };
+    let set: Vec<(String, String)> = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    assert!(
+        set.contains(&("x-user-email".into(), "a@example.org".into())),
+        "{set:?}"
+    );
+    assert!(set.contains(&("x-tenant".into(), "7".into())), "{set:?}");
+    // A non-scalar claim is not sent, and the client's header of that name is removed.
+    assert!(!set.iter().any(|(k, _)| k == "x-groups"), "{set:?}");
+    assert!(ok.headers_to_remove.contains(&"x-groups".to_string()));
+    assert!(ok.headers_to_remove.contains(&"authorization".to_string()));
+}
+
+#[test]
+fn a_token_in_a_configured_cookie_is_verified_like_any_other() {
+    let s = setup(
+        "[token]\ncookie = \"session\"",
+        "permit (principal is User, action, resource);",
+        false,
+    );
+    let cookie_request = |value: &str| {
+        let mut req = request("/x", None, None);
+        let http = req
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.headers
+            .insert("cookie".into(), format!("theme=dark; session={value}"));
+        req
+    };
+    let good = token(&s, json!({}));
+    assert!(
+        s.engine
+            .check(&cookie_request(&good), SystemTime::now())
+            .allowed()
+    );
+    let expired = token(&s, json!({ "iat": 1, "exp": 2 }));
+    let d = s.engine.check(&cookie_request(&expired), SystemTime::now());
+    assert_eq!(
+        d.denial,
+        Some(DenyReason::Token(
+            portcullis::identity::TokenRejection::Expired
+        ))
+    );
+}
