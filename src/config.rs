@@ -44,6 +44,8 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     response: RawResponse,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +54,22 @@ struct RawServer {
     grpc: Option<String>,
     http: Option<String>,
     mode: Option<String>,
+    shutdown_grace: Option<String>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    audit: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +82,8 @@ struct RawPeer {
     #[serde(default)]
     require: bool,
     max_size: Option<usize>,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,7 +164,12 @@ pub enum Mode {
 /// every duration parsed, every default applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub grpc_listen: String,
+    pub grpc_listen: Listen,
+    /// TLS for the gRPC listener; with `client_ca`, the proxy must present a certificate.
+    pub tls: Option<TlsSettings>,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    pub audit: AuditSink,
     /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`), if any.
     pub http_listen: Option<String>,
     pub mode: Mode,
@@ -153,6 +178,38 @@ pub struct Settings {
     pub issuers: Vec<IssuerSettings>,
     pub policy: PolicySettings,
     pub response: ResponseSettings,
+}
+
+/// Where the gRPC door listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(std::net::SocketAddr),
+    /// `unix:/path/to.sock`
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Where audit lines (one JSON object per decision) go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    Stderr,
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +264,8 @@ pub struct PeerSettings {
     pub require: bool,
     /// Cap on the URL-encoded PEM as received, checked before decoding.
     pub max_size: usize,
+    /// Certificate revocation lists (PEM or DER), checked for every certificate in the path.
+    pub crls: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +294,7 @@ pub struct PolicySettings {
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9191";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_TOKEN_MAX_SIZE: usize = 8 * 1024;
 pub const DEFAULT_CERT_MAX_SIZE: usize = 32 * 1024;
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
@@ -325,15 +385,39 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             Mode::Enforce
         }
     };
-    let grpc_listen = raw
+    let grpc = raw
         .server
         .grpc
         .unwrap_or_else(|| DEFAULT_GRPC_LISTEN.to_string());
-    if grpc_listen.parse::<std::net::SocketAddr>().is_err() {
-        problems.push(format!(
-            "server.grpc: \"{grpc_listen}\" is not an address like \"127.0.0.1:9191\""
-        ));
-    }
+    let grpc_listen = match grpc.strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Listen::Unix(resolve(base, PathBuf::from(path))),
+        _ => grpc.parse().map(Listen::Tcp).unwrap_or_else(|_| {
+            problems.push(format!(
+                "server.grpc: \"{grpc}\" is not an address like \"127.0.0.1:9191\" or \"unix:/run/portcullis.sock\""
+            ));
+            Listen::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 9191)))
+        }),
+    };
+    let tls = raw.server.tls.map(|t| TlsSettings {
+        cert: resolve(base, t.cert),
+        key: resolve(base, t.key),
+        client_ca: t.client_ca.map(|c| resolve(base, c)),
+    });
+    let shutdown_grace = duration(
+        "server.shutdown_grace",
+        raw.server.shutdown_grace,
+        DEFAULT_SHUTDOWN_GRACE,
+        problems,
+    );
+    let audit = match raw.log.audit.as_deref() {
+        None | Some("stdout") => AuditSink::Stdout,
+        Some("stderr") => AuditSink::Stderr,
+        Some("") => {
+            problems.push("log.audit: must be \"stdout\", \"stderr\" or a file path".into());
+            AuditSink::Stdout
+        }
+        Some(path) => AuditSink::File(resolve(base, PathBuf::from(path))),
+    };
 
     let peer = raw.peer.map(|p| {
         for td in &p.trust_domains {
@@ -347,6 +431,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             trust_domains: p.trust_domains,
             require: p.require,
             max_size: p.max_size.unwrap_or(DEFAULT_CERT_MAX_SIZE),
+            crls: p.crls.into_iter().map(|c| resolve(base, c)).collect(),
         }
     });
 
@@ -518,6 +603,9 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
 
     Settings {
         grpc_listen,
+        tls,
+        shutdown_grace,
+        audit,
         http_listen,
         mode,
         peer,
@@ -582,7 +670,14 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let s = Settings::from_toml("", Path::new("/etc/p")).unwrap();
-        assert_eq!(s.grpc_listen, DEFAULT_GRPC_LISTEN);
+        assert_eq!(s.grpc_listen.to_string(), DEFAULT_GRPC_LISTEN);
+        assert_eq!(s.audit, AuditSink::Stdout);
+        let s =
+            Settings::from_toml("[server]\ngrpc = \"unix:run/p.sock\"", Path::new("/srv")).unwrap();
+        assert_eq!(
+            s.grpc_listen,
+            Listen::Unix(PathBuf::from("/srv/run/p.sock"))
+        );
         assert_eq!(s.mode, Mode::Enforce);
         assert_eq!(s.policy.dir, PathBuf::from("/etc/p/policies"));
         assert_eq!(s.token.max_size, 8192);

@@ -91,11 +91,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let (settings, engine) = load(&config)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(portcullis::server::serve(
-                    &settings.grpc_listen,
-                    settings.http_listen.as_deref(),
-                    Arc::new(engine),
-                ))
+                .block_on(portcullis::server::serve(&settings, Arc::new(engine)))
                 .map_err(|e| format!("server failed: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }

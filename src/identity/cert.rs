@@ -105,6 +105,30 @@ impl PeerIdentity {
     }
 }
 
+impl PeerIdentity {
+    /// A certificate identity as a policy test case states it, with no certificate behind
+    /// it. Only `portcullis test` builds these.
+    pub(crate) fn for_policy_test(
+        spiffe_id: Option<SpiffeId>,
+        dns_sans: Vec<String>,
+        subject: String,
+        issuer: String,
+    ) -> PeerIdentity {
+        PeerIdentity {
+            uri_sans: spiffe_id.iter().map(ToString::to_string).collect(),
+            spiffe_id,
+            dns_sans,
+            email_sans: Vec::new(),
+            subject,
+            issuer,
+            serial: String::new(),
+            not_before: 0,
+            not_after: i64::MAX,
+            sha256: [0; 32],
+        }
+    }
+}
+
 /// Verifies client certificates against the configured trust material.
 #[derive(Debug)]
 pub struct PeerVerifier {

@@ -117,6 +117,39 @@ impl TokenClaims {
     }
 }
 
+impl TokenClaims {
+    /// Claims as a policy test case states them, with no token behind them. Only
+    /// `portcullis test` builds these: its cases describe identities, not credentials.
+    pub(crate) fn for_policy_test(
+        issuer: &str,
+        subject: &str,
+        claims: Map<String, Value>,
+        groups_claim: &str,
+        bound: bool,
+    ) -> TokenClaims {
+        let set = |name: &str| claims.get(name).and_then(strings).unwrap_or_default();
+        let scopes = match claims.get("scope").or_else(|| claims.get("scp")) {
+            Some(Value::String(s)) => s.split_ascii_whitespace().map(str::to_string).collect(),
+            Some(v) => strings(v).unwrap_or_default(),
+            None => BTreeSet::new(),
+        };
+        TokenClaims {
+            issuer: issuer.to_string(),
+            subject: subject.to_string(),
+            principal_id: subject.to_string(),
+            audience: set("aud"),
+            scopes,
+            groups: set(groups_claim),
+            expires_at: claims
+                .get("exp")
+                .and_then(Value::as_i64)
+                .unwrap_or(i64::MAX),
+            bound,
+            claims,
+        }
+    }
+}
+
 struct Issuer {
     settings: IssuerSettings,
     keys: KeyCell,

@@ -90,10 +90,14 @@ pub async fn serve_on(
 /// Binds the gRPC listener (and the admin HTTP listener, if configured) and serves until
 /// SIGINT or SIGTERM.
 pub async fn serve(
-    grpc_addr: &str,
-    http_addr: Option<&str>,
+    settings: &crate::config::Settings,
     engine: Arc<Engine>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let grpc_addr = match &settings.grpc_listen {
+        crate::config::Listen::Tcp(addr) => *addr,
+        crate::config::Listen::Unix(_) => return Err("unix sockets are not supported yet".into()),
+    };
+    let http_addr = settings.http_listen.as_deref();
     let listener = TcpListener::bind(grpc_addr).await?;
     tracing::info!("gRPC listening on {}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
