@@ -2,9 +2,11 @@
 //! the pipeline (identity, then policy) and is what every front door calls; it does no
 //! I/O on the request path.
 
+use crate::config::KeySource;
 use crate::config::{Mode, ResponseSettings, Settings};
 use crate::facts::{FactsError, RequestFacts};
 use crate::fetch::KeyFetcher;
+use crate::identity::keys::{KeySet, KeySnapshot};
 use crate::identity::{
     CertRejection, Identity, PeerOutcome, PeerVerifier, TokenOutcome, TokenRejection, TokenSources,
     TokenVerifier, Verifier,
@@ -12,8 +14,9 @@ use crate::identity::{
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyOutcome, PolicySnapshot};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
+use arc_swap::ArcSwap;
 use serde_json::json;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 /// Why a request was denied. Every variant has exactly one reply (see `decision.rs`).
@@ -88,6 +91,7 @@ impl Decision {
     pub fn audit_json(&self) -> serde_json::Value {
         let req = self.policy.as_ref().map(|p| &p.request);
         json!({
+            "time": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
             "decision_id": self.id,
             "request_id": self.request_id,
             "decision": if self.denial.is_none() { "allow" } else { "deny" },
@@ -103,17 +107,28 @@ impl Decision {
     }
 }
 
+/// What a reload replaces, as one immutable snapshot: a request sees the old one or the
+/// new one, never a mix.
+#[derive(Debug)]
+struct Loaded {
+    peer: Option<PeerVerifier>,
+    policy: PolicySnapshot,
+}
+
 /// Everything needed to decide, built once at start-up and shared by `Arc`.
 #[derive(Debug)]
 pub struct Engine {
+    settings: Settings,
     verifier: Verifier,
-    policy: Arc<PolicySnapshot>,
+    loaded: ArcSwap<Loaded>,
     mode: Mode,
     require_peer: bool,
     reply: ResponseSettings,
     fetcher: KeyFetcher,
     metrics: Arc<Metrics>,
-    revoked_file: Option<std::path::PathBuf>,
+    audit: crate::audit::AuditLog,
+    /// The problems of the last failed reload, until a reload succeeds.
+    reload_error: Mutex<Option<Vec<String>>>,
 }
 
 /// The engine's background work (key fetching, file watches); dropping it stops them.
@@ -131,14 +146,41 @@ impl Drop for Background {
     }
 }
 
+/// Loads the reloadable material: trust bundle, intermediates and CRLs; policies, schema and
+/// entities; and the key files of issuers whose keys are files.
+fn load_reloadable(settings: &Settings) -> Result<(Loaded, Vec<(String, KeySet)>), Vec<String>> {
+    let mut problems = Vec::new();
+    let peer = match &settings.peer {
+        None => None,
+        Some(p) => PeerVerifier::load(p).map_err(|e| problems.extend(e)).ok(),
+    };
+    let policy = policy::load(&settings.policy)
+        .map_err(|e| problems.extend(e))
+        .ok();
+    let mut key_files = Vec::new();
+    for issuer in settings
+        .issuers
+        .iter()
+        .filter(|i| i.source == KeySource::Files)
+    {
+        match KeySet::load(issuer.jwks_file.as_deref(), &issuer.pem_keys) {
+            Ok(keys) => key_files.push((issuer.issuer.clone(), keys)),
+            Err(errs) => problems.extend(
+                errs.into_iter()
+                    .map(|e| format!("issuer \"{}\": {e}", issuer.issuer)),
+            ),
+        }
+    }
+    match policy {
+        Some(policy) if problems.is_empty() => Ok((Loaded { peer, policy }, key_files)),
+        _ => Err(problems),
+    }
+}
+
 impl Engine {
     /// Loads trust material, keys and policies; every problem is reported.
     pub fn load(settings: &Settings) -> Result<Engine, Vec<String>> {
         let mut problems = Vec::new();
-        let peer = match &settings.peer {
-            None => None,
-            Some(p) => PeerVerifier::load(p).map_err(|e| problems.extend(e)).ok(),
-        };
         let metrics = Arc::new(Metrics::new());
         let tokens = TokenVerifier::load(&settings.issuers, &settings.token)
             .map_err(|e| problems.extend(e))
@@ -148,53 +190,126 @@ impl Engine {
                 .map_err(|e| problems.extend(e))
                 .ok()
         });
-        let policy = policy::load(&settings.policy)
+        let loaded = load_reloadable(settings)
             .map_err(|e| problems.extend(e))
             .ok();
-        match (tokens, fetcher, policy) {
-            (Some(tokens), Some(fetcher), Some(policy)) if problems.is_empty() => {
-                if let Some(n) = settings
-                    .token
-                    .revoked
-                    .as_ref()
-                    .map(|_| tokens.revocation().load().len())
-                {
-                    metrics.revocation_reload(Some(n));
+        let audit = crate::audit::AuditLog::open(&settings.audit)
+            .map_err(|e| problems.push(e))
+            .ok();
+        match (tokens, fetcher, loaded, audit) {
+            (Some(tokens), Some(fetcher), Some((loaded, _)), Some(audit))
+                if problems.is_empty() =>
+            {
+                if settings.token.revoked.is_some() {
+                    metrics.revocation_reload(Some(tokens.revocation().load().len()));
                 }
                 let sources = TokenSources {
                     header: settings.token.header.clone(),
                     cookie: settings.token.cookie.clone(),
                 };
                 Ok(Engine {
-                    verifier: Verifier::new(peer, tokens, sources),
-                    policy: Arc::new(policy),
+                    settings: settings.clone(),
+                    verifier: Verifier::new(tokens, sources),
+                    loaded: ArcSwap::from_pointee(loaded),
                     mode: settings.mode,
                     require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
                     reply: settings.response.clone(),
                     fetcher,
                     metrics,
-                    revoked_file: settings.token.revoked.clone(),
+                    audit,
+                    reload_error: Mutex::new(None),
                 })
             }
             _ => Err(problems),
         }
     }
 
-    /// Starts the background work: key fetching and file watches. Call it inside a
-    /// tokio runtime and keep the result alive for as long as the engine serves.
-    pub fn start(&self) -> Result<Background, String> {
+    /// Re-reads policies, schema, entities, trust bundle, intermediates, CRLs and key files.
+    /// A valid new set replaces the old one whole; an invalid one changes nothing, and its
+    /// problems are logged, counted and shown in `/readyz` until a reload succeeds.
+    pub fn reload(&self) -> Result<(), Vec<String>> {
+        let result = load_reloadable(&self.settings);
+        self.metrics.reload(result.is_ok());
+        match result {
+            Ok((loaded, key_files)) => {
+                for (issuer, keys) in key_files {
+                    if let Some(cell) = self.verifier.tokens().key_cell(&issuer) {
+                        cell.store(Some(Arc::new(KeySnapshot {
+                            keys,
+                            usable_until: None,
+                        })));
+                    }
+                }
+                tracing::info!(policies = loaded.policy.policy_count(), "reloaded");
+                self.loaded.store(Arc::new(loaded));
+                if let Ok(mut e) = self.reload_error.lock() {
+                    *e = None;
+                }
+            }
+            Err(problems) => {
+                tracing::error!(
+                    "reload failed, the last good policies and trust material keep serving:\n  - {}",
+                    problems.join("\n  - ")
+                );
+                if let Ok(mut e) = self.reload_error.lock() {
+                    *e = Some(problems.clone());
+                }
+                return Err(problems);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every file and directory a reload reads, to watch.
+    fn reloadable_paths(&self) -> Vec<std::path::PathBuf> {
+        let s = &self.settings;
+        let mut paths = vec![s.policy.dir.join(".")];
+        paths.extend(s.policy.schema.iter().cloned());
+        paths.extend(s.policy.entities.iter().cloned());
+        if let Some(p) = &s.peer {
+            paths.push(p.trust_bundle.clone());
+            paths.extend(p.intermediates.iter().cloned());
+            paths.extend(p.crls.iter().cloned());
+        }
+        for i in s.issuers.iter().filter(|i| i.source == KeySource::Files) {
+            paths.extend(i.jwks_file.iter().cloned());
+            paths.extend(i.pem_keys.iter().map(|(p, _)| p.clone()));
+        }
+        paths
+    }
+
+    /// Starts the background work: key fetching and file watches (hot reload, revocation
+    /// list). Call it inside a tokio runtime and keep the result alive while serving.
+    pub fn start(self: &Arc<Self>) -> Result<Background, String> {
         let mut watches = Vec::new();
-        if let Some(path) = &self.revoked_file {
+        if let Some(path) = &self.settings.token.revoked {
             watches.push(crate::reload::watch_revocations(
                 path.clone(),
                 self.verifier.tokens().revocation(),
                 self.metrics.clone(),
             )?);
         }
+        let weak = Arc::downgrade(self);
+        watches.push(crate::reload::watch_files(
+            &self.reloadable_paths(),
+            move || {
+                if let Some(engine) = weak.upgrade() {
+                    let _ = engine.reload();
+                }
+            },
+        )?);
         Ok(Background {
             tasks: self.fetcher.spawn(),
             _watches: watches,
         })
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.loaded.load().policy.policy_count()
+    }
+
+    pub fn has_schema(&self) -> bool {
+        self.loaded.load().policy.has_schema()
     }
 
     /// Fetches every remote key set once, for offline use (`portcullis check`).
@@ -211,6 +326,11 @@ impl Engine {
         } else {
             Err(waiting)
         }
+    }
+
+    /// The problems of the last reload, if it failed (the previous set is still serving).
+    pub fn last_reload_error(&self) -> Option<Vec<String>> {
+        self.reload_error.lock().ok().and_then(|e| e.clone())
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -247,11 +367,8 @@ impl Engine {
         };
         let reason = decision.denial.as_ref().map_or("", DenyReason::code);
         self.metrics.decision(outcome, reason);
-        tracing::info!(target: "portcullis::audit", "{}", decision.audit_json());
-    }
-
-    pub fn policy(&self) -> &PolicySnapshot {
-        &self.policy
+        self.metrics.latency(decision.latency_us);
+        self.audit.write(&decision.audit_json());
     }
 
     /// Decides an Envoy CheckRequest.
@@ -273,7 +390,9 @@ impl Engine {
     /// Decides one request from its facts.
     pub fn decide(&self, facts: &RequestFacts, now: SystemTime) -> Decision {
         let started = Instant::now();
-        let identity = self.verifier.verify(facts, now);
+        // One snapshot for the whole decision: never half of a reload.
+        let loaded = self.loaded.load();
+        let identity = self.verifier.verify(loaded.peer.as_ref(), facts, now);
         let mut reasons = Vec::new();
         let mut denial = None;
         match &identity.peer {
@@ -310,7 +429,7 @@ impl Engine {
                 reasons,
             );
         }
-        let outcome = self.policy.evaluate(facts, &identity);
+        let outcome = loaded.policy.evaluate(facts, &identity);
         let anonymous = identity.peer().is_none() && identity.token().is_none();
         let denial = if !outcome.errors.is_empty() {
             reasons.extend(outcome.errors.iter().map(|e| format!("policy error: {e}")));

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod decision;
 pub mod demo;

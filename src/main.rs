@@ -123,13 +123,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 "{}: valid ({} issuer(s), {} polic{}, schema {})",
                 config.display(),
                 settings.issuers.len(),
-                engine.policy().policy_count(),
-                if engine.policy().policy_count() == 1 {
+                engine.policy_count(),
+                if engine.policy_count() == 1 {
                     "y"
                 } else {
                     "ies"
                 },
-                if engine.policy().has_schema() {
+                if engine.has_schema() {
                     "validated strictly"
                 } else {
                     "none"

@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -44,6 +45,8 @@ pub struct Metrics {
     key_last_success_age: Family<IssuerLabels, FloatGauge>,
     revocation_entries: Gauge,
     revocation_reloads: Family<ResultLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    latency: Histogram,
     /// Last successful fetch per issuer, seconds since the epoch; ages are computed at scrape.
     last_success: Mutex<BTreeMap<String, f64>>,
 }
@@ -105,7 +108,24 @@ impl Metrics {
             "Revocation list reloads by result",
             revocation_reloads.clone(),
         );
+        let reloads = Family::default();
+        registry.register(
+            "reloads",
+            "Reloads of policies and trust material by result",
+            reloads.clone(),
+        );
+        // 10 us to ~80 ms: decisions are fast; the tail matters against Envoy's 200 ms budget.
+        let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.00001, 2.0, 14,
+        ));
+        registry.register(
+            "decision_seconds",
+            "Time to decide one request",
+            latency.clone(),
+        );
         Metrics {
+            reloads,
+            latency,
             registry,
             decisions,
             key_fetches,
@@ -162,6 +182,19 @@ impl Metrics {
             self.revocation_entries
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    pub fn latency(&self, micros: u128) {
+        self.latency.observe(micros as f64 / 1e6);
     }
 
     /// The OpenMetrics text exposition.

@@ -1,4 +1,5 @@
-//! Reloading files that change while the server runs (today: the revocation list). A
+//! Reloading files that change while the server runs: policies, schema, entities, trust
+//! material and key files (through the engine's reload), and the revocation list. A
 //! watched file is re-read after its directory reports a change (debounced); a valid new
 //! version is swapped in whole, an invalid one is logged and counted, and the last good
 //! version keeps serving.
@@ -29,21 +30,38 @@ impl std::fmt::Debug for WatchGuard {
 /// directory is watched, not the file, so atomic renames and Kubernetes ConfigMap
 /// symlink swaps are seen.
 pub fn watch_file(path: &Path, reload: impl Fn() + Send + 'static) -> Result<WatchGuard, String> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    watch_files(&[path.to_path_buf()], reload)
+}
+
+/// Like [`watch_file`] for several files at once (their directories are watched, each
+/// once); one debounced `reload` per burst of changes.
+pub fn watch_files(
+    paths: &[PathBuf],
+    reload: impl Fn() + Send + 'static,
+) -> Result<WatchGuard, String> {
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf()
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
             let _ = tx.send(());
         }
     })
-    .map_err(|e| format!("{}: cannot watch: {e}", dir.display()))?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("{}: cannot watch: {e}", dir.display()))?;
+    .map_err(|e| format!("cannot watch files: {e}"))?;
+    for dir in &dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("{}: cannot watch: {e}", dir.display()))?;
+    }
     std::thread::Builder::new()
         .name("portcullis-reload".into())
         .spawn(move || {

@@ -582,6 +582,59 @@ async fn an_issuer_can_require_binding_and_a_token_type() {
 }
 
 #[tokio::test]
+async fn the_audit_log_records_decisions_but_never_credentials() {
+    let w = world();
+    let cert = reader_cert(w);
+    let token = w.es.sign(&with(|c| {
+        c["cnf"] = json!({ "x5t#S256": cert.thumbprint() })
+    }));
+    let resp = check(request(
+        "POST",
+        "/api/audited",
+        Some(&cert.envoy_encoded()),
+        Some(&token),
+    ))
+    .await;
+    assert_eq!(outcome(&resp), (0, 0, None));
+    let md = resp.dynamic_metadata.unwrap();
+    let Some(prost_types::value::Kind::StringValue(id)) = md.fields["decision_id"].kind.clone()
+    else {
+        panic!("no decision id")
+    };
+    // Denied with a bad token too: reasons are logged, the token is not.
+    let bad = w.es.sign(&with(|c| c["aud"] = json!("billing")));
+    check(request("GET", "/api/audited", None, Some(&bad))).await;
+    let audit = std::fs::read_to_string(w.dir.path().join("audit.log")).unwrap();
+    let line = audit
+        .lines()
+        .find(|l| l.contains(&id))
+        .expect("an audit line for the decision");
+    let event: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(event["decision"], "allow");
+    assert_eq!(event["principal"], "User::\"alice\"");
+    assert_eq!(event["resource"], "Path::\"/api/audited\"");
+    assert_eq!(event["policies"], json!(["bound-writes"]));
+    assert!(event["time"].as_str().is_some() && event["latency_us"].as_u64().is_some());
+    assert!(
+        audit.contains("token audience is not accepted by this issuer"),
+        "the denial and its reason are logged"
+    );
+    // No part of a credential: not the tokens, nor any of their segments, nor the certificate.
+    for t in [&token, &bad] {
+        for segment in t.split('.') {
+            assert!(
+                !audit.contains(segment),
+                "audit log contains a token segment"
+            );
+        }
+    }
+    for line in cert.pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!audit.contains(line), "audit log contains certificate body");
+    }
+    assert!(!audit.contains(&cert.envoy_encoded()[30..90]));
+}
+
+#[tokio::test]
 async fn grpc_health_reports_serving() {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,

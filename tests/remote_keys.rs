@@ -54,7 +54,7 @@ fn rig(ks: KeyServer, issuer: &str, source: &str, extra_token: &str) -> Rig {
     std::fs::write(dir.path().join("policies/p.cedar"), POLICY).unwrap();
     let source = source.replace("{jwks}", &ks.jwks_url());
     let text = format!(
-        "[token]\n{extra_token}\n\n[[issuer]]\nissuer = \"{issuer}\"\naudiences = [\"{AUD}\"]\nca_bundle = \"idp-ca.pem\"\n{source}\n\n[policy]\ndir = \"policies\"\n"
+        "[token]\n{extra_token}\n\n[[issuer]]\nissuer = \"{issuer}\"\naudiences = [\"{AUD}\"]\nca_bundle = \"idp-ca.pem\"\n{source}\n\n[policy]\ndir = \"policies\"\n\n[log]\naudit = \"audit.log\"\n"
     );
     let settings =
         Settings::from_toml(&text, dir.path()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));

@@ -57,7 +57,6 @@ impl Identity {
 /// Verifies both credentials of a request.
 #[derive(Debug)]
 pub struct Verifier {
-    peer: Option<PeerVerifier>,
     tokens: TokenVerifier,
     sources: TokenSources,
 }
@@ -132,28 +131,26 @@ pub fn bearer_from_headers<'a>(facts: &'a RequestFacts, sources: &TokenSources) 
 }
 
 impl Verifier {
-    pub fn new(
-        peer: Option<PeerVerifier>,
-        tokens: TokenVerifier,
-        sources: TokenSources,
-    ) -> Verifier {
-        Verifier {
-            peer,
-            tokens,
-            sources,
-        }
+    pub fn new(tokens: TokenVerifier, sources: TokenSources) -> Verifier {
+        Verifier { tokens, sources }
     }
 
     pub fn tokens(&self) -> &TokenVerifier {
         &self.tokens
     }
 
-    /// Verifies the request's certificate, then its token (which may be bound to it).
-    pub fn verify(&self, facts: &RequestFacts, now: SystemTime) -> Identity {
+    /// Verifies the request's certificate with `peer` (the current trust material, if a
+    /// `[peer]` is configured), then its token (which may be bound to it).
+    pub fn verify(
+        &self,
+        peer_verifier: Option<&PeerVerifier>,
+        facts: &RequestFacts,
+        now: SystemTime,
+    ) -> Identity {
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        let peer = match (&facts.peer_certificate, &self.peer) {
+        let peer = match (&facts.peer_certificate, peer_verifier) {
             (None, _) => PeerOutcome::NotPresented,
             (Some(_), None) => PeerOutcome::NotConfigured,
             (Some(pem), Some(v)) => {

@@ -21,12 +21,23 @@ pub fn router(engine: Arc<Engine>) -> Router {
 }
 
 async fn readyz(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    // A failed reload does not make the server unready (the last good set serves), but
+    // the operator sees why the change did not take effect.
+    let reload = engine
+        .last_reload_error()
+        .map(|p| {
+            format!(
+                "last reload failed; the previous policies and trust material are serving:\n  - {}\n",
+                p.join("\n  - ")
+            )
+        })
+        .unwrap_or_default();
     match engine.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(()) => (StatusCode::OK, format!("ready\n{reload}")),
         Err(waiting) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "not ready: no keys yet for issuer(s) {}\n",
+                "not ready: no keys yet for issuer(s) {}\n{reload}",
                 waiting.join(", ")
             ),
         ),

@@ -117,14 +117,37 @@ pub async fn serve(
         }
         None => None,
     };
+    #[cfg(unix)]
+    let sighup = {
+        let engine = engine.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                let _ = engine.reload();
+            }
+        })
+    };
     let shutdown = async move {
         shutdown_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: no new connections; in-flight requests may finish");
         let _ = stop_tx.send(true);
     };
-    serve_on(listener, engine, shutdown).await?;
+    // In-flight requests get `shutdown_grace` after the signal; then the process stops anyway.
+    let mut grace_rx = stop_rx.clone();
+    let grace = settings.shutdown_grace;
+    let deadline = async move {
+        let _ = grace_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = serve_on(listener, engine, shutdown) => served?,
+        () = deadline => tracing::warn!("shutdown grace of {grace:?} elapsed; stopping with requests in flight"),
+    }
+    #[cfg(unix)]
+    sighup.abort();
     if let Some(admin) = admin {
-        admin.await??;
+        let _ = tokio::time::timeout(grace, admin).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -95,6 +95,9 @@ id_prefix = "pem/"
 
 [policy]
 dir = "policies"
+
+[log]
+audit = "audit.log"
 "#
     )
 }
