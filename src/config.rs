@@ -678,7 +678,10 @@ mod tests {
         assert!(s.peer.is_none());
         let u =
             Settings::from_toml("[server]\ngrpc = \"unix:run/p.sock\"", Path::new("/srv")).unwrap();
-        assert_eq!(u.grpc_listen, Listen::Unix(PathBuf::from("/srv/run/p.sock")));
+        assert_eq!(
+            u.grpc_listen,
+            Listen::Unix(PathBuf::from("/srv/run/p.sock"))
+        );
     }
 
     #[test]

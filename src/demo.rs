@@ -53,6 +53,33 @@ impl Authority {
         self.issuer.pem()
     }
 
+    /// A CRL (PEM) from this authority revoking `revoked`, issued two days ago and valid
+    /// for `valid_for` from now (a negative span, down to two days, makes it expired).
+    pub fn crl(&self, revoked: &[&ClientCert], valid_for: Duration) -> String {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::days(2),
+            next_update: now + valid_for,
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|c| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&c.serial()),
+                    revocation_time: now - Duration::minutes(5),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("sign a CRL")
+            .pem()
+            .expect("CRL PEM")
+    }
+
     /// Issues a certificate as `spec` describes.
     pub fn issue(&self, spec: &LeafSpec) -> ClientCert {
         let mut params = CertificateParams::default();
@@ -150,6 +177,14 @@ impl ClientCert {
     pub fn envoy_encoded(&self) -> String {
         envoy_url_encode(&self.pem)
     }
+    /// The serial number's bytes.
+    pub fn serial(&self) -> Vec<u8> {
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::prelude::X509Certificate::from_der(&self.der)
+            .expect("own certificate parses");
+        cert.tbs_certificate.raw_serial().to_vec()
+    }
+
     /// RFC 8705 `x5t#S256`.
     pub fn thumbprint(&self) -> String {
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.der);

@@ -148,7 +148,10 @@ impl Drop for Background {
 
 /// Loads the reloadable material: trust bundle, intermediates and CRLs; policies, schema and
 /// entities; and the key files of issuers whose keys are files.
-fn load_reloadable(settings: &Settings) -> Result<(Loaded, Vec<(String, KeySet)>), Vec<String>> {
+/// The key sets of issuers whose keys are files, by issuer.
+type KeyFiles = Vec<(String, KeySet)>;
+
+fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String>> {
     let mut problems = Vec::new();
     let peer = match &settings.peer {
         None => None,
@@ -260,10 +263,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Every file and directory a reload reads, to watch.
-    fn reloadable_paths(&self) -> Vec<std::path::PathBuf> {
+    /// Every file a reload reads, to watch (the policy directory is watched whole).
+    fn reloadable_files(&self) -> Vec<std::path::PathBuf> {
         let s = &self.settings;
-        let mut paths = vec![s.policy.dir.join(".")];
+        let mut paths = Vec::new();
         paths.extend(s.policy.schema.iter().cloned());
         paths.extend(s.policy.entities.iter().cloned());
         if let Some(p) = &s.peer {
@@ -290,8 +293,9 @@ impl Engine {
             )?);
         }
         let weak = Arc::downgrade(self);
-        watches.push(crate::reload::watch_files(
-            &self.reloadable_paths(),
+        watches.push(crate::reload::watch(
+            &self.reloadable_files(),
+            std::slice::from_ref(&self.settings.policy.dir),
             move || {
                 if let Some(engine) = weak.upgrade() {
                     let _ = engine.reload();

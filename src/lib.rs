@@ -23,6 +23,7 @@ pub mod fetch;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod policytest;
 pub mod proto;
 pub mod reload;
 pub mod server;

@@ -40,6 +40,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the policy tests in DIR/tests/*.toml against DIR/*.cedar (with DIR/schema.cedarschema
+    /// and DIR/entities.json when present). Exit 0 when all pass, 2 when a case fails, 1 on error.
+    Test {
+        /// The policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
     /// Write throwaway certificates, keys, tokens and sample requests for trying Portcullis.
     Demo {
         #[arg(long, short, default_value = "demo")]
@@ -49,19 +56,18 @@ enum Command {
 
 fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
     let settings = Settings::load(config).map_err(|e| e.to_string())?;
-    let engine = Engine::load(&settings).map_err(|problems| {
-        let mut msg = format!(
-            "{} problem(s) loading {}:",
-            problems.len(),
-            config.display()
-        );
-        for p in problems {
-            msg.push_str("\n  - ");
-            msg.push_str(&p);
-        }
-        msg
-    })?;
+    let engine = Engine::load(&settings).map_err(|p| problems_message(config, p))?;
     Ok((settings, engine))
+}
+
+/// Every problem found loading `what`, one per line.
+fn problems_message(what: &std::path::Path, problems: Vec<String>) -> String {
+    let mut msg = format!("{} problem(s) loading {}:", problems.len(), what.display());
+    for p in problems {
+        msg.push_str("\n  - ");
+        msg.push_str(&p);
+    }
+    msg
 }
 
 fn main() -> ExitCode {
@@ -136,6 +142,19 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 },
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { dir } => {
+            let report =
+                portcullis::policytest::run_dir(&dir).map_err(|p| problems_message(&dir, p))?;
+            for line in &report.lines {
+                println!("{line}");
+            }
+            println!("{}", report.summary());
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Command::Demo { out } => {
             let written = portcullis::demo::write_demo(&out)

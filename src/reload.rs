@@ -8,6 +8,7 @@ use crate::identity::revocation::RevocationList;
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,34 +31,61 @@ impl std::fmt::Debug for WatchGuard {
 /// directory is watched, not the file, so atomic renames and Kubernetes ConfigMap
 /// symlink swaps are seen.
 pub fn watch_file(path: &Path, reload: impl Fn() + Send + 'static) -> Result<WatchGuard, String> {
-    watch_files(&[path.to_path_buf()], reload)
+    watch(&[path.to_path_buf()], &[], reload)
 }
 
-/// Like [`watch_file`] for several files at once (their directories are watched, each
-/// once); one debounced `reload` per burst of changes.
-pub fn watch_files(
-    paths: &[PathBuf],
+fn canonical(dir: &Path) -> Result<PathBuf, String> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    dir.canonicalize()
+        .map_err(|e| format!("{}: cannot watch: {e}", dir.display()))
+}
+
+/// Calls `reload` once per burst of changes to any of `files` or to anything directly in
+/// one of `dirs`. Other changes in the same directories (a log file, say) are ignored;
+/// names starting with `..` count, for Kubernetes ConfigMap updates.
+pub fn watch(
+    files: &[PathBuf],
+    dirs: &[PathBuf],
     reload: impl Fn() + Send + 'static,
 ) -> Result<WatchGuard, String> {
-    let mut dirs: Vec<PathBuf> = paths
+    let mut file_keys = HashSet::new();
+    let mut dir_keys = HashSet::new();
+    for f in files {
+        let parent = canonical(f.parent().unwrap_or(Path::new(".")))?;
+        if let Some(name) = f.file_name() {
+            file_keys.insert((parent, name.to_os_string()));
+        }
+    }
+    for d in dirs {
+        dir_keys.insert(canonical(d)?);
+    }
+    let mut watched: Vec<PathBuf> = file_keys
         .iter()
-        .map(|p| {
-            p.parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .to_path_buf()
-        })
+        .map(|(p, _)| p.clone())
+        .chain(dir_keys.iter().cloned())
         .collect();
-    dirs.sort();
-    dirs.dedup();
+    watched.sort();
+    watched.dedup();
+    let interesting = move |p: &Path| {
+        let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let parent = p.parent().and_then(|d| d.canonicalize().ok());
+        name.to_string_lossy().starts_with("..")
+            || parent.is_some_and(|d| dir_keys.contains(&d) || file_keys.contains(&(d, name)))
+    };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if let Ok(event) = event
+            && event.paths.iter().any(|p| interesting(p))
+        {
             let _ = tx.send(());
         }
     })
     .map_err(|e| format!("cannot watch files: {e}"))?;
-    for dir in &dirs {
+    for dir in &watched {
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| format!("{}: cannot watch: {e}", dir.display()))?;

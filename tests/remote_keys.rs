@@ -6,14 +6,13 @@
 mod common;
 
 use common::keyserver::{KeyServer, Mode};
-use common::{check, outcome};
+use common::{RunningServer, check, eventually, outcome, start_server};
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;
 use portcullis::demo::TokenSigner;
-use portcullis::engine::{DenyReason, Engine};
+use portcullis::engine::DenyReason;
 use portcullis::identity::TokenRejection;
 use portcullis::proto::envoy::service::auth::v3::CheckResponse;
-use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,32 +21,22 @@ use std::time::{Duration, Instant, SystemTime};
 const AUD: &str = "orders";
 const POLICY: &str = "permit (principal is User, action, resource);";
 
-/// A Portcullis server (gRPC and admin HTTP) whose one issuer fetches keys from `ks`.
+/// A Portcullis server whose one issuer fetches keys from `ks`.
 struct Rig {
     ks: KeyServer,
     issuer: String,
-    engine: Arc<Engine>,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: RunningServer,
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        // Not joined: graceful shutdown waits for client connections whose tasks may live
-        // on the (now blocked) test runtime. The thread ends with the test process.
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        drop(self.thread.take());
+impl std::ops::Deref for Rig {
+    type Target = RunningServer;
+    fn deref(&self) -> &RunningServer {
+        &self.server
     }
 }
 
-/// `source` is the key-source part of the issuer table; `{jwks}` and `{ca}` are filled in.
-fn rig(ks: KeyServer, issuer: &str, source: &str, extra_token: &str) -> Rig {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+/// `source` is the key-source part of the issuer table; `{jwks}` is filled in.
+async fn rig(ks: KeyServer, issuer: &str, source: &str, extra_token: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("idp-ca.pem"), ks.ca_pem()).unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -56,48 +45,11 @@ fn rig(ks: KeyServer, issuer: &str, source: &str, extra_token: &str) -> Rig {
     let text = format!(
         "[token]\n{extra_token}\n\n[[issuer]]\nissuer = \"{issuer}\"\naudiences = [\"{AUD}\"]\nca_bundle = \"idp-ca.pem\"\n{source}\n\n[policy]\ndir = \"policies\"\n\n[log]\naudit = \"audit.log\"\n"
     );
-    let settings =
-        Settings::from_toml(&text, dir.path()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
-    let engine = Arc::new(Engine::load(&settings).unwrap());
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_engine = engine.clone();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addr_tx
-                .send((grpc.local_addr().unwrap(), http.local_addr().unwrap()))
-                .unwrap();
-            let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let admin = tokio::spawn(portcullis::server::admin::serve_admin(
-                http,
-                server_engine.clone(),
-                async move {
-                    let _ = admin_stop_rx.await;
-                },
-            ));
-            let shutdown = async move {
-                let _ = stop_rx.await;
-                let _ = admin_stop_tx.send(());
-            };
-            portcullis::server::serve_on(grpc, server_engine, shutdown)
-                .await
-                .unwrap();
-            let _ = admin.await;
-        });
-    });
-    let (grpc, http) = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let server = start_server(dir, &text).await;
     Rig {
         ks,
         issuer: issuer.to_string(),
-        engine,
-        grpc,
-        http,
-        dir,
-        stop: Some(stop_tx),
-        thread: Some(thread),
+        server,
     }
 }
 
@@ -112,21 +64,14 @@ impl Rig {
         signer.sign(&c)
     }
 
-    async fn check(&self, token: &str) -> CheckResponse {
-        let mut client = AuthorizationClient::connect(format!("http://{}", self.grpc))
+    async fn check_token(&self, token: &str) -> CheckResponse {
+        self.server
+            .check(common::request("GET", "/x", None, Some(token)))
             .await
-            .unwrap();
-        let mut r = tonic::Request::new(common::request("GET", "/x", None, Some(token)));
-        r.set_timeout(Duration::from_secs(5));
-        client
-            .check(r)
-            .await
-            .expect("a successful RPC")
-            .into_inner()
     }
 
     async fn allowed(&self, token: &str) -> bool {
-        let resp = self.check(token).await;
+        let resp = self.check_token(token).await;
         let (code, http, _) = outcome(&resp);
         assert!(
             code == 0 || (code == 16 && http == 401),
@@ -156,30 +101,6 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        let resp = reqwest::get(format!("http://{}{path}", self.http))
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
-    }
-}
-
-/// Polls `cond` every 50 ms for up to `limit`.
-async fn eventually<F: std::future::Future<Output = bool>>(
-    limit: Duration,
-    mut cond: impl FnMut() -> F,
-) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn es(kid: &str) -> TokenSigner {
@@ -193,7 +114,7 @@ async fn discovery_finds_the_keys_and_readiness_follows() {
     ks.set_jwks(&portcullis::demo::jwks(&[&a]));
     let issuer = format!("{}/tenant-a", ks.base_url());
     ks.set_discovery_issuer(&issuer);
-    let r = rig(ks, &issuer, "discovery = true", "");
+    let r = rig(ks, &issuer, "discovery = true", "").await;
     r.wait_ready().await;
     assert!(r.allowed(&r.token(&a, json!({}))).await);
     assert!(r.ks.discovery_fetches() >= 1);
@@ -215,7 +136,7 @@ async fn a_discovery_document_for_another_issuer_is_refused() {
     ks.set_jwks(&portcullis::demo::jwks(&[&a]));
     let issuer = format!("{}/tenant-a", ks.base_url());
     ks.set_discovery_issuer(&format!("{}/tenant-b", ks.base_url()));
-    let r = rig(ks, &issuer, "discovery = true", "");
+    let r = rig(ks, &issuer, "discovery = true", "").await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             r.ks.discovery_fetches() >= 1
@@ -252,7 +173,7 @@ async fn a_rotated_key_is_accepted_after_one_refetch_without_restart() {
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1h\"\nrefresh_max = \"1h\"\nunknown_kid_wait = \"2s\"",
         "",
-    );
+    ).await;
     r.wait_ready().await;
     let before = r.ks.jwks_fetches();
     // The provider rotates: b is published; a token signed by b arrives before any refresh.
@@ -274,7 +195,8 @@ async fn a_removed_key_is_rejected_after_the_next_refresh() {
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1s\"\nrefresh_max = \"1h\"",
         "",
-    );
+    )
+    .await;
     r.wait_ready().await;
     let token_b = r.token(&b, json!({}));
     assert!(r.allowed(&token_b).await);
@@ -311,7 +233,7 @@ async fn an_unknown_kid_flood_triggers_at_most_one_fetch_per_interval() {
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1h\"\nrefresh_max = \"1h\"\nunknown_kid_interval = \"30s\"",
         "",
-    ));
+    ).await);
     r.wait_ready().await;
     let before = r.ks.jwks_fetches();
     let mut tasks = Vec::new();
@@ -320,7 +242,7 @@ async fn an_unknown_kid_flood_triggers_at_most_one_fetch_per_interval() {
         let signer = es(&format!("attacker-{i}"));
         tasks.push(tokio::spawn(async move {
             let token = r.token(&signer, json!({}));
-            let resp = r.check(&token).await;
+            let resp = r.check_token(&token).await;
             outcome(&resp)
         }));
     }
@@ -347,7 +269,8 @@ async fn provider_down_keeps_the_last_good_keys_until_max_staleness_then_recover
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1s\"\nrefresh_max = \"1s\"\nmax_staleness = \"3s\"",
         "",
-    );
+    )
+    .await;
     r.wait_ready().await;
     let token = r.token(&a, json!({}));
     assert!(r.allowed(&token).await);
@@ -393,7 +316,7 @@ async fn a_slow_provider_does_not_slow_requests_with_known_keys() {
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1h\"\nrefresh_max = \"1h\"\nfetch_timeout = \"10s\"\nunknown_kid_wait = \"150ms\"",
         "",
-    ));
+    ).await);
     r.wait_ready().await;
     r.ks.set_mode(Mode::Slow(Duration::from_secs(4)));
     // An unknown kid starts a fetch that hangs; its request waits at most unknown_kid_wait.
@@ -430,7 +353,7 @@ async fn oversized_and_malformed_key_sets_keep_the_last_good_set() {
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1s\"\nrefresh_max = \"1s\"\nmax_key_set_size = 4096",
         "",
-    );
+    ).await;
     r.wait_ready().await;
     let token_a = r.token(&a, json!({}));
     // An oversized document that would carry key b.
@@ -472,7 +395,8 @@ async fn not_ready_until_keys_arrive() {
         &issuer,
         "jwks_uri = \"{jwks}\"\nrefresh_min = \"1s\"\nrefresh_max = \"1s\"",
         "",
-    );
+    )
+    .await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             r.ks.jwks_fetches() >= 1
@@ -530,7 +454,8 @@ async fn editing_the_revocation_file_revokes_without_restart() {
         &issuer,
         "jwks_uri = \"{jwks}\"",
         &format!("revoked = \"{}\"", revoked.display()),
-    );
+    )
+    .await;
     r.wait_ready().await;
     let stolen = r.token(&a, json!({ "jti": "token-123" }));
     let other = r.token(&a, json!({ "jti": "token-456" }));
@@ -565,7 +490,6 @@ async fn editing_the_revocation_file_revokes_without_restart() {
         metrics.contains("portcullis_revocation_reloads_total{result=\"failure\"}"),
         "{metrics}"
     );
-    let _ = &r.dir;
 }
 
 #[tokio::test]

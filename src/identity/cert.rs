@@ -32,6 +32,8 @@ pub enum CertRejection {
     NotYetValid,
     #[error("certificate is not valid for client authentication")]
     Usage,
+    #[error("certificate has been revoked (CRL)")]
+    Revoked,
     #[error("a CA certificate was presented as the client certificate")]
     CaAsLeaf,
     #[error("certificate rejected: {0}")]
@@ -134,6 +136,7 @@ impl PeerIdentity {
 pub struct PeerVerifier {
     anchors: Vec<TrustAnchor<'static>>,
     intermediates: Vec<CertificateDer<'static>>,
+    crls: Vec<webpki::CertRevocationList<'static>>,
     trust_domains: Vec<TrustDomain>,
     max_size: usize,
 }
@@ -146,6 +149,30 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{}: no CERTIFICATE found", path.display()));
     }
     Ok(certs)
+}
+
+/// CRLs from a PEM file (`X509 CRL` blocks) or a DER file.
+fn read_crls(path: &Path) -> Result<Vec<webpki::CertRevocationList<'static>>, String> {
+    use rustls_pki_types::CertificateRevocationListDer;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let ders: Vec<Vec<u8>> = if bytes.starts_with(b"-----") {
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .map(|c| c.map(|d| d.to_vec()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?
+    } else {
+        vec![bytes]
+    };
+    if ders.is_empty() {
+        return Err(format!("{}: no X509 CRL found", path.display()));
+    }
+    ders.iter()
+        .map(|der| {
+            webpki::OwnedCertRevocationList::from_der(der)
+                .map(webpki::CertRevocationList::from)
+                .map_err(|e| format!("{}: invalid CRL: {e:?}", path.display()))
+        })
+        .collect()
 }
 
 impl PeerVerifier {
@@ -179,6 +206,13 @@ impl PeerVerifier {
                 Err(e) => problems.push(e),
             }
         }
+        let mut crls = Vec::new();
+        for path in &settings.crls {
+            match read_crls(path) {
+                Ok(mut list) => crls.append(&mut list),
+                Err(e) => problems.push(e),
+            }
+        }
         let trust_domains = settings
             .trust_domains
             .iter()
@@ -188,6 +222,7 @@ impl PeerVerifier {
             Ok(PeerVerifier {
                 anchors,
                 intermediates,
+                crls,
                 trust_domains,
                 max_size: settings.max_size,
             })
@@ -226,13 +261,24 @@ impl PeerVerifier {
         now: UnixTime,
     ) -> Result<PeerIdentity, CertRejection> {
         let ee = webpki::EndEntityCert::try_from(der).map_err(map_webpki)?;
+        let crl_refs: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        // Every certificate of the path is checked against the configured CRLs; a CA
+        // without a configured CRL is not an error, an expired CRL is (fail closed).
+        let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
+            .ok()
+            .map(|b| {
+                b.with_depth(webpki::RevocationCheckDepth::Chain)
+                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                    .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
+                    .build()
+            });
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &self.anchors,
             &self.intermediates,
             now,
             webpki::KeyUsage::client_auth(),
-            None,
+            revocation,
             None,
         )
         .map_err(map_webpki)?;
@@ -333,6 +379,7 @@ fn map_webpki(e: webpki::Error) -> CertRejection {
         #[allow(deprecated)]
         E::RequiredEkuNotFound | E::RequiredEkuNotFoundContext(_) => CertRejection::Usage,
         E::CaUsedAsEndEntity => CertRejection::CaAsLeaf,
+        E::CertRevoked => CertRejection::Revoked,
         other => CertRejection::Invalid(format!("{other:?}")),
     }
 }

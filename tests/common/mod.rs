@@ -7,7 +7,7 @@ pub mod keyserver;
 
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;
-use portcullis::demo::{Authority, ClientCert, LeafSpec, TokenSigner};
+pub use portcullis::demo::{Authority, ClientCert, LeafSpec, TokenSigner};
 use portcullis::engine::Engine;
 use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::proto::envoy::service::auth::v3::{
@@ -260,5 +260,139 @@ pub fn ok_header(resp: &CheckResponse, key: &str) -> Option<String> {
             .find(|h| h.key == key)
             .map(|h| h.value.clone()),
         _ => None,
+    }
+}
+
+/// A Portcullis server (gRPC and admin HTTP) on its own thread, over a configuration
+/// written into `dir`. Dropping it asks the server to stop.
+pub struct RunningServer {
+    pub engine: Arc<Engine>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        // Not joined: graceful shutdown waits for client connections whose tasks may live
+        // on the (now blocked) test runtime. The thread ends with the test process.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts the server and returns once it answers gRPC health (so its background work,
+/// file watches included, is running).
+pub async fn start_server(dir: tempfile::TempDir, config_text: &str) -> RunningServer {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let settings = Settings::from_toml(config_text, dir.path())
+        .unwrap_or_else(|e| panic!("{e:?}\n{config_text}"));
+    let engine = Arc::new(Engine::load(&settings).unwrap_or_else(|e| panic!("{e:?}")));
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_engine = engine.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async move {
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            addr_tx
+                .send((
+                    grpc.local_addr().expect("addr"),
+                    http.local_addr().expect("addr"),
+                ))
+                .expect("send addr");
+            let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let admin = tokio::spawn(portcullis::server::admin::serve_admin(
+                http,
+                server_engine.clone(),
+                async move {
+                    let _ = admin_stop_rx.await;
+                },
+            ));
+            let shutdown = async move {
+                let _ = stop_rx.await;
+                let _ = admin_stop_tx.send(());
+            };
+            portcullis::server::serve_on(grpc, server_engine, shutdown)
+                .await
+                .expect("server runs");
+            let _ = admin.await;
+        });
+    });
+    let (grpc, http) = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server started");
+    let answers = eventually(Duration::from_secs(10), || async move {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .expect("endpoint")
+            .connect()
+            .await
+        else {
+            return false;
+        };
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(answers, "the server did not answer gRPC health");
+    RunningServer {
+        engine,
+        grpc,
+        http,
+        dir,
+        stop: Some(stop_tx),
+    }
+}
+
+impl RunningServer {
+    /// One Check against this server, with a deadline.
+    pub async fn check(&self, req: CheckRequest) -> CheckResponse {
+        let mut client = AuthorizationClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect");
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(Duration::from_secs(5));
+        client
+            .check(r)
+            .await
+            .expect("Check is a successful RPC")
+            .into_inner()
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}{path}", self.http))
+            .await
+            .expect("admin GET");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    }
+}
+
+/// Polls `cond` every 50 ms for up to `limit`.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
