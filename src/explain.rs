@@ -15,27 +15,35 @@ pub struct Explanation {
     pub text: String,
 }
 
-/// Decides a CheckRequest given as proto3 JSON and explains the decision.
-pub fn check_json(engine: &Engine, json: &str, now: SystemTime) -> Result<Explanation, String> {
+/// Decides a CheckRequest given as proto3 JSON and explains the decision; `detailed` adds
+/// the Cedar request with its context, and the exact reply.
+pub fn check_json(
+    engine: &Engine,
+    json: &str,
+    now: SystemTime,
+    detailed: bool,
+) -> Result<Explanation, String> {
     let request: CheckRequest = crate::proto::from_json("envoy.service.auth.v3.CheckRequest", json)
         .map_err(|e| format!("not a CheckRequest in proto3 JSON: {e}"))?;
     let decision = engine.check(&request, now);
     let response = check_response(&decision, engine.reply_settings());
     let reply = crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response)?;
-    let mut text = explain(&decision);
-    let _ = write!(
-        text,
-        "\nreply (CheckResponse):\n{}",
-        serde_json::to_string_pretty(&reply).unwrap_or_default()
-    );
+    let mut text = explain(&decision, detailed);
+    if detailed {
+        let _ = write!(
+            text,
+            "\nreply (CheckResponse):\n{}",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        );
+    }
     Ok(Explanation {
         allowed: decision.allowed(),
         text,
     })
 }
 
-/// The decision as text.
-pub fn explain(d: &Decision) -> String {
+/// The decision as text; `detailed` adds the Cedar request and its context.
+pub fn explain(d: &Decision, detailed: bool) -> String {
     let mut s = String::new();
     if let Some(identity) = &d.identity {
         let peer = match &identity.peer {
@@ -69,7 +77,7 @@ pub fn explain(d: &Decision) -> String {
         let _ = writeln!(s, "certificate: {peer}");
         let _ = writeln!(s, "token:       {token}");
     }
-    if let Some(p) = &d.policy {
+    if let Some(p) = d.policy.as_ref().filter(|_| detailed) {
         let r = &p.request;
         let parents: Vec<String> = r
             .principal_parents

@@ -33,6 +33,9 @@ enum Command {
         /// A file holding an Envoy CheckRequest in proto3 JSON; `-` for standard input.
         #[arg(long, short)]
         request: PathBuf,
+        /// Also show the Cedar principal, action, resource and context, and the exact reply.
+        #[arg(long)]
+        explain: bool,
     },
     /// Load the configuration, keys, trust bundles, policies, schema and entities;
     /// report every problem. Exit 0 when valid, 1 when not.
@@ -101,7 +104,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 .map_err(|e| format!("server failed: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config, request } => {
+        Command::Check {
+            config,
+            request,
+            explain,
+        } => {
             let (_, engine) = load(&config)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             for failure in runtime.block_on(engine.fetch_keys_once()) {
@@ -113,9 +120,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 std::fs::read_to_string(&request)
                     .map_err(|e| format!("{}: cannot read: {e}", request.display()))?
             };
-            let explanation =
-                portcullis::explain::check_json(&engine, &text, std::time::SystemTime::now())
-                    .map_err(|e| format!("{}: {e}", request.display()))?;
+            let explanation = portcullis::explain::check_json(
+                &engine,
+                &text,
+                std::time::SystemTime::now(),
+                explain,
+            )
+            .map_err(|e| format!("{}: {e}", request.display()))?;
             println!("{}", explanation.text);
             Ok(if explanation.allowed {
                 ExitCode::SUCCESS

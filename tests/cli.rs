@@ -76,6 +76,7 @@ fn the_shipped_example_validates_and_decides_the_demo_requests() {
             &config,
             "--request",
             req.to_str().unwrap(),
+            "--explain",
         ]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
@@ -103,12 +104,25 @@ fn the_shipped_example_validates_and_decides_the_demo_requests() {
 fn check_explains_the_cedar_request() {
     let (tmp, config) = example();
     let req = tmp.path().join("demo/requests/alice-reads-order.json");
+    let brief = portcullis(&[
+        "check",
+        "--config",
+        &config,
+        "--request",
+        req.to_str().unwrap(),
+    ]);
+    let brief = String::from_utf8_lossy(&brief.stdout);
+    assert!(
+        brief.contains("decision:    ALLOW") && !brief.contains("cedar request:"),
+        "{brief}"
+    );
     let out = portcullis(&[
         "check",
         "--config",
         &config,
         "--request",
         req.to_str().unwrap(),
+        "--explain",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [

@@ -312,3 +312,59 @@ fn a_token_in_a_configured_cookie_is_verified_like_any_other() {
         ))
     );
 }
+
+#[test]
+fn a_route_can_name_its_own_action_and_resource() {
+    let policy = r#"
+        @id("finance-reports")
+        permit (principal, action == Action::"read-reports", resource == Report::"q3")
+        when { context has route && context.route.team == "finance" };
+    "#;
+    let s = setup("", policy, false);
+    let with_route = |ext: &[(&str, &str)]| {
+        let mut req = request("/reports/q3.pdf", None, None);
+        let attrs = req.attributes.as_mut().unwrap();
+        for (k, v) in ext {
+            attrs
+                .context_extensions
+                .insert(k.to_string(), v.to_string());
+        }
+        s.engine.check(&req, SystemTime::now())
+    };
+    let route = [
+        ("action", "read-reports"),
+        ("resource", "Report::\"q3\""),
+        ("team", "finance"),
+    ];
+    let d = with_route(&route);
+    assert!(d.allowed(), "{:?}", d.reasons);
+    assert_eq!(d.policies(), ["finance-reports"]);
+    let cedar = &d.policy.as_ref().unwrap().request;
+    assert_eq!(
+        (cedar.action.to_string(), cedar.resource.to_string()),
+        ("Action::\"read-reports\"".into(), "Report::\"q3\"".into())
+    );
+    // Without the route's mapping the same request is GET on a Path: no permit.
+    assert_eq!(
+        with_route(&[]).denial,
+        Some(DenyReason::NoPermit { anonymous: true })
+    );
+    assert!(
+        !with_route(&[
+            ("action", "read-reports"),
+            ("resource", "Report::\"q3\""),
+            ("team", "sales")
+        ])
+        .allowed()
+    );
+    // A resource that is not a Cedar entity reference denies, with the reason.
+    let d = with_route(&[("action", "read-reports"), ("resource", "not an entity")]);
+    assert_eq!(d.denial, Some(DenyReason::PolicyError));
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| r.contains("not a Cedar entity type")),
+        "{:?}",
+        d.reasons
+    );
+}

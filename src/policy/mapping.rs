@@ -17,7 +17,7 @@ const MAX_DEPTH: usize = 8;
 /// A Cedar entity reference as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uid {
-    pub kind: &'static str,
+    pub kind: String,
     pub id: String,
 }
 
@@ -28,11 +28,30 @@ impl std::fmt::Display for Uid {
 }
 
 impl Uid {
-    pub(crate) fn to_cedar(&self) -> EntityUid {
-        // `kind` is one of this module's fixed identifiers ("User", "Path", ...), each a
-        // valid Cedar type name, so parsing cannot fail.
-        let ty = EntityTypeName::from_str(self.kind).unwrap_or_else(|_| unreachable!());
-        EntityUid::from_type_name_and_id(ty, EntityId::new(&self.id))
+    fn new(kind: &str, id: impl Into<String>) -> Uid {
+        Uid {
+            kind: kind.to_string(),
+            id: id.into(),
+        }
+    }
+
+    /// Fails only for a type name from a route's `context_extensions` that is not a Cedar name.
+    pub(crate) fn to_cedar(&self) -> Result<EntityUid, String> {
+        let ty = EntityTypeName::from_str(&self.kind)
+            .map_err(|_| format!("\"{}\" is not a Cedar entity type", self.kind))?;
+        Ok(EntityUid::from_type_name_and_id(
+            ty,
+            EntityId::new(&self.id),
+        ))
+    }
+
+    /// A route's resource: a Cedar entity reference such as `Report::"q3"`.
+    fn parse(literal: &str) -> Uid {
+        match EntityUid::from_str(literal) {
+            Ok(uid) => Uid::new(&uid.type_name().to_string(), uid.id().unescaped()),
+            // Kept as is; converting it fails, and the request is denied with the reason.
+            Err(_) => Uid::new(literal, ""),
+        }
     }
 }
 
@@ -62,10 +81,7 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
             principal_parents = t
                 .groups()
                 .iter()
-                .map(|g| Uid {
-                    kind: "Group",
-                    id: g.clone(),
-                })
+                .map(|g| Uid::new("Group", g.clone()))
                 .collect();
             principal_attrs.insert("issuer".into(), json!(t.issuer()));
             for (k, v) in t.claims() {
@@ -76,19 +92,10 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
                 };
                 principal_tags.insert(k.clone(), Value::String(s));
             }
-            Uid {
-                kind: "User",
-                id: t.principal_id().to_string(),
-            }
+            Uid::new("User", t.principal_id().to_string())
         }
-        (None, Some(p)) => Uid {
-            kind: "Workload",
-            id: p.workload_id(),
-        },
-        (None, None) => Uid {
-            kind: "Anonymous",
-            id: "anonymous".into(),
-        },
+        (None, Some(p)) => Uid::new("Workload", p.workload_id()),
+        (None, None) => Uid::new("Anonymous", "anonymous"),
     };
 
     let headers: Map<String, Value> = facts
@@ -116,6 +123,9 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
     if let Some(t) = token {
         context.insert("token".into(), token_record(t));
     }
+    if !facts.context_extensions.is_empty() {
+        context.insert("route".into(), json!(facts.context_extensions));
+    }
     context.insert(
         "binding".into(),
         json!(token.is_some_and(TokenClaims::bound)),
@@ -123,13 +133,18 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
 
     CedarRequest {
         principal,
-        action: Uid {
-            kind: "Action",
-            id: facts.method.clone(),
-        },
-        resource: Uid {
-            kind: "Path",
-            id: facts.path.clone(),
+        // A route may name its own action and resource (Envoy `context_extensions`).
+        action: Uid::new(
+            "Action",
+            facts
+                .context_extensions
+                .get("action")
+                .unwrap_or(&facts.method)
+                .clone(),
+        ),
+        resource: match facts.context_extensions.get("resource") {
+            Some(literal) => Uid::parse(literal),
+            None => Uid::new("Path", facts.path.clone()),
         },
         context: Value::Object(context),
         principal_parents,
@@ -200,9 +215,9 @@ impl CedarRequest {
         static_entities: &cedar_policy::Entities,
     ) -> Result<Vec<Entity>, String> {
         let mut out = Vec::with_capacity(2);
-        let uid = self.principal.to_cedar();
+        let uid = self.principal.to_cedar()?;
         let existing = static_entities.get(&uid).cloned();
-        match (self.principal.kind, existing) {
+        match (self.principal.kind.as_str(), existing) {
             // Static workloads and users already carry what the operator gave them;
             // only a token's user gains the token's groups, attributes and tags.
             ("User", existing) => {
@@ -218,7 +233,9 @@ impl CedarRequest {
                 };
                 attrs.retain(|(k, _)| !self.principal_attrs.contains_key(k));
                 attrs.extend(record(&self.principal_attrs, 0));
-                parents.extend(self.principal_parents.iter().map(Uid::to_cedar));
+                for parent in &self.principal_parents {
+                    parents.push(parent.to_cedar()?);
+                }
                 let tags = record(&self.principal_tags, 0);
                 out.push(
                     Entity::new_with_tags(uid, attrs, parents, tags)
@@ -228,29 +245,29 @@ impl CedarRequest {
             (_, Some(_)) => {}
             (_, None) => out.push(Entity::with_uid(uid)),
         }
-        let resource_attrs = [
-            (
-                "path".to_string(),
-                RestrictedExpression::new_string(self.resource.id.clone()),
-            ),
-            (
-                "host".to_string(),
-                RestrictedExpression::new_string(
+        let resource = self.resource.to_cedar()?;
+        if self.resource.kind == "Path" {
+            let attrs = [
+                ("path", self.resource.id.clone()),
+                (
+                    "host",
                     self.context["request"]["host"]
                         .as_str()
                         .unwrap_or_default()
                         .to_string(),
                 ),
-            ),
-        ];
-        out.push(
-            Entity::new(
-                self.resource.to_cedar(),
-                resource_attrs.into_iter().collect(),
-                Default::default(),
-            )
-            .map_err(|e| format!("resource entity: {e}"))?,
-        );
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), RestrictedExpression::new_string(v)))
+            .collect();
+            out.push(
+                Entity::new(resource, attrs, Default::default())
+                    .map_err(|e| format!("resource entity: {e}"))?,
+            );
+        } else if static_entities.get(&resource).is_none() {
+            // A route's own resource keeps whatever the static entities say of it.
+            out.push(Entity::with_uid(resource));
+        }
         Ok(out)
     }
 }

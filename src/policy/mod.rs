@@ -51,13 +51,18 @@ impl PolicySnapshot {
             Ok(c) => c,
             Err(e) => return deny(request, format!("context: {e}")),
         };
-        let cedar_request = match Request::new(
-            request.principal.to_cedar(),
-            request.action.to_cedar(),
-            request.resource.to_cedar(),
-            context,
-            None,
-        ) {
+        let uids = (|| {
+            Ok::<_, String>((
+                request.principal.to_cedar()?,
+                request.action.to_cedar()?,
+                request.resource.to_cedar()?,
+            ))
+        })();
+        let (principal, action, resource) = match uids {
+            Ok(u) => u,
+            Err(e) => return deny(request, format!("request: {e}")),
+        };
+        let cedar_request = match Request::new(principal, action, resource, context, None) {
             Ok(r) => r,
             Err(e) => return deny(request, format!("request: {e}")),
         };
