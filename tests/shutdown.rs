@@ -1,0 +1,127 @@
+//! The real binary under load receives SIGTERM: it stops accepting, finishes what is in
+//! flight, and exits 0. Every decision it made (each has an audit line) reached its client.
+
+mod common;
+
+use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/p.cedar"),
+        "permit (principal, action, resource);",
+    )
+    .unwrap();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        "[server]\ngrpc = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[policy]\ndir = \"policies\"\n[log]\naudit = \"audit.log\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let log_writer = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("gRPC listening on ").nth(1) {
+                let _ = addr_tx.send(addr.trim().to_string());
+            }
+            log_writer.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the server did not start");
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (channel, stop, ok) = (channel.clone(), stop.clone(), ok.clone());
+        workers.push(tokio::spawn(async move {
+            let mut client = AuthorizationClient::new(channel);
+            let mut transport_errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = tonic::Request::new(common::request("GET", "/x", None, None));
+                req.set_timeout(Duration::from_secs(5));
+                match client.check(req).await {
+                    Ok(resp) => {
+                        assert_eq!(resp.into_inner().status.unwrap().code, 0);
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Once the server stops accepting, new requests fail to start; stop then.
+                    Err(status) => {
+                        transport_errors.push(status.code());
+                        break;
+                    }
+                }
+            }
+            transport_errors
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    assert!(before > 0, "no load before SIGTERM");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Keep the load on for a while after the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        for code in w.await.unwrap() {
+            assert!(
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+                "unexpected error {code:?}"
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit after SIGTERM:\n{}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
+    // Every decision made was delivered: as many audit lines as answers received.
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let answered = ok.load(Ordering::Relaxed);
+    println!(
+        "SIGTERM under load: {before} answers before the signal, {answered} in all; {} audit lines",
+        audit.lines().count()
+    );
+    assert_eq!(audit.lines().count(), answered);
+    assert!(log.lock().unwrap().contains("shutting down"));
+}
