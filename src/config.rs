@@ -46,6 +46,18 @@ struct RawConfig {
     response: RawResponse,
     #[serde(default)]
     log: RawLog,
+    forward_auth: Option<RawForwardAuth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwardAuth {
+    path: Option<String>,
+    method_headers: Option<Vec<String>>,
+    uri_headers: Option<Vec<String>>,
+    host_headers: Option<Vec<String>>,
+    proto_headers: Option<Vec<String>>,
+    source_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +96,8 @@ struct RawPeer {
     max_size: Option<usize>,
     #[serde(default)]
     crls: Vec<PathBuf>,
+    header: Option<String>,
+    xfcc: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +179,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub grpc_listen: Listen,
+    /// The forward-auth door on the HTTP listener, if configured.
+    pub forward_auth: Option<ForwardAuthSettings>,
     /// TLS for the gRPC listener; with `client_ca`, the proxy must present a certificate.
     pub tls: Option<TlsSettings>,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
@@ -266,6 +282,33 @@ pub struct PeerSettings {
     pub max_size: usize,
     /// Certificate revocation lists (PEM or DER), checked for every certificate in the path.
     pub crls: Vec<PathBuf>,
+    /// A header carrying the client certificate as URL-encoded PEM (nginx's
+    /// `$ssl_client_escaped_cert`), trusted because the proxy always sets it.
+    pub header: Option<String>,
+    /// Whether to take the certificate from `x-forwarded-client-cert`.
+    pub xfcc: XfccMode,
+}
+
+/// Trust in `x-forwarded-client-cert`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XfccMode {
+    /// Ignored, even when a client sends one.
+    Off,
+    /// The element of the nearest hop (the last one) is used.
+    Nearest,
+}
+
+/// The HTTP forward-auth door (nginx `auth_request`, Traefik `forwardAuth`, Caddy
+/// `forward_auth`, Envoy's HTTP ext_authz): where the original request's facts are read.
+#[derive(Debug, Clone)]
+pub struct ForwardAuthSettings {
+    pub path: String,
+    /// Each list is tried in order; the first header present wins.
+    pub method_headers: Vec<String>,
+    pub uri_headers: Vec<String>,
+    pub host_headers: Vec<String>,
+    pub proto_headers: Vec<String>,
+    pub source_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -432,6 +475,17 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             require: p.require,
             max_size: p.max_size.unwrap_or(DEFAULT_CERT_MAX_SIZE),
             crls: p.crls.into_iter().map(|c| resolve(base, c)).collect(),
+            header: p.header.map(|h| header_name("peer.header", h, problems)),
+            xfcc: match p.xfcc.as_deref() {
+                None | Some("off") => XfccMode::Off,
+                Some("nearest") => XfccMode::Nearest,
+                Some(other) => {
+                    problems.push(format!(
+                        "peer.xfcc: \"{other}\" is not one of \"off\", \"nearest\""
+                    ));
+                    XfccMode::Off
+                }
+            },
         }
     });
 
@@ -601,7 +655,57 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         cookie: raw.token.cookie,
     };
 
+    let headers =
+        |what: &str, v: Option<Vec<String>>, default: &[&str], problems: &mut Vec<String>| {
+            v.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+                .into_iter()
+                .map(|h| header_name(what, h, problems))
+                .collect::<Vec<_>>()
+        };
+    let forward_auth = raw.forward_auth.map(|f| {
+        let path = f.path.unwrap_or_else(|| "/auth".to_string());
+        if !path.starts_with('/') {
+            problems.push(format!("forward_auth.path: \"{path}\" must start with '/'"));
+        }
+        ForwardAuthSettings {
+            path,
+            method_headers: headers(
+                "forward_auth.method_headers",
+                f.method_headers,
+                &["x-forwarded-method", "x-original-method"],
+                problems,
+            ),
+            uri_headers: headers(
+                "forward_auth.uri_headers",
+                f.uri_headers,
+                &["x-forwarded-uri", "x-original-uri"],
+                problems,
+            ),
+            host_headers: headers(
+                "forward_auth.host_headers",
+                f.host_headers,
+                &["x-forwarded-host", "host"],
+                problems,
+            ),
+            proto_headers: headers(
+                "forward_auth.proto_headers",
+                f.proto_headers,
+                &["x-forwarded-proto"],
+                problems,
+            ),
+            source_headers: headers(
+                "forward_auth.source_headers",
+                f.source_headers,
+                &["x-real-ip", "x-forwarded-for"],
+                problems,
+            ),
+        }
+    });
+    if forward_auth.is_some() && http_listen.is_none() {
+        problems.push("forward_auth: needs the HTTP listener: set server.http".into());
+    }
     Settings {
+        forward_auth,
         grpc_listen,
         tls,
         shutdown_grace,

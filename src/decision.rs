@@ -240,3 +240,51 @@ mod tests {
         );
     }
 }
+
+/// A decision as a plain HTTP answer, for the forward-auth door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// The forward-auth reply: 200 with the identity headers a proxy copies upstream
+/// (nginx `auth_request_set`, Traefik `authResponseHeaders`), or the denial's status,
+/// `WWW-Authenticate` and body. Derived from [`check_response`], so both doors agree.
+pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply {
+    let headers = |opts: &[HeaderValueOption]| -> Vec<(String, String)> {
+        opts.iter()
+            .filter_map(|o| o.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect()
+    };
+    match check_response(decision, settings).http_response {
+        Some(HttpResponse::OkResponse(ok)) => {
+            let mut h = headers(&ok.headers);
+            h.push((DECISION_ID_HEADER.to_string(), decision.id.clone()));
+            HttpReply {
+                status: 200,
+                headers: h,
+                body: String::new(),
+            }
+        }
+        Some(HttpResponse::DeniedResponse(denied) | HttpResponse::ErrorResponse(denied)) => {
+            HttpReply {
+                status: denied
+                    .status
+                    .and_then(|s| u16::try_from(s.code).ok())
+                    .filter(|c| (400..600).contains(c))
+                    .unwrap_or(403),
+                headers: headers(&denied.headers),
+                body: denied.body,
+            }
+        }
+        // SECURITY: check_response always sets a response; if it ever did not, deny.
+        None => HttpReply {
+            status: 403,
+            headers: Vec::new(),
+            body: "forbidden\n".into(),
+        },
+    }
+}

@@ -8,8 +8,8 @@ use crate::facts::{FactsError, RequestFacts};
 use crate::fetch::KeyFetcher;
 use crate::identity::keys::{KeySet, KeySnapshot};
 use crate::identity::{
-    CertRejection, Identity, PeerOutcome, PeerVerifier, TokenOutcome, TokenRejection, TokenSources,
-    TokenVerifier, Verifier,
+    CertRejection, CertSources, Identity, PeerOutcome, PeerVerifier, TokenOutcome, TokenRejection,
+    TokenSources, TokenVerifier, Verifier,
 };
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyOutcome, PolicySnapshot};
@@ -210,9 +210,16 @@ impl Engine {
                     header: settings.token.header.clone(),
                     cookie: settings.token.cookie.clone(),
                 };
+                let certs = settings
+                    .peer
+                    .as_ref()
+                    .map_or_else(CertSources::default, |p| CertSources {
+                        header: p.header.clone(),
+                        xfcc: p.xfcc,
+                    });
                 Ok(Engine {
                     settings: settings.clone(),
-                    verifier: Verifier::new(tokens, sources),
+                    verifier: Verifier::new(tokens, sources, certs),
                     loaded: ArcSwap::from_pointee(loaded),
                     mode: settings.mode,
                     require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
@@ -341,6 +348,10 @@ impl Engine {
         &self.metrics
     }
 
+    pub fn forward_auth(&self) -> Option<&crate::config::ForwardAuthSettings> {
+        self.settings.forward_auth.as_ref()
+    }
+
     pub fn reply_settings(&self) -> &ResponseSettings {
         &self.reply
     }
@@ -353,13 +364,38 @@ impl Engine {
         request: &CheckRequest,
         now: impl Fn() -> SystemTime,
     ) -> Decision {
-        let first = self.check(request, now());
+        match RequestFacts::try_from(request) {
+            Ok(facts) => self.decide_with_refresh(&facts, now).await,
+            Err(_) => self.check(request, now()),
+        }
+    }
+
+    /// [`Engine::decide`], with the same one early key refresh as
+    /// [`Engine::check_with_refresh`].
+    pub async fn decide_with_refresh(
+        &self,
+        facts: &RequestFacts,
+        now: impl Fn() -> SystemTime,
+    ) -> Decision {
+        let first = self.decide(facts, now());
         if let Some(DenyReason::Token(TokenRejection::UnknownKey { issuer, .. })) = &first.denial
             && self.fetcher.refresh_for_unknown_kid(issuer).await
         {
-            return self.check(request, now());
+            return self.decide(facts, now());
         }
         first
+    }
+
+    /// A decision for a request whose facts could not be read.
+    pub fn unreadable(&self, error: FactsError) -> Decision {
+        self.finish(
+            Instant::now(),
+            String::new(),
+            Some(DenyReason::UnreadableRequest(error.clone())),
+            None,
+            None,
+            vec![error.to_string()],
+        )
     }
 
     /// Records a final decision: metrics and the audit line. Call once per request.
@@ -377,17 +413,9 @@ impl Engine {
 
     /// Decides an Envoy CheckRequest.
     pub fn check(&self, request: &CheckRequest, now: SystemTime) -> Decision {
-        let started = Instant::now();
         match RequestFacts::try_from(request) {
             Ok(facts) => self.decide(&facts, now),
-            Err(e) => self.finish(
-                started,
-                String::new(),
-                Some(DenyReason::UnreadableRequest(e.clone())),
-                None,
-                None,
-                vec![e.to_string()],
-            ),
+            Err(e) => self.unreadable(e),
         }
     }
 

@@ -141,6 +141,64 @@ impl TryFrom<&CheckRequest> for RequestFacts {
     }
 }
 
+impl RequestFacts {
+    /// The facts of a forward-auth request (nginx `auth_request`, Traefik `forwardAuth`):
+    /// the original method, URI, host and scheme come from the configured headers, each
+    /// list tried in order. `peer_address` is the TCP peer, used when no source header is set.
+    pub fn from_forwarded(
+        headers: impl IntoIterator<Item = (String, Vec<u8>)>,
+        settings: &crate::config::ForwardAuthSettings,
+        peer_address: Option<std::net::SocketAddr>,
+    ) -> Result<RequestFacts, FactsError> {
+        let mut map: BTreeMap<String, String> = BTreeMap::new();
+        for (count, (name, value)) in headers.into_iter().enumerate() {
+            if count >= MAX_HEADERS {
+                return Err(FactsError::TooManyHeaders);
+            }
+            let name = name.to_ascii_lowercase();
+            let value =
+                String::from_utf8(value).map_err(|_| FactsError::HeaderEncoding(name.clone()))?;
+            map.entry(name)
+                .and_modify(|v| {
+                    v.push(',');
+                    v.push_str(&value);
+                })
+                .or_insert(value);
+        }
+        let first = |names: &[String]| {
+            names
+                .iter()
+                .find_map(|n| map.get(n).filter(|v| !v.is_empty()).cloned())
+        };
+        let method = first(&settings.method_headers).ok_or(FactsError::NoMethod)?;
+        let uri = first(&settings.uri_headers).ok_or(FactsError::NoPath)?;
+        let (path, query) = match uri.split_once('?') {
+            Some((p, q)) => (p.to_string(), q.to_string()),
+            None => (uri, String::new()),
+        };
+        if !path.starts_with('/') {
+            return Err(FactsError::NoPath);
+        }
+        let source_address = first(&settings.source_headers)
+            // X-Forwarded-For: the left-most entry is the original client.
+            .map(|v| v.split(',').next().unwrap_or_default().trim().to_string())
+            .or_else(|| peer_address.map(|a| a.ip().to_string()))
+            .unwrap_or_default();
+        Ok(RequestFacts {
+            request_id: map.get("x-request-id").cloned().unwrap_or_default(),
+            method: method.to_ascii_uppercase(),
+            path,
+            query,
+            host: first(&settings.host_headers).unwrap_or_default(),
+            scheme: first(&settings.proto_headers).unwrap_or_default(),
+            source_address,
+            headers: map,
+            peer_certificate: None,
+            context_extensions: BTreeMap::new(),
+        })
+    }
+}
+
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }

@@ -7,6 +7,7 @@ pub mod jwt;
 pub mod keys;
 pub mod revocation;
 pub mod spiffe;
+pub mod xfcc;
 
 use crate::facts::RequestFacts;
 pub use cert::{CertRejection, PeerIdentity, PeerVerifier};
@@ -59,6 +60,25 @@ impl Identity {
 pub struct Verifier {
     tokens: TokenVerifier,
     sources: TokenSources,
+    certs: CertSources,
+}
+
+/// Where a client certificate may be found besides Envoy's `source.certificate`, in order.
+#[derive(Debug, Clone)]
+pub struct CertSources {
+    /// A header the proxy always sets to the URL-encoded PEM (nginx `$ssl_client_escaped_cert`).
+    pub header: Option<String>,
+    /// Whether `x-forwarded-client-cert` is trusted.
+    pub xfcc: crate::config::XfccMode,
+}
+
+impl Default for CertSources {
+    fn default() -> Self {
+        CertSources {
+            header: None,
+            xfcc: crate::config::XfccMode::Off,
+        }
+    }
 }
 
 /// Where a token may be found besides `Authorization: Bearer`, in order.
@@ -131,8 +151,12 @@ pub fn bearer_from_headers<'a>(facts: &'a RequestFacts, sources: &TokenSources) 
 }
 
 impl Verifier {
-    pub fn new(tokens: TokenVerifier, sources: TokenSources) -> Verifier {
-        Verifier { tokens, sources }
+    pub fn new(tokens: TokenVerifier, sources: TokenSources, certs: CertSources) -> Verifier {
+        Verifier {
+            tokens,
+            sources,
+            certs,
+        }
     }
 
     pub fn tokens(&self) -> &TokenVerifier {
@@ -150,7 +174,17 @@ impl Verifier {
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        let peer = match (&facts.peer_certificate, peer_verifier) {
+        // Sources in order: Envoy's own field, the configured header (the proxy sets it,
+        // empty when there is no certificate).
+        let presented = facts.peer_certificate.as_deref().or_else(|| {
+            let header = self.certs.header.as_ref()?;
+            facts
+                .headers
+                .get(header)
+                .map(String::as_str)
+                .filter(|v| !v.is_empty())
+        });
+        let peer = match (presented, peer_verifier) {
             (None, _) => PeerOutcome::NotPresented,
             (Some(_), None) => PeerOutcome::NotConfigured,
             (Some(pem), Some(v)) => {

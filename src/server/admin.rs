@@ -1,23 +1,33 @@
-//! The admin HTTP door: `/healthz` (the process answers), `/readyz` (every issuer that
-//! must have keys at start has them) and `/metrics` (Prometheus, OpenMetrics text).
+//! The HTTP listener: `/healthz` (the process answers), `/readyz` (every issuer that
+//! must have keys at start has them), `/metrics` (Prometheus, OpenMetrics text), and the
+//! HTTP doors of `http.rs` (JSON check API, forward-auth).
 
 use crate::engine::Engine;
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{any, get, post};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-/// The admin routes over a shared engine.
+/// The HTTP listener's routes over a shared engine: admin endpoints, the JSON check API,
+/// and the forward-auth door when configured.
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(engine)
+        .route(
+            "/v1/check",
+            post(super::http::json_check).layer(DefaultBodyLimit::max(super::http::MAX_JSON_BYTES)),
+        );
+    if let Some(fa) = engine.forward_auth() {
+        router = router.route(&fa.path, any(super::http::forward_auth));
+    }
+    router.with_state(engine)
 }
 
 async fn readyz(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
@@ -60,7 +70,10 @@ pub async fn serve_admin(
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(engine).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -3,5 +3,6 @@
 
 pub mod admin;
 pub mod grpc;
+pub mod http;
 
 pub use grpc::{AuthorizationService, serve, serve_on};

@@ -1,0 +1,236 @@
+//! The HTTP doors against a running server: the JSON check API answers exactly as the gRPC
+//! door does for the same CheckRequest, and the forward-auth door reads the original request
+//! from X-Forwarded-* headers and the certificate from the configured header.
+
+mod common;
+
+use common::{Authority, LeafSpec, TokenSigner, outcome, request, start_server};
+use jsonwebtoken::Algorithm;
+use portcullis::proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use serde_json::json;
+
+const POLICIES: &str = r#"
+@id("users-read")
+permit (principal is User, action == Action::"GET", resource) when { resource.path like "/api/*" };
+@id("workload-read")
+permit (principal is Workload, action == Action::"GET", resource) when { resource.path like "/internal/*" };
+@id("no-admin")
+forbid (principal, action, resource) when { resource.path like "/api/admin/*" };
+"#;
+
+struct Doors {
+    server: common::RunningServer,
+    signer: TokenSigner,
+    ca: Authority,
+}
+
+async fn doors() -> Doors {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::root("doors CA");
+    let signer = TokenSigner::generate(Algorithm::ES256, "k");
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        portcullis::demo::jwks(&[&signer]),
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).unwrap();
+    let config = r#"
+[server]
+http = "127.0.0.1:0"
+[peer]
+trust_bundle = "ca.pem"
+trust_domains = ["example.org"]
+header = "x-ssl-client-cert"
+[[issuer]]
+issuer = "https://idp"
+audiences = ["api"]
+jwks_file = "jwks.json"
+algorithms = ["ES256"]
+[forward_auth]
+path = "/auth"
+[response]
+claim_headers = { "x-user-email" = "email" }
+[policy]
+dir = "policies"
+[log]
+audit = "audit.log"
+"#;
+    Doors {
+        server: start_server(dir, config).await,
+        signer,
+        ca,
+    }
+}
+
+impl Doors {
+    fn token(&self) -> String {
+        let now = portcullis::demo::unix_now();
+        self.signer.sign(&json!({ "iss": "https://idp", "aud": "api", "sub": "alice", "iat": now, "exp": now + 300, "email": "alice@example.org" }))
+    }
+
+    async fn json_check(&self, req: &CheckRequest) -> (u16, serde_json::Value) {
+        let body = portcullis::proto::to_json("envoy.service.auth.v3.CheckRequest", req).unwrap();
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/check", self.server.http))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            serde_json::from_str(&resp.text().await.unwrap()).unwrap(),
+        )
+    }
+
+    async fn forward(&self, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = reqwest::Client::new().get(format!("http://{}/auth", self.server.http));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+/// The parts of a reply that must agree between doors (not the per-decision id).
+fn essence(resp: &CheckResponse) -> (i32, i32, Option<String>, Vec<String>) {
+    let (code, http, www) = outcome(resp);
+    use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
+    let headers = match &resp.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| format!("{}={}", h.key, h.value))
+            .collect(),
+        _ => Vec::new(),
+    };
+    (code, http, www, headers)
+}
+
+#[tokio::test]
+async fn the_json_api_answers_as_the_grpc_door_does() {
+    let d = doors().await;
+    let cert =
+        d.ca.issue(&LeafSpec::spiffe("spiffe://example.org/svc"))
+            .envoy_encoded();
+    let token = d.token();
+    let cases = [
+        request("GET", "/api/orders?x=1", None, Some(&token)),
+        request("GET", "/api/admin/x", None, Some(&token)),
+        request("GET", "/api/orders", None, None),
+        request("GET", "/api/orders", None, Some("not-a-token")),
+        request("GET", "/internal/x", Some(&cert), None),
+        request("GET", "/internal/x", Some("garbage"), None),
+        CheckRequest::default(),
+    ];
+    for req in cases {
+        let grpc = d.server.check(req.clone()).await;
+        let (status, json) = d.json_check(&req).await;
+        assert_eq!(status, 200);
+        let via_json: CheckResponse =
+            portcullis::proto::from_json("envoy.service.auth.v3.CheckResponse", &json.to_string())
+                .unwrap();
+        assert_eq!(essence(&via_json), essence(&grpc), "{json}");
+    }
+    // Unreadable JSON is a 400 with a reason, never an allow.
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/check", d.server.http))
+        .body("{\"attributes\": 7}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await.unwrap().contains("not a CheckRequest"));
+}
+
+#[tokio::test]
+async fn forward_auth_reads_the_original_request_from_headers() {
+    let d = doors().await;
+    let token = d.token();
+    let bearer = format!("Bearer {token}");
+    let original = |uri: &'static str| {
+        vec![
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", uri),
+            ("x-forwarded-host", "api.example.org"),
+        ]
+    };
+
+    let mut h = original("/api/orders?page=2");
+    h.push(("authorization", &bearer));
+    let resp = d.forward(&h).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["x-portcullis-principal"], "User::\"alice\"");
+    assert_eq!(resp.headers()["x-user-email"], "alice@example.org");
+    assert!(resp.headers().contains_key("x-portcullis-decision-id"));
+
+    // No credential: 401 with the challenge. Bad token: invalid_token.
+    let resp = d.forward(&original("/api/orders")).await;
+    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        "Bearer realm=\"portcullis\""
+    );
+    let mut h = original("/api/orders");
+    h.push(("authorization", "Bearer nope"));
+    let resp = d.forward(&h).await;
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+
+    // Forbidden by policy: 403, no identity headers.
+    let mut h = original("/api/admin/users");
+    h.push(("authorization", &bearer));
+    let resp = d.forward(&h).await;
+    assert_eq!(resp.status().as_u16(), 403);
+    assert!(!resp.headers().contains_key("x-portcullis-principal"));
+
+    // The original method matters: a POST is not a GET.
+    let resp = d
+        .forward(&[
+            ("x-forwarded-method", "POST"),
+            ("x-forwarded-uri", "/api/orders"),
+            ("authorization", &bearer),
+        ])
+        .await;
+    assert_eq!(resp.status().as_u16(), 403);
+
+    // Without the original URI the request cannot be read: 400, never an allow.
+    let resp = d
+        .forward(&[("x-forwarded-method", "GET"), ("authorization", &bearer)])
+        .await;
+    assert_eq!(resp.status().as_u16(), 400);
+}
+
+#[tokio::test]
+async fn forward_auth_takes_the_certificate_from_the_configured_header() {
+    let d = doors().await;
+    let good =
+        d.ca.issue(&LeafSpec::spiffe("spiffe://example.org/svc"))
+            .envoy_encoded();
+    let forged = Authority::root("forger")
+        .issue(&LeafSpec::spiffe("spiffe://example.org/svc"))
+        .envoy_encoded();
+    let send = |cert: String| {
+        let d = &d;
+        async move {
+            let h = [
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/internal/x"),
+                ("x-ssl-client-cert", cert.as_str()),
+            ];
+            d.forward(&h).await.status().as_u16()
+        }
+    };
+    assert_eq!(send(good).await, 200);
+    // A certificate from another CA, as a client would forge it: refused.
+    assert_eq!(send(forged).await, 401);
+    // nginx sends the header empty when the client has no certificate: anonymous.
+    assert_eq!(send(String::new()).await, 401);
+}
