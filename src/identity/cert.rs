@@ -34,6 +34,8 @@ pub enum CertRejection {
     Usage,
     #[error("certificate has been revoked (CRL)")]
     Revoked,
+    #[error("x-forwarded-client-cert: {0}")]
+    Xfcc(String),
     #[error("a CA certificate was presented as the client certificate")]
     CaAsLeaf,
     #[error("certificate rejected: {0}")]
@@ -238,6 +240,12 @@ impl PeerVerifier {
         encoded: &str,
         now: UnixTime,
     ) -> Result<PeerIdentity, CertRejection> {
+        let der = self.decode_one(encoded)?;
+        self.verify_der(&der, &[], now)
+    }
+
+    /// URL-encoded PEM to DER certificates, size-capped before decoding.
+    fn decode(&self, encoded: &str) -> Result<Vec<CertificateDer<'static>>, CertRejection> {
         // SECURITY: cap the peer-controlled size before decoding anything.
         if encoded.len() > self.max_size {
             return Err(CertRejection::TooLarge { max: self.max_size });
@@ -245,19 +253,48 @@ impl PeerVerifier {
         let pem = percent_encoding::percent_decode_str(encoded)
             .decode_utf8()
             .map_err(|_| CertRejection::Encoding)?;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
-            .map_err(|_| CertRejection::Encoding)?;
-        match <[_; 1]>::try_from(certs) {
-            Ok([der]) => self.verify_der(&der, now),
+            .map_err(|_| CertRejection::Encoding)
+    }
+
+    fn decode_one(&self, encoded: &str) -> Result<CertificateDer<'static>, CertRejection> {
+        match <[_; 1]>::try_from(self.decode(encoded)?) {
+            Ok([der]) => Ok(der),
             Err(certs) => Err(CertRejection::Count(certs.len())),
         }
     }
 
-    /// Verifies one DER certificate.
+    /// Verifies the certificate of an `x-forwarded-client-cert` element: its `Hash` must
+    /// match its `Cert`, and its `Chain` may supply intermediates (never trust anchors).
+    pub fn verify_xfcc(
+        &self,
+        element: &super::xfcc::XfccElement,
+        now: UnixTime,
+    ) -> Result<Option<PeerIdentity>, CertRejection> {
+        let Some(cert) = &element.cert else {
+            return Ok(None);
+        };
+        let der = self.decode_one(cert)?;
+        super::xfcc::check_hash(element, &der).map_err(|e| CertRejection::Xfcc(e.to_string()))?;
+        let chain = match &element.chain {
+            Some(chain) => self.decode(chain)?,
+            None => Vec::new(),
+        };
+        if chain.len() > MAX_INTERMEDIATES {
+            return Err(CertRejection::Xfcc(format!(
+                "chain longer than {MAX_INTERMEDIATES}"
+            )));
+        }
+        // The chain usually starts with the leaf itself; path building ignores it there.
+        self.verify_der(&der, &chain, now).map(Some)
+    }
+
+    /// Verifies one DER certificate, with `extra` intermediates besides the configured ones.
     pub fn verify_der(
         &self,
         der: &CertificateDer<'_>,
+        extra: &[CertificateDer<'static>],
         now: UnixTime,
     ) -> Result<PeerIdentity, CertRejection> {
         let ee = webpki::EndEntityCert::try_from(der).map_err(map_webpki)?;
@@ -272,10 +309,15 @@ impl PeerVerifier {
                     .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
                     .build()
             });
+        let intermediates: std::borrow::Cow<'_, [CertificateDer<'static>]> = if extra.is_empty() {
+            std::borrow::Cow::Borrowed(&self.intermediates)
+        } else {
+            std::borrow::Cow::Owned(self.intermediates.iter().chain(extra).cloned().collect())
+        };
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &self.anchors,
-            &self.intermediates,
+            &intermediates,
             now,
             webpki::KeyUsage::client_auth(),
             revocation,

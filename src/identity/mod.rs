@@ -184,15 +184,27 @@ impl Verifier {
                 .map(String::as_str)
                 .filter(|v| !v.is_empty())
         });
-        let peer = match (presented, peer_verifier) {
-            (None, _) => PeerOutcome::NotPresented,
-            (Some(_), None) => PeerOutcome::NotConfigured,
-            (Some(pem), Some(v)) => {
-                match v.verify_url_encoded_pem(pem, UnixTime::since_unix_epoch(since_epoch)) {
-                    Ok(id) => PeerOutcome::Verified(Box::new(id)),
+        let now_unix = UnixTime::since_unix_epoch(since_epoch);
+        // Last, and only when trusted: the nearest hop's element of x-forwarded-client-cert.
+        let xfcc = (presented.is_none() && self.certs.xfcc == crate::config::XfccMode::Nearest)
+            .then(|| facts.headers.get("x-forwarded-client-cert"))
+            .flatten();
+        let peer = match (presented, xfcc, peer_verifier) {
+            (None, None, _) => PeerOutcome::NotPresented,
+            (_, _, None) => PeerOutcome::NotConfigured,
+            (Some(pem), _, Some(v)) => match v.verify_url_encoded_pem(pem, now_unix) {
+                Ok(id) => PeerOutcome::Verified(Box::new(id)),
+                Err(e) => PeerOutcome::Rejected(e),
+            },
+            (None, Some(header), Some(v)) => match xfcc::nearest(header) {
+                Err(e) => PeerOutcome::Rejected(CertRejection::Xfcc(e.to_string())),
+                Ok(None) => PeerOutcome::NotPresented,
+                Ok(Some(element)) => match v.verify_xfcc(&element, now_unix) {
+                    Ok(Some(id)) => PeerOutcome::Verified(Box::new(id)),
+                    Ok(None) => PeerOutcome::NotPresented,
                     Err(e) => PeerOutcome::Rejected(e),
-                }
-            }
+                },
+            },
         };
         let verified_peer = match &peer {
             PeerOutcome::Verified(p) => Some(p.as_ref()),
