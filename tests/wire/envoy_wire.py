@@ -525,6 +525,14 @@ def envoy_example_config_parses():
     expect(not authz.failure_mode_allow, "failure_mode_allow must be false")
     expect(authz.grpc_service.envoy_grpc.cluster_name == "portcullis", "ext_authz must call the portcullis cluster")
     expect(authz.grpc_service.timeout.ToMilliseconds() == 200, "ext_authz timeout should be 200ms")
+    per_route = ext_authz_pb2.ExtAuthzPerRoute()
+    routes = [r for vh in hcm.route_config.virtual_hosts for r in vh.routes
+              if "envoy.filters.http.ext_authz" in r.typed_per_filter_config]
+    expect(len(routes) == 1, "examples/envoy.yaml should show one route with context_extensions")
+    routes[0].typed_per_filter_config["envoy.filters.http.ext_authz"].Unpack(per_route)
+    ext = per_route.check_settings.context_extensions
+    expect(ext["action"] == "read-reports" and ext["resource"] == 'Report::"quarterly"',
+           f"unexpected context_extensions {dict(ext)}")
     cluster = [c for c in boot.static_resources.clusters if c.name == "portcullis"][0]
     expect("envoy.extensions.upstreams.http.v3.HttpProtocolOptions" in cluster.typed_extension_protocol_options,
            "the portcullis cluster must speak HTTP/2")
