@@ -115,7 +115,36 @@ struct Loaded {
     policy: PolicySnapshot,
 }
 
-/// Everything needed to decide, built once at start-up and shared by `Arc`.
+/// The decision engine: everything needed to decide, built once at start-up and shared by
+/// `Arc`. Every door of the server (gRPC, forward-auth, JSON) calls it, and a Rust proxy can
+/// embed it the same way.
+///
+/// ```
+/// use portcullis::{config::Settings, engine::Engine, facts::RequestFacts};
+/// use std::time::SystemTime;
+/// # let dir = tempfile::tempdir()?;
+/// # std::fs::create_dir(dir.path().join("policies"))?;
+/// std::fs::write(
+///     dir.path().join("policies/health.cedar"),
+///     r#"permit (principal, action == Action::"GET", resource == Path::"/healthz");"#,
+/// )?;
+/// let settings = Settings::from_toml("[policy]\ndir = \"policies\"", dir.path())
+///     .map_err(|problems| problems.join("\n"))?;
+/// let engine = Engine::load(&settings).map_err(|problems| problems.join("\n"))?;
+///
+/// let mut facts = RequestFacts { method: "GET".into(), path: "/healthz".into(), ..Default::default() };
+/// let decision = engine.decide(&facts, SystemTime::now());
+/// assert!(decision.allowed());
+/// assert_eq!(decision.principal().as_deref(), Some("Anonymous::\"anonymous\""));
+///
+/// facts.path = "/admin".into();
+/// let decision = engine.decide(&facts, SystemTime::now());
+/// assert!(!decision.allowed());
+/// // The same decision as Envoy would receive it:
+/// let reply = portcullis::decision::check_response(&decision, engine.reply_settings());
+/// assert_eq!(reply.status.map(|s| s.code), Some(16)); // UNAUTHENTICATED: nothing was presented
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Engine {
     settings: Settings,
