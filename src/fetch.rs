@@ -180,7 +180,7 @@ impl KeyFetcher {
                 let _ = r.kid_tx.try_send(());
             }
         }
-        rx.borrow_and_update();
+        // `subscribe` marked the current generation seen: any fetch finishing from here on wakes us.
         matches!(
             tokio::time::timeout(r.settings.fetch.unknown_kid_wait, rx.changed()).await,
             Ok(Ok(()))
