@@ -78,7 +78,17 @@ pub fn watch(
     };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening or reading a watched file (the reload itself does) is not a change;
+        // a close after writing is.
+        let changed = |kind: &notify::EventKind| match kind {
+            notify::EventKind::Access(access) => matches!(
+                access,
+                notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+            ),
+            _ => true,
+        };
         if let Ok(event) = event
+            && changed(&event.kind)
             && event.paths.iter().any(|p| interesting(p))
         {
             let _ = tx.send(());

@@ -216,3 +216,29 @@ async fn a_crl_added_at_run_time_revokes_a_certificate() {
         .await
     );
 }
+
+#[tokio::test]
+async fn an_idle_server_does_not_reload() {
+    // Reading the watched files (as every reload does) must not count as a change.
+    let server = server_with_policy(VERSION_A, "").await;
+    std::fs::write(server.dir.path().join("policies/main.cedar"), VERSION_B).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            outcome(&server.check(request("GET", "/b", None, None)).await).0 == 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let count = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("portcullis_reloads_total{result=\"success\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = count(&server.get("/metrics").await.1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = count(&server.get("/metrics").await.1);
+    assert!(before >= 1, "the change was reloaded");
+    assert_eq!(after, before, "reloads without any change");
+}

@@ -48,13 +48,33 @@ impl Authorization for AuthorizationService {
     }
 }
 
-/// Serves on an already bound listener until `shutdown` completes, running the engine's
-/// background work meanwhile. gRPC health reports NOT_SERVING until the engine is ready.
+/// Serves plain gRPC on an already bound TCP listener until `shutdown` completes.
 pub async fn serve_on(
     listener: TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_incoming(TcpListenerStream::new(listener), engine, shutdown).await
+}
+
+/// Serves the connections of `incoming` (e.g. from [`super::listen::bind`]) until
+/// `shutdown` completes, running the engine's background work meanwhile. gRPC health
+/// reports NOT_SERVING until the engine is ready.
+pub async fn serve_incoming<I, IO, IE>(
+    incoming: I,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>> + Send,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let _background = engine.start()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -81,7 +101,7 @@ pub async fn serve_on(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(authz)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     readiness.abort();
     Ok(())
@@ -93,13 +113,20 @@ pub async fn serve(
     settings: &crate::config::Settings,
     engine: Arc<Engine>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let grpc_addr = match &settings.grpc_listen {
-        crate::config::Listen::Tcp(addr) => *addr,
-        crate::config::Listen::Unix(_) => return Err("unix sockets are not supported yet".into()),
+    let reload_engine = engine.clone();
+    let (incoming, shown) = super::listen::bind_with_hook(
+        &settings.grpc_listen,
+        settings.tls.as_ref(),
+        Arc::new(move |ok| reload_engine.metrics().reload(ok)),
+    )
+    .await?;
+    let security = match &settings.tls {
+        Some(tls) if tls.client_ca.is_some() => " (mTLS)",
+        Some(_) => " (TLS)",
+        None => "",
     };
+    tracing::info!("gRPC listening on {shown}{security}");
     let http_addr = settings.http_listen.as_deref();
-    let listener = TcpListener::bind(grpc_addr).await?;
-    tracing::info!("gRPC listening on {}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = match http_addr {
         Some(addr) => {
@@ -141,7 +168,7 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        served = serve_on(listener, engine, shutdown) => served?,
+        served = serve_incoming(incoming, engine, shutdown) => served?,
         () = deadline => tracing::warn!("shutdown grace of {grace:?} elapsed; stopping with requests in flight"),
     }
     #[cfg(unix)]

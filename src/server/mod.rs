@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod grpc;
 pub mod http;
+pub mod listen;
 
 pub use grpc::{AuthorizationService, serve, serve_on};
