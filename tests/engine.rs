@@ -241,17 +241,7 @@ fn claim_headers_carry_scalar_claims_and_never_a_client_value() {
     );
     let mut req = request("/x", None, Some(t));
     // The client tries to set a claim header itself.
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
-    http.headers.insert("x-groups".into(), "admins".into());
+    common::set_header(&mut req, "x-groups", "admins");
     let d = s.engine.check(&req, SystemTime::now());
     let resp = check_response(&d, s.engine.reply_settings());
     let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
@@ -283,18 +273,7 @@ fn a_token_in_a_configured_cookie_is_verified_like_any_other() {
     );
     let cookie_request = |value: &str| {
         let mut req = request("/x", None, None);
-        let http = req
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
-        http.headers
-            .insert("cookie".into(), format!("theme=dark; session={value}"));
+        common::set_header(&mut req, "cookie", format!("theme=dark; session={value}"));
         req
     };
     let good = token(&s, json!({}));

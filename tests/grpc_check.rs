@@ -109,30 +109,14 @@ async fn empty_and_unreadable_requests_are_denied_not_errors() {
     assert_ne!(code, 0);
     assert_eq!(http, 400);
     let mut no_method = request("GET", "/api/x", None, None);
-    no_method
+    let http = no_method
         .attributes
         .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap()
-        .method
-        .clear();
-    no_method
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap()
-        .headers
-        .remove(":method");
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .unwrap();
+    http.method.clear();
+    http.headers.remove(":method");
     let (code, http, _) = outcome(&check(no_method).await);
     assert_ne!(code, 0);
     assert_eq!(http, 400);
@@ -301,19 +285,8 @@ async fn a_malformed_bearer_header_is_invalid_not_ignored() {
     let w = world();
     let t = w.es.sign(&claims());
     let mut req = request("GET", "/api/orders", None, None);
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
     // Two Authorization headers, joined by Envoy with a comma.
-    http.headers
-        .insert("authorization".into(), format!("Bearer {t},Bearer {t}"));
+    common::set_header(&mut req, "authorization", format!("Bearer {t},Bearer {t}"));
     assert_eq!(
         outcome(&check(req).await),
         (UNAUTHENTICATED, 401, Some(INVALID_TOKEN.into()))
@@ -443,17 +416,7 @@ async fn an_erroring_policy_denies() {
     assert_eq!(outcome(&check(req).await), (PERMISSION_DENIED, 403, None));
     // Control: when the forbid evaluates without error (and does not match), the permit holds.
     let mut req = request("GET", "/api/fragile/thing", None, Some(&token));
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
-    http.headers.insert("x-flag".into(), "pass".into());
+    common::set_header(&mut req, "x-flag", "pass");
     assert_eq!(outcome(&check(req).await), (0, 0, None));
 }
 

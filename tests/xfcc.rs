@@ -51,18 +51,7 @@ fn element(cert: &ClientCert, chain: Option<&str>) -> String {
 
 fn decide(engine: &Engine, xfcc: &str) -> portcullis::engine::Decision {
     let mut req = request("GET", "/x", None, None);
-    let http = req
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
-    http.headers
-        .insert("x-forwarded-client-cert".into(), xfcc.into());
+    common::set_header(&mut req, "x-forwarded-client-cert", xfcc);
     engine.check(&req, SystemTime::now())
 }
 

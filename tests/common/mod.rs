@@ -216,10 +216,25 @@ pub fn request(method: &str, path: &str, cert: Option<&str>, token: Option<&str>
     }
 }
 
-/// Sends one Check to the running server, with a deadline.
+/// Sets (or replaces) one request header, as Envoy would send it.
+pub fn set_header(req: &mut CheckRequest, name: &str, value: impl Into<String>) {
+    let http = req
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("a request built by `request`");
+    http.headers.insert(name.to_string(), value.into());
+}
+
+/// Sends one Check to the shared world's server, with a deadline.
 pub async fn check(req: CheckRequest) -> CheckResponse {
-    let w = world();
-    let mut client = AuthorizationClient::connect(format!("http://{}", w.addr))
+    check_at(world().addr, req).await
+}
+
+/// Sends one Check to the server at `addr`, with a deadline.
+pub async fn check_at(addr: SocketAddr, req: CheckRequest) -> CheckResponse {
+    let mut client = AuthorizationClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");
     let mut r = tonic::Request::new(req);
@@ -359,16 +374,7 @@ pub async fn start_server(dir: tempfile::TempDir, config_text: &str) -> RunningS
 impl RunningServer {
     /// One Check against this server, with a deadline.
     pub async fn check(&self, req: CheckRequest) -> CheckResponse {
-        let mut client = AuthorizationClient::connect(format!("http://{}", self.grpc))
-            .await
-            .expect("connect");
-        let mut r = tonic::Request::new(req);
-        r.set_timeout(Duration::from_secs(5));
-        client
-            .check(r)
-            .await
-            .expect("Check is a successful RPC")
-            .into_inner()
+        check_at(self.grpc, req).await
     }
 
     /// GET on the admin listener: (status, body).
