@@ -41,6 +41,54 @@ pub enum FactsError {
     TooManyHeaders,
     #[error("header \"{0}\" is not valid UTF-8")]
     HeaderEncoding(String),
+    #[error("path is not in canonical form ({0})")]
+    NonCanonicalPath(&'static str),
+    #[error("headers {0} disagree about the original request")]
+    ConflictingHeaders(String),
+}
+
+/// Splits a raw request target into path and query, refusing paths that are not in
+/// canonical form. SECURITY: policies match the path as text (`like "/api/admin/*"`), while
+/// upstreams often normalize it; `/api//admin`, `/api/%61dmin`, `/api/x/..%2Fadmin` or
+/// `/api/admin;x` would slip past such a policy and still reach `/api/admin`. Refusing
+/// them (400) is the fail-closed choice; RFC 3986 §6.2.2 defines the canonical form.
+pub fn split_path(raw: &str) -> Result<(String, String), FactsError> {
+    let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
+    if !path.starts_with('/') {
+        return Err(FactsError::NoPath);
+    }
+    let bytes = path.as_bytes();
+    if path.contains("//") {
+        return Err(FactsError::NonCanonicalPath("empty segment"));
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(FactsError::NonCanonicalPath("dot segment"));
+    }
+    if bytes
+        .iter()
+        .any(|&b| b == b'\\' || b == b';' || b.is_ascii_control() || b == b' ' || b == b'#')
+    {
+        return Err(FactsError::NonCanonicalPath(
+            "backslash, ';', space or control character",
+        ));
+    }
+    for (i, _) in path.match_indices('%') {
+        let hex = path
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return Err(FactsError::NonCanonicalPath("malformed percent-encoding")),
+            // Encoded unreserved characters (§2.3) and encoded '/', '\\' or ';' have a
+            // plain form that an upstream may decode to.
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~/\\;".contains(&b) => {
+                return Err(FactsError::NonCanonicalPath(
+                    "needlessly percent-encoded character",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok((path.to_string(), query.to_string()))
 }
 
 impl TryFrom<&CheckRequest> for RequestFacts {
@@ -96,10 +144,7 @@ impl TryFrom<&CheckRequest> for RequestFacts {
         if raw_path.is_empty() {
             return Err(FactsError::NoPath);
         }
-        let (path, mut query) = match raw_path.split_once('?') {
-            Some((p, q)) => (p.to_string(), q.to_string()),
-            None => (raw_path, String::new()),
-        };
+        let (path, mut query) = split_path(&raw_path)?;
         if query.is_empty() {
             query = http.query.clone();
         }
@@ -165,20 +210,30 @@ impl RequestFacts {
                 })
                 .or_insert(value);
         }
+        // SECURITY: when a proxy sets only one header of a list, a client could send
+        // another one of it; so all that are present must agree.
+        let agreed = |names: &[String]| -> Result<Option<String>, FactsError> {
+            let mut values = names
+                .iter()
+                .filter_map(|n| map.get(n).filter(|v| !v.is_empty()));
+            let first = values.next().cloned();
+            if values.any(|v| Some(v) != first.as_ref()) {
+                return Err(FactsError::ConflictingHeaders(names.join(", ")));
+            }
+            Ok(first)
+        };
         let first = |names: &[String]| {
             names
                 .iter()
                 .find_map(|n| map.get(n).filter(|v| !v.is_empty()).cloned())
         };
-        let method = first(&settings.method_headers).ok_or(FactsError::NoMethod)?;
-        let uri = first(&settings.uri_headers).ok_or(FactsError::NoPath)?;
-        let (path, query) = match uri.split_once('?') {
-            Some((p, q)) => (p.to_string(), q.to_string()),
-            None => (uri, String::new()),
-        };
-        if !path.starts_with('/') {
-            return Err(FactsError::NoPath);
-        }
+        let method = agreed(&settings.method_headers)?.ok_or(FactsError::NoMethod)?;
+        let uri = agreed(&settings.uri_headers)?.ok_or(FactsError::NoPath)?;
+        // `Host` names Portcullis itself on a forwarded subrequest, so for the host the
+        // first header present wins.
+        let host = first(&settings.host_headers).unwrap_or_default();
+        let scheme = agreed(&settings.proto_headers)?.unwrap_or_default();
+        let (path, query) = split_path(&uri)?;
         let source_address = first(&settings.source_headers)
             // X-Forwarded-For: the left-most entry is the original client.
             .map(|v| v.split(',').next().unwrap_or_default().trim().to_string())
@@ -189,8 +244,8 @@ impl RequestFacts {
             method: method.to_ascii_uppercase(),
             path,
             query,
-            host: first(&settings.host_headers).unwrap_or_default(),
-            scheme: first(&settings.proto_headers).unwrap_or_default(),
+            host,
+            scheme,
             source_address,
             headers: map,
             peer_certificate: None,
@@ -260,6 +315,39 @@ mod tests {
         };
         let f = RequestFacts::try_from(&request(http)).unwrap();
         assert_eq!(f.headers["x-a"], "1,2");
+    }
+
+    #[test]
+    fn non_canonical_paths_are_refused() {
+        for ok in [
+            "/",
+            "/api/orders",
+            "/api/a%20b",
+            "/files/%E2%82%AC",
+            "/a.b/c..d/.e",
+            "/x?q=a//b;c",
+        ] {
+            assert!(split_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/api//admin",
+            "/api/./admin",
+            "/api/x/../admin",
+            "/api/..",
+            "/api/%61dmin",
+            "/api/admin%2Fusers",
+            "/api/admin%2fusers",
+            "/api/x/..%2Fadmin",
+            "/api/admin;x/users",
+            "/api\\admin",
+            "/api/%5Cadmin",
+            "/api/%2E%2E/admin",
+            "/api/%zz",
+            "/api/%4",
+            "relative",
+        ] {
+            assert!(split_path(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -397,6 +397,28 @@ async fn workload_certificates_via_the_intermediate_or_the_root_are_allowed() {
 }
 
 #[tokio::test]
+async fn non_canonical_paths_are_refused_not_matched() {
+    let w = world();
+    let token = w.es.sign(&claims());
+    // Each would dodge `forbid ... like "/api/admin/*"` yet reach /api/admin upstream.
+    for path in [
+        "/api//admin/users",
+        "/api/%61dmin/users",
+        "/api/x/..%2Fadmin/users",
+        "/api/admin;x/users",
+        "/api/./admin/users",
+    ] {
+        let req = request("GET", path, None, Some(&token));
+        assert!(
+            matches!(decide(&req).denial, Some(DenyReason::UnreadableRequest(_))),
+            "{path}"
+        );
+        let (code, http, _) = outcome(&check(req).await);
+        assert_eq!((code != 0, http), (true, 400), "{path}");
+    }
+}
+
+#[tokio::test]
 async fn a_forbid_wins_over_a_permit() {
     let w = world();
     let req = request("GET", "/api/admin/users", None, Some(&w.es.sign(&claims())));

@@ -201,6 +201,42 @@ async fn forward_auth_reads_the_original_request_from_headers() {
         .await;
     assert_eq!(resp.status().as_u16(), 403);
 
+    // A path that is not canonical could slip past a path policy: 400, never an allow.
+    for path in [
+        "/api//admin/users",
+        "/api/%61dmin/users",
+        "/api/x/..%2Fadmin/users",
+        "/api/admin;x/users",
+    ] {
+        let resp = d
+            .forward(&[
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", path),
+                ("authorization", &bearer),
+            ])
+            .await;
+        assert_eq!(resp.status().as_u16(), 400, "{path}");
+    }
+    // Two headers for the same fact that disagree (one of them the client's): 400.
+    let resp = d
+        .forward(&[
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/api/orders"),
+            ("x-original-uri", "/api/admin/x"),
+            ("authorization", &bearer),
+        ])
+        .await;
+    assert_eq!(resp.status().as_u16(), 400);
+    let resp = d
+        .forward(&[
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/api/orders"),
+            ("x-original-uri", "/api/orders"),
+            ("authorization", &bearer),
+        ])
+        .await;
+    assert_eq!(resp.status().as_u16(), 200);
+
     // Without the original URI the request cannot be read: 400, never an allow.
     let resp = d
         .forward(&[("x-forwarded-method", "GET"), ("authorization", &bearer)])
