@@ -352,7 +352,7 @@ async fn bad_certificates_are_denied_with_their_exact_reason() {
         (
             "garbage",
             "not%20a%20certificate".into(),
-            CertRejection::Count(0),
+            CertRejection::Encoding,
         ),
         (
             "the CA itself",

@@ -270,3 +270,51 @@ async fn forward_auth_takes_the_certificate_from_the_configured_header() {
     // nginx sends the header empty when the client has no certificate: anonymous.
     assert_eq!(send(String::new()).await, 401);
 }
+
+#[tokio::test]
+async fn traefik_style_certificate_headers_are_read_too() {
+    use base64::Engine as _;
+    let d = doors().await;
+    let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
+    let inter = d.ca.intermediate("doors intermediate");
+    let leaf = inter.issue(&LeafSpec::spiffe("spiffe://example.org/svc"));
+    let inter_der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(inter.cert_pem().as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    let send = |cert: String| {
+        let d = &d;
+        async move {
+            let h = [
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/internal/x"),
+                ("x-ssl-client-cert", cert.as_str()),
+            ];
+            d.forward(&h).await.status().as_u16()
+        }
+    };
+    // Traefik's passTLSClientCert: base64 DER, the chain joined by commas, URL-escaped or not.
+    let chain = format!("{},{}", b64(&leaf.der), b64(&inter_der));
+    assert_eq!(send(chain.clone()).await, 200);
+    let escaped: String =
+        percent_encoding::utf8_percent_encode(&chain, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    assert_eq!(send(escaped).await, 200);
+    // Without the intermediate the leaf does not chain to the trusted root.
+    assert_eq!(send(b64(&leaf.der)).await, 401);
+    // A chain cannot bring its own trust anchor.
+    let rogue_root = Authority::root("rogue");
+    let rogue = rogue_root.issue(&LeafSpec::spiffe("spiffe://example.org/svc"));
+    let rogue_root_der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(rogue_root.cert_pem().as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(
+        send(format!("{},{}", b64(&rogue.der), b64(&rogue_root_der))).await,
+        401
+    );
+}

@@ -240,8 +240,14 @@ impl PeerVerifier {
         encoded: &str,
         now: UnixTime,
     ) -> Result<PeerIdentity, CertRejection> {
-        let der = self.decode_one(encoded)?;
-        self.verify_der(&der, &[], now)
+        let mut certs = self.decode(encoded)?.into_iter();
+        let leaf = certs.next().ok_or(CertRejection::Count(0))?;
+        // Any further certificates (Traefik sends the chain) may only serve as intermediates.
+        let rest: Vec<_> = certs.collect();
+        if rest.len() > MAX_INTERMEDIATES {
+            return Err(CertRejection::Count(rest.len() + 1));
+        }
+        self.verify_der(&leaf, &rest, now)
     }
 
     /// URL-encoded PEM to DER certificates, size-capped before decoding.
@@ -253,6 +259,19 @@ impl PeerVerifier {
         let pem = percent_encoding::percent_decode_str(encoded)
             .decode_utf8()
             .map_err(|_| CertRejection::Encoding)?;
+        if !pem.contains("-----BEGIN") && !pem.trim().is_empty() {
+            // Traefik's passTLSClientCert: base64 DER certificates (no PEM armour) joined by ','.
+            use base64::Engine as _;
+            return pem
+                .split(',')
+                .map(|b64| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64.trim())
+                        .map(CertificateDer::from)
+                        .map_err(|_| CertRejection::Encoding)
+                })
+                .collect();
+        }
         CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|_| CertRejection::Encoding)
