@@ -34,14 +34,23 @@ pub mod google {
 pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+use std::sync::LazyLock;
+
+/// Decoded once, on first use: the JSON doors read and write messages on the request path.
+static POOL: LazyLock<Result<DescriptorPool, String>> =
+    LazyLock::new(|| DescriptorPool::decode(DESCRIPTOR_SET).map_err(|e| e.to_string()));
+
+fn descriptor(full_name: &str) -> Result<MessageDescriptor, String> {
+    POOL.as_ref()
+        .map_err(Clone::clone)?
+        .get_message_by_name(full_name)
+        .ok_or_else(|| format!("unknown message {full_name}"))
+}
 
 /// Reads a message from its proto3 JSON form (as Envoy's docs and tools show it).
 pub fn from_json<M: Message + Default>(full_name: &str, json: &str) -> Result<M, String> {
-    let pool = DescriptorPool::decode(DESCRIPTOR_SET).map_err(|e| e.to_string())?;
-    let desc = pool
-        .get_message_by_name(full_name)
-        .ok_or_else(|| format!("unknown message {full_name}"))?;
+    let desc = descriptor(full_name)?;
     let mut de = serde_json::Deserializer::from_str(json);
     let dynamic = DynamicMessage::deserialize(desc, &mut de).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;
@@ -50,10 +59,7 @@ pub fn from_json<M: Message + Default>(full_name: &str, json: &str) -> Result<M,
 
 /// Writes a message in proto3 JSON form.
 pub fn to_json<M: Message>(full_name: &str, msg: &M) -> Result<serde_json::Value, String> {
-    let pool = DescriptorPool::decode(DESCRIPTOR_SET).map_err(|e| e.to_string())?;
-    let desc = pool
-        .get_message_by_name(full_name)
-        .ok_or_else(|| format!("unknown message {full_name}"))?;
+    let desc = descriptor(full_name)?;
     let dynamic =
         DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).map_err(|e| e.to_string())?;
     serde_json::to_value(&dynamic).map_err(|e| e.to_string())

@@ -84,6 +84,16 @@ impl Doors {
         )
     }
 
+    /// Forward-auth for GET /internal/x with `cert` in the certificate header: the status.
+    async fn with_cert(&self, cert: &str) -> u16 {
+        let h = [
+            ("x-forwarded-method", "GET"),
+            ("x-forwarded-uri", "/internal/x"),
+            ("x-ssl-client-cert", cert),
+        ];
+        self.forward(&h).await.status().as_u16()
+    }
+
     async fn forward(&self, headers: &[(&str, &str)]) -> reqwest::Response {
         let mut req = reqwest::Client::new().get(format!("http://{}/auth", self.server.http));
         for (k, v) in headers {
@@ -91,6 +101,14 @@ impl Doors {
         }
         req.send().await.unwrap()
     }
+}
+
+/// The DER of a PEM certificate.
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
 }
 
 /// The parts of a reply that must agree between doors (not the per-decision id).
@@ -253,22 +271,11 @@ async fn forward_auth_takes_the_certificate_from_the_configured_header() {
     let forged = Authority::root("forger")
         .issue(&LeafSpec::spiffe("spiffe://example.org/svc"))
         .envoy_encoded();
-    let send = |cert: String| {
-        let d = &d;
-        async move {
-            let h = [
-                ("x-forwarded-method", "GET"),
-                ("x-forwarded-uri", "/internal/x"),
-                ("x-ssl-client-cert", cert.as_str()),
-            ];
-            d.forward(&h).await.status().as_u16()
-        }
-    };
-    assert_eq!(send(good).await, 200);
+    assert_eq!(d.with_cert(&good).await, 200);
     // A certificate from another CA, as a client would forge it: refused.
-    assert_eq!(send(forged).await, 401);
+    assert_eq!(d.with_cert(&forged).await, 401);
     // nginx sends the header empty when the client has no certificate: anonymous.
-    assert_eq!(send(String::new()).await, 401);
+    assert_eq!(d.with_cert("").await, 401);
 }
 
 #[tokio::test]
@@ -278,43 +285,23 @@ async fn traefik_style_certificate_headers_are_read_too() {
     let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
     let inter = d.ca.intermediate("doors intermediate");
     let leaf = inter.issue(&LeafSpec::spiffe("spiffe://example.org/svc"));
-    let inter_der = {
-        use rustls_pki_types::pem::PemObject;
-        rustls_pki_types::CertificateDer::from_pem_slice(inter.cert_pem().as_bytes())
-            .unwrap()
-            .to_vec()
-    };
-    let send = |cert: String| {
-        let d = &d;
-        async move {
-            let h = [
-                ("x-forwarded-method", "GET"),
-                ("x-forwarded-uri", "/internal/x"),
-                ("x-ssl-client-cert", cert.as_str()),
-            ];
-            d.forward(&h).await.status().as_u16()
-        }
-    };
+    let inter_der = der_of(&inter.cert_pem());
     // Traefik's passTLSClientCert: base64 DER, the chain joined by commas, URL-escaped or not.
     let chain = format!("{},{}", b64(&leaf.der), b64(&inter_der));
-    assert_eq!(send(chain.clone()).await, 200);
+    assert_eq!(d.with_cert(&chain).await, 200);
     let escaped: String =
         percent_encoding::utf8_percent_encode(&chain, percent_encoding::NON_ALPHANUMERIC)
             .to_string();
-    assert_eq!(send(escaped).await, 200);
+    assert_eq!(d.with_cert(&escaped).await, 200);
     // Without the intermediate the leaf does not chain to the trusted root.
-    assert_eq!(send(b64(&leaf.der)).await, 401);
+    assert_eq!(d.with_cert(&b64(&leaf.der)).await, 401);
     // A chain cannot bring its own trust anchor.
     let rogue_root = Authority::root("rogue");
     let rogue = rogue_root.issue(&LeafSpec::spiffe("spiffe://example.org/svc"));
-    let rogue_root_der = {
-        use rustls_pki_types::pem::PemObject;
-        rustls_pki_types::CertificateDer::from_pem_slice(rogue_root.cert_pem().as_bytes())
-            .unwrap()
-            .to_vec()
-    };
+    let rogue_root_der = der_of(&rogue_root.cert_pem());
     assert_eq!(
-        send(format!("{},{}", b64(&rogue.der), b64(&rogue_root_der))).await,
+        d.with_cert(&format!("{},{}", b64(&rogue.der), b64(&rogue_root_der)))
+            .await,
         401
     );
 }

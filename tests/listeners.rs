@@ -3,15 +3,15 @@
 //! the server certificate and client CA reloaded from disk while it runs, and a Unix
 //! socket. Certificates are generated at test time; every wait is bounded.
 
+mod common;
+
 use hyper_util::rt::TokioIo;
 use portcullis::config::{Listen, Settings, TlsSettings};
 use portcullis::demo::{Authority, ClientCert, LeafSpec};
 use portcullis::engine::Engine;
+use portcullis::proto::envoy::service::auth::v3::CheckRequest;
 use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use portcullis::proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-use portcullis::proto::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest, attribute_context,
-};
 use portcullis::server::AuthorizationService;
 use portcullis::server::listen;
 use std::path::{Path, PathBuf};
@@ -124,31 +124,7 @@ fn engine(dir: &Path) -> Arc<Engine> {
 }
 
 fn request() -> CheckRequest {
-    let mut http = attribute_context::HttpRequest {
-        id: "listener-test".into(),
-        method: "GET".into(),
-        path: "/x".into(),
-        host: "api.test".into(),
-        scheme: "https".into(),
-        protocol: "HTTP/2".into(),
-        ..Default::default()
-    };
-    for (k, v) in [
-        (":method", "GET"),
-        (":path", "/x"),
-        (":authority", "api.test"),
-    ] {
-        http.headers.insert(k.into(), v.into());
-    }
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(attribute_context::Request {
-                time: None,
-                http: Some(http),
-            }),
-            ..Default::default()
-        }),
-    }
+    common::request("GET", "/x", None, None)
 }
 
 /// One Check on `channel`: the reply's status code (0 is allow), or why the RPC failed.

@@ -235,10 +235,6 @@ impl TokenVerifier {
         self.revoked.clone()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
-    }
-
     /// Verifies `token` at `now` (seconds since the epoch). `peer` is the verified client
     /// certificate, if any, for RFC 8705 binding.
     pub fn verify(
