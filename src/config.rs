@@ -47,6 +47,28 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     forward_auth: Option<RawForwardAuth>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_concurrent: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    tokens: Option<usize>,
+    certificates: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +216,58 @@ pub struct Settings {
     pub issuers: Vec<IssuerSettings>,
     pub policy: PolicySettings,
     pub response: ResponseSettings,
+    pub limits: Limits,
+    pub cache: CacheSettings,
+}
+
+/// Bounds on what one request, one connection and the whole server may take (`[limits]`).
+/// Past a bound a request is denied (or, for the message size, refused as a gRPC error,
+/// since no CheckRequest could be read); nothing queues without bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest gRPC message (CheckRequest) decoded.
+    pub max_message_bytes: usize,
+    /// Most request headers in one request.
+    pub max_headers: usize,
+    /// Most bytes of header names and values in one request.
+    pub max_header_bytes: usize,
+    /// Most requests being decided at once; more are denied at once as `overloaded`.
+    pub max_concurrent: usize,
+    /// Most concurrent HTTP/2 streams on one gRPC connection.
+    pub max_streams_per_connection: u32,
+    /// The longest a decision may take (only a key refresh waits); past it, `deadline`.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1024 * 1024,
+            max_headers: 256,
+            max_header_bytes: 96 * 1024,
+            max_concurrent: 1024,
+            max_streams_per_connection: 1024,
+            request_timeout: Duration::from_millis(150),
+        }
+    }
+}
+
+/// Sizes of the verification caches (`[cache]`); 0 turns a cache off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Verified tokens, by SHA-256 of the token.
+    pub tokens: usize,
+    /// Verified certificates, by SHA-256 of the presented certificate text.
+    pub certificates: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            tokens: 10_000,
+            certificates: 10_000,
+        }
+    }
 }
 
 /// Where the gRPC door listens.
@@ -704,7 +778,42 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     if forward_auth.is_some() && http_listen.is_none() {
         problems.push("forward_auth: needs the HTTP listener: set server.http".into());
     }
+    let defaults = Limits::default();
+    let l = raw.limits;
+    let limits = Limits {
+        max_message_bytes: l.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+        max_headers: l.max_headers.unwrap_or(defaults.max_headers),
+        max_header_bytes: l.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        max_concurrent: l.max_concurrent.unwrap_or(defaults.max_concurrent),
+        max_streams_per_connection: l
+            .max_streams_per_connection
+            .unwrap_or(defaults.max_streams_per_connection),
+        request_timeout: duration(
+            "limits.request_timeout",
+            l.request_timeout,
+            defaults.request_timeout,
+            problems,
+        ),
+    };
+    let zero = [
+        ("max_message_bytes", limits.max_message_bytes == 0),
+        ("max_headers", limits.max_headers == 0),
+        ("max_header_bytes", limits.max_header_bytes == 0),
+        ("max_concurrent", limits.max_concurrent == 0),
+        ("max_streams_per_connection", limits.max_streams_per_connection == 0),
+        ("request_timeout", limits.request_timeout.is_zero()),
+    ];
+    for (name, _) in zero.iter().filter(|(_, z)| *z) {
+        problems.push(format!("limits.{name}: must be positive"));
+    }
+    let cache_defaults = CacheSettings::default();
+    let cache = CacheSettings {
+        tokens: raw.cache.tokens.unwrap_or(cache_defaults.tokens),
+        certificates: raw.cache.certificates.unwrap_or(cache_defaults.certificates),
+    };
     Settings {
+        limits,
+        cache,
         forward_auth,
         grpc_listen,
         tls,

@@ -18,7 +18,9 @@ use prost_types::{ListValue, Struct, Value, value::Kind};
 pub mod code {
     pub const OK: i32 = 0;
     pub const INVALID_ARGUMENT: i32 = 3;
+    pub const DEADLINE_EXCEEDED: i32 = 4;
     pub const PERMISSION_DENIED: i32 = 7;
+    pub const UNAVAILABLE: i32 = 14;
     pub const UNAUTHENTICATED: i32 = 16;
 }
 
@@ -66,6 +68,19 @@ pub fn deny_reply(reason: &DenyReason) -> DenyReply {
         DenyReason::NoPermit { anonymous: false }
         | DenyReason::Forbidden
         | DenyReason::PolicyError => forbidden,
+        // Denied without a verdict on the request: the client may retry later.
+        DenyReason::Overloaded => DenyReply {
+            grpc_code: code::UNAVAILABLE,
+            http_status: 503,
+            www_authenticate: None,
+            body: "overloaded\n",
+        },
+        DenyReason::Deadline => DenyReply {
+            grpc_code: code::DEADLINE_EXCEEDED,
+            http_status: 503,
+            www_authenticate: None,
+            body: "authorization timed out\n",
+        },
     }
 }
 

@@ -16,6 +16,7 @@ use crate::policy::{self, PolicyOutcome, PolicySnapshot};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use arc_swap::ArcSwap;
 use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -36,6 +37,10 @@ pub enum DenyReason {
     Forbidden,
     /// A policy failed to evaluate; Portcullis denies rather than skip it.
     PolicyError,
+    /// `limits.max_concurrent` requests were already being decided.
+    Overloaded,
+    /// The decision took longer than `limits.request_timeout` (a key refresh was slow).
+    Deadline,
 }
 
 impl DenyReason {
@@ -49,6 +54,8 @@ impl DenyReason {
             DenyReason::NoPermit { .. } => "no_permit",
             DenyReason::Forbidden => "forbidden",
             DenyReason::PolicyError => "policy_error",
+            DenyReason::Overloaded => "overloaded",
+            DenyReason::Deadline => "deadline",
         }
     }
 }
@@ -158,6 +165,17 @@ pub struct Engine {
     audit: crate::audit::AuditLog,
     /// The problems of the last failed reload, until a reload succeeds.
     reload_error: Mutex<Option<Vec<String>>>,
+    /// Requests being decided now, against `limits.max_concurrent`.
+    in_flight: AtomicUsize,
+}
+
+/// One admitted request; dropping it frees its place.
+struct Admission<'a>(&'a AtomicUsize);
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The engine's background work (key fetching, file watches); dropping it stops them.
@@ -184,7 +202,7 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String
     let mut problems = Vec::new();
     let peer = match &settings.peer {
         None => None,
-        Some(p) => PeerVerifier::load(p).map_err(|e| problems.extend(e)).ok(),
+        Some(p) => PeerVerifier::load(p, settings.cache.certificates).map_err(|e| problems.extend(e)).ok(),
     };
     let policy = policy::load(&settings.policy)
         .map_err(|e| problems.extend(e))
@@ -214,7 +232,7 @@ impl Engine {
     pub fn load(settings: &Settings) -> Result<Engine, Vec<String>> {
         let mut problems = Vec::new();
         let metrics = Arc::new(Metrics::new());
-        let tokens = TokenVerifier::load(&settings.issuers, &settings.token)
+        let tokens = TokenVerifier::load(&settings.issuers, &settings.token, settings.cache.tokens)
             .map_err(|e| problems.extend(e))
             .ok();
         let fetcher = tokens.as_ref().and_then(|t| {
@@ -257,6 +275,7 @@ impl Engine {
                     metrics,
                     audit,
                     reload_error: Mutex::new(None),
+                    in_flight: AtomicUsize::new(0),
                 })
             }
             _ => Err(problems),
@@ -385,23 +404,77 @@ impl Engine {
         &self.reply
     }
 
+    pub fn limits(&self) -> &crate::config::Limits {
+        &self.settings.limits
+    }
+
+    /// Verified tokens held in the cache now.
+    pub fn cached_tokens(&self) -> usize {
+        self.verifier.tokens().cached()
+    }
+
+    /// A place among the `max_concurrent` requests being decided, or `None` when full.
+    fn admit(&self) -> Option<Admission<'_>> {
+        let max = self.settings.limits.max_concurrent;
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission(&self.in_flight))
+    }
+
+    /// A denial decided without looking at the request (overload, deadline).
+    fn refused(&self, request_id: String, reason: DenyReason) -> Decision {
+        let why = match reason {
+            DenyReason::Overloaded => format!(
+                "overloaded: {} requests already being decided",
+                self.settings.limits.max_concurrent
+            ),
+            _ => format!(
+                "no decision within the request timeout of {:?}",
+                self.settings.limits.request_timeout
+            ),
+        };
+        self.finish(Instant::now(), request_id, Some(reason), None, None, vec![why])
+    }
+
     /// Decides a CheckRequest; when the only problem is a token signed with a `kid` the
     /// issuer's key set lacks, asks for one early key refresh (bounded wait, rate-limited)
     /// and decides again. `now` is read for each attempt.
+    ///
+    /// This is the entry point of the server's doors: it also applies `[limits]`. Past
+    /// `max_concurrent` requests in flight it denies at once (`overloaded`), and a decision
+    /// that takes longer than `request_timeout` is denied (`deadline`).
     pub async fn check_with_refresh(
         &self,
         request: &CheckRequest,
         now: impl Fn() -> SystemTime,
     ) -> Decision {
-        match RequestFacts::try_from(request) {
+        match RequestFacts::from_check(request, &self.settings.limits) {
             Ok(facts) => self.decide_with_refresh(&facts, now).await,
-            Err(_) => self.check(request, now()),
+            Err(e) => self.unreadable(e),
         }
     }
 
-    /// [`Engine::decide`], with the same one early key refresh as
+    /// [`Engine::decide`], with the same one early key refresh and the same limits as
     /// [`Engine::check_with_refresh`].
     pub async fn decide_with_refresh(
+        &self,
+        facts: &RequestFacts,
+        now: impl Fn() -> SystemTime,
+    ) -> Decision {
+        let Some(_admitted) = self.admit() else {
+            return self.refused(facts.request_id.clone(), DenyReason::Overloaded);
+        };
+        let decide = self.decide_refreshing(facts, now);
+        match tokio::time::timeout(self.settings.limits.request_timeout, decide).await {
+            Ok(decision) => decision,
+            Err(_) => self.refused(facts.request_id.clone(), DenyReason::Deadline),
+        }
+    }
+
+    async fn decide_refreshing(
         &self,
         facts: &RequestFacts,
         now: impl Fn() -> SystemTime,
@@ -442,7 +515,7 @@ impl Engine {
 
     /// Decides an Envoy CheckRequest.
     pub fn check(&self, request: &CheckRequest, now: SystemTime) -> Decision {
-        match RequestFacts::try_from(request) {
+        match RequestFacts::from_check(request, &self.settings.limits) {
             Ok(facts) => self.decide(&facts, now),
             Err(e) => self.unreadable(e),
         }

@@ -6,8 +6,7 @@ use crate::proto::envoy::config::core::v3::address;
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use std::collections::BTreeMap;
 
-/// Most headers read from one request; more makes the request unreadable (fail closed).
-pub const MAX_HEADERS: usize = 256;
+use crate::config::Limits;
 
 /// The facts of one HTTP request, as the proxy reported them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,8 +36,10 @@ pub enum FactsError {
     NoMethod,
     #[error("request has no path")]
     NoPath,
-    #[error("request has more than {MAX_HEADERS} headers")]
-    TooManyHeaders,
+    #[error("request has more than {0} headers")]
+    TooManyHeaders(usize),
+    #[error("request headers are larger than {0} bytes")]
+    HeadersTooLarge(usize),
     #[error("header \"{0}\" is not valid UTF-8")]
     HeaderEncoding(String),
     #[error("path is not in canonical form ({0})")]
@@ -91,10 +92,44 @@ pub fn split_path(raw: &str) -> Result<(String, String), FactsError> {
     Ok((path.to_string(), query.to_string()))
 }
 
+/// Counts headers and their bytes against the limits, before anything is copied.
+struct HeaderBudget<'a> {
+    limits: &'a Limits,
+    count: usize,
+    bytes: usize,
+}
+
+impl HeaderBudget<'_> {
+    fn take(&mut self, name: &str, value: &[u8]) -> Result<(), FactsError> {
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(name.len() + value.len());
+        if self.count > self.limits.max_headers {
+            return Err(FactsError::TooManyHeaders(self.limits.max_headers));
+        }
+        if self.bytes > self.limits.max_header_bytes {
+            return Err(FactsError::HeadersTooLarge(self.limits.max_header_bytes));
+        }
+        Ok(())
+    }
+}
+
 impl TryFrom<&CheckRequest> for RequestFacts {
     type Error = FactsError;
 
+    /// With the default [`Limits`].
     fn try_from(req: &CheckRequest) -> Result<Self, FactsError> {
+        RequestFacts::from_check(req, &Limits::default())
+    }
+}
+
+impl RequestFacts {
+    /// The facts of an Envoy CheckRequest, within `limits`.
+    pub fn from_check(req: &CheckRequest, limits: &Limits) -> Result<RequestFacts, FactsError> {
+        let mut budget = HeaderBudget {
+            limits,
+            count: 0,
+            bytes: 0,
+        };
         let attrs = req.attributes.as_ref().ok_or(FactsError::NoHttpRequest)?;
         let http = attrs
             .request
@@ -106,10 +141,10 @@ impl TryFrom<&CheckRequest> for RequestFacts {
         // `header_map` replaces `headers` when the filter sets `encode_raw_headers`.
         match &http.header_map {
             Some(map) if !map.headers.is_empty() => {
-                if map.headers.len() > MAX_HEADERS {
-                    return Err(FactsError::TooManyHeaders);
-                }
                 for h in &map.headers {
+                    budget.take(&h.key, h.value.as_bytes())?;
+                    budget.take("", &h.raw_value)?;
+                    budget.count -= 1;
                     let value = if h.raw_value.is_empty() {
                         h.value.clone()
                     } else {
@@ -126,10 +161,8 @@ impl TryFrom<&CheckRequest> for RequestFacts {
                 }
             }
             _ => {
-                if http.headers.len() > MAX_HEADERS {
-                    return Err(FactsError::TooManyHeaders);
-                }
                 for (k, v) in &http.headers {
+                    budget.take(k, v.as_bytes())?;
                     headers.insert(k.to_ascii_lowercase(), v.clone());
                 }
             }
@@ -184,9 +217,7 @@ impl TryFrom<&CheckRequest> for RequestFacts {
                 .collect(),
         })
     }
-}
 
-impl RequestFacts {
     /// The facts of a forward-auth request (nginx `auth_request`, Traefik `forwardAuth`):
     /// the original method, URI, host and scheme come from the configured headers, each
     /// list tried in order. `peer_address` is the TCP peer, used when no source header is set.
@@ -194,12 +225,16 @@ impl RequestFacts {
         headers: impl IntoIterator<Item = (String, Vec<u8>)>,
         settings: &crate::config::ForwardAuthSettings,
         peer_address: Option<std::net::SocketAddr>,
+        limits: &Limits,
     ) -> Result<RequestFacts, FactsError> {
+        let mut budget = HeaderBudget {
+            limits,
+            count: 0,
+            bytes: 0,
+        };
         let mut map: BTreeMap<String, String> = BTreeMap::new();
-        for (count, (name, value)) in headers.into_iter().enumerate() {
-            if count >= MAX_HEADERS {
-                return Err(FactsError::TooManyHeaders);
-            }
+        for (name, value) in headers {
+            budget.take(&name, &value)?;
             let name = name.to_ascii_lowercase();
             let value =
                 String::from_utf8(value).map_err(|_| FactsError::HeaderEncoding(name.clone()))?;
@@ -369,12 +404,27 @@ mod tests {
             path: "/".into(),
             ..Default::default()
         };
-        for i in 0..=MAX_HEADERS {
+        let limits = Limits {
+            max_headers: 4,
+            max_header_bytes: 64,
+            ..Limits::default()
+        };
+        for i in 0..4 {
             http.headers.insert(format!("h{i}"), String::new());
         }
+        assert!(RequestFacts::from_check(&request(http.clone()), &limits).is_ok());
+        http.headers.insert("h4".into(), String::new());
         assert_eq!(
-            RequestFacts::try_from(&request(http)),
-            Err(FactsError::TooManyHeaders)
+            RequestFacts::from_check(&request(http.clone()), &limits),
+            Err(FactsError::TooManyHeaders(4))
         );
+        http.headers.clear();
+        http.headers.insert("big".into(), "x".repeat(62));
+        assert_eq!(
+            RequestFacts::from_check(&request(http.clone()), &limits),
+            Err(FactsError::HeadersTooLarge(64))
+        );
+        http.headers.insert("big".into(), "x".repeat(61));
+        assert!(RequestFacts::from_check(&request(http), &limits).is_ok());
     }
 }

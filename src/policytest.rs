@@ -398,7 +398,7 @@ fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
         },
         identity: Identity {
             peer: match peer {
-                Some(p) => PeerOutcome::Verified(Box::new(p)),
+                Some(p) => PeerOutcome::Verified(std::sync::Arc::new(p)),
                 None => PeerOutcome::NotPresented,
             },
             token: match token {

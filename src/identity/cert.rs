@@ -9,6 +9,7 @@ use base64::Engine as _;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use std::path::Path;
+use std::sync::Arc;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -133,14 +134,48 @@ impl PeerIdentity {
     }
 }
 
-/// Verifies client certificates against the configured trust material.
-#[derive(Debug)]
+/// A verified certificate path, remembered by the digest of its DER certificates.
+struct CachedPeer {
+    identity: Arc<PeerIdentity>,
+    /// The verdict holds while `now` is in this window: the latest `notBefore` and the
+    /// earliest `notAfter` of every certificate given, and the earliest CRL `nextUpdate`.
+    valid_from: i64,
+    valid_until: i64,
+}
+
+/// Verifies client certificates against the configured trust material. A reload builds a
+/// new verifier, so the cache of verified certificates never outlives the trust bundle,
+/// intermediates and CRLs it was verified against.
 pub struct PeerVerifier {
     anchors: Vec<TrustAnchor<'static>>,
     intermediates: Vec<CertificateDer<'static>>,
     crls: Vec<webpki::CertRevocationList<'static>>,
     trust_domains: Vec<TrustDomain>,
     max_size: usize,
+    /// The window of the configured material: configured intermediates and CRLs.
+    material_from: i64,
+    material_until: i64,
+    cache: Option<quick_cache::sync::Cache<[u8; 32], Arc<CachedPeer>>>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier")
+            .field("anchors", &self.anchors.len())
+            .field("intermediates", &self.intermediates.len())
+            .field("crls", &self.crls.len())
+            .field("cached", &self.cache.as_ref().map_or(0, |c| c.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[notBefore, notAfter]` of a DER certificate, in seconds since the epoch.
+fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some((
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    ))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -154,7 +189,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// CRLs from a PEM file (`X509 CRL` blocks) or a DER file.
-fn read_crls(path: &Path) -> Result<Vec<webpki::CertRevocationList<'static>>, String> {
+/// Each CRL with its `nextUpdate` (seconds since the epoch), when it has one.
+fn read_crls(
+    path: &Path,
+) -> Result<Vec<(webpki::CertRevocationList<'static>, Option<i64>)>, String> {
     use rustls_pki_types::CertificateRevocationListDer;
     let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let ders: Vec<Vec<u8>> = if bytes.starts_with(b"-----") {
@@ -170,16 +208,23 @@ fn read_crls(path: &Path) -> Result<Vec<webpki::CertRevocationList<'static>>, St
     }
     ders.iter()
         .map(|der| {
-            webpki::OwnedCertRevocationList::from_der(der)
+            let crl = webpki::OwnedCertRevocationList::from_der(der)
                 .map(webpki::CertRevocationList::from)
-                .map_err(|e| format!("{}: invalid CRL: {e:?}", path.display()))
+                .map_err(|e| format!("{}: invalid CRL: {e:?}", path.display()))?;
+            let next_update =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+                    .ok()
+                    .and_then(|(_, c)| c.next_update())
+                    .map(|t| t.timestamp());
+            Ok((crl, next_update))
         })
         .collect()
 }
 
 impl PeerVerifier {
-    /// Loads the trust bundle and intermediates named in the settings.
-    pub fn load(settings: &PeerSettings) -> Result<PeerVerifier, Vec<String>> {
+    /// Loads the trust bundle and intermediates named in the settings; `cache` is the most
+    /// verified certificates remembered (0: none).
+    pub fn load(settings: &PeerSettings, cache: usize) -> Result<PeerVerifier, Vec<String>> {
         let mut problems = Vec::new();
         let mut anchors = Vec::new();
         match read_certs(&settings.trust_bundle) {
@@ -208,10 +253,21 @@ impl PeerVerifier {
                 Err(e) => problems.push(e),
             }
         }
+        let mut material_from = i64::MIN;
+        let mut material_until = i64::MAX;
+        for (from, until) in intermediates.iter().filter_map(|c| validity(c)) {
+            material_from = material_from.max(from);
+            material_until = material_until.min(until);
+        }
         let mut crls = Vec::new();
         for path in &settings.crls {
             match read_crls(path) {
-                Ok(mut list) => crls.append(&mut list),
+                Ok(list) => {
+                    for (crl, next_update) in list {
+                        material_until = material_until.min(next_update.unwrap_or(i64::MAX));
+                        crls.push(crl);
+                    }
+                }
                 Err(e) => problems.push(e),
             }
         }
@@ -227,6 +283,9 @@ impl PeerVerifier {
                 crls,
                 trust_domains,
                 max_size: settings.max_size,
+                material_from,
+                material_until,
+                cache: (cache > 0).then(|| quick_cache::sync::Cache::new(cache)),
             })
         } else {
             Err(problems)
@@ -239,7 +298,7 @@ impl PeerVerifier {
         &self,
         encoded: &str,
         now: UnixTime,
-    ) -> Result<PeerIdentity, CertRejection> {
+    ) -> Result<Arc<PeerIdentity>, CertRejection> {
         let mut certs = self.decode(encoded)?.into_iter();
         let leaf = certs.next().ok_or(CertRejection::Count(0))?;
         // Any further certificates (Traefik sends the chain) may only serve as intermediates.
@@ -290,7 +349,7 @@ impl PeerVerifier {
         &self,
         element: &super::xfcc::XfccElement,
         now: UnixTime,
-    ) -> Result<Option<PeerIdentity>, CertRejection> {
+    ) -> Result<Option<Arc<PeerIdentity>>, CertRejection> {
         let Some(cert) = &element.cert else {
             return Ok(None);
         };
@@ -310,7 +369,56 @@ impl PeerVerifier {
     }
 
     /// Verifies one DER certificate, with `extra` intermediates besides the configured ones.
+    /// A path verified before is answered from the cache while every certificate given
+    /// and every configured intermediate and CRL is still current; only successes are kept.
     pub fn verify_der(
+        &self,
+        der: &CertificateDer<'_>,
+        extra: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<Arc<PeerIdentity>, CertRejection> {
+        let Some(cache) = &self.cache else {
+            return self.verify_uncached(der, extra, now).map(Arc::new);
+        };
+        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for cert in std::iter::once(der.as_ref()).chain(extra.iter().map(|c| c.as_ref())) {
+            // Length-prefixed, so that different splits of the same bytes differ.
+            digest.update(&(cert.len() as u64).to_be_bytes());
+            digest.update(cert);
+        }
+        let key: [u8; 32] = digest
+            .finish()
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let secs = now.as_secs().min(i64::MAX as u64) as i64;
+        if let Some(hit) = cache.get(&key) {
+            if (hit.valid_from..=hit.valid_until).contains(&secs) {
+                return Ok(hit.identity.clone());
+            }
+            cache.remove(&key);
+        }
+        let identity = Arc::new(self.verify_uncached(der, extra, now)?);
+        let (mut valid_from, mut valid_until) = (
+            identity.not_before.max(self.material_from),
+            identity.not_after.min(self.material_until),
+        );
+        for (from, until) in extra.iter().filter_map(|c| validity(c)) {
+            valid_from = valid_from.max(from);
+            valid_until = valid_until.min(until);
+        }
+        cache.insert(
+            key,
+            Arc::new(CachedPeer {
+                identity: identity.clone(),
+                valid_from,
+                valid_until,
+            }),
+        );
+        Ok(identity)
+    }
+
+    fn verify_uncached(
         &self,
         der: &CertificateDer<'_>,
         extra: &[CertificateDer<'static>],

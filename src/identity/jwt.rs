@@ -71,9 +71,10 @@ pub enum TokenRejection {
     Unbound,
 }
 
-/// Claims of a token whose signature and claims verified. Only the verifier builds one.
-#[derive(Debug, Clone)]
-pub struct TokenClaims {
+/// The claims of a token as read once after its signature verified: everything that does
+/// not depend on the time or the certificate of the request. Shared by the cache.
+#[derive(Debug)]
+struct Parsed {
     issuer: String,
     subject: String,
     principal_id: String,
@@ -81,39 +82,49 @@ pub struct TokenClaims {
     scopes: BTreeSet<String>,
     groups: BTreeSet<String>,
     expires_at: i64,
-    bound: bool,
+    not_before: Option<i64>,
+    issued_at: Option<i64>,
+    /// RFC 8705 `cnf.x5t#S256`, when the token is bound to a certificate.
+    x5t: Option<String>,
     claims: Map<String, Value>,
+}
+
+/// Claims of a token whose signature and claims verified. Only the verifier builds one.
+#[derive(Debug, Clone)]
+pub struct TokenClaims {
+    parsed: Arc<Parsed>,
+    bound: bool,
 }
 
 impl TokenClaims {
     pub fn issuer(&self) -> &str {
-        &self.issuer
+        &self.parsed.issuer
     }
     pub fn subject(&self) -> &str {
-        &self.subject
+        &self.parsed.subject
     }
     /// The subject with the issuer's id prefix: the Cedar `User` id.
     pub fn principal_id(&self) -> &str {
-        &self.principal_id
+        &self.parsed.principal_id
     }
     pub fn audience(&self) -> &BTreeSet<String> {
-        &self.audience
+        &self.parsed.audience
     }
     pub fn scopes(&self) -> &BTreeSet<String> {
-        &self.scopes
+        &self.parsed.scopes
     }
     pub fn groups(&self) -> &BTreeSet<String> {
-        &self.groups
+        &self.parsed.groups
     }
     pub fn expires_at(&self) -> i64 {
-        self.expires_at
+        self.parsed.expires_at
     }
     /// True when `cnf.x5t#S256` matched the verified peer certificate.
     pub fn bound(&self) -> bool {
         self.bound
     }
     pub fn claims(&self) -> &Map<String, Value> {
-        &self.claims
+        &self.parsed.claims
     }
 }
 
@@ -134,20 +145,33 @@ impl TokenClaims {
             None => BTreeSet::new(),
         };
         TokenClaims {
-            issuer: issuer.to_string(),
-            subject: subject.to_string(),
-            principal_id: subject.to_string(),
-            audience: set("aud"),
-            scopes,
-            groups: set(groups_claim),
-            expires_at: claims
-                .get("exp")
-                .and_then(Value::as_i64)
-                .unwrap_or(i64::MAX),
+            parsed: Arc::new(Parsed {
+                issuer: issuer.to_string(),
+                subject: subject.to_string(),
+                principal_id: subject.to_string(),
+                audience: set("aud"),
+                scopes,
+                groups: set(groups_claim),
+                expires_at: claims
+                    .get("exp")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(i64::MAX),
+                not_before: None,
+                issued_at: None,
+                x5t: None,
+                claims,
+            }),
             bound,
-            claims,
         }
     }
+}
+
+/// A token whose signature verified with `keys`, remembered by the token's SHA-256. It is
+/// only used while `keys` is still the issuer's current key set; the time, binding and
+/// revocation checks run again on every use.
+struct CachedToken {
+    keys: Arc<KeySnapshot>,
+    parsed: Arc<Parsed>,
 }
 
 struct Issuer {
@@ -160,6 +184,7 @@ pub struct TokenVerifier {
     issuers: HashMap<String, Issuer>,
     max_size: usize,
     revoked: Arc<ArcSwap<RevocationList>>,
+    cache: Option<quick_cache::sync::Cache<[u8; 32], Arc<CachedToken>>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -173,9 +198,11 @@ impl std::fmt::Debug for TokenVerifier {
 impl TokenVerifier {
     /// Loads every issuer's key files and the revocation list; all problems are reported
     /// together. Issuers with remote keys start with an empty key cell, filled by the fetcher.
+    /// `cache` is the most verified tokens remembered (0: none).
     pub fn load(
         issuers: &[IssuerSettings],
         token: &TokenSettings,
+        cache: usize,
     ) -> Result<TokenVerifier, Vec<String>> {
         let mut problems = Vec::new();
         let mut map = HashMap::new();
@@ -219,6 +246,7 @@ impl TokenVerifier {
                 issuers: map,
                 max_size: token.max_size,
                 revoked: Arc::new(ArcSwap::from_pointee(revoked)),
+                cache: (cache > 0).then(|| quick_cache::sync::Cache::new(cache)),
             })
         } else {
             Err(problems)
@@ -247,6 +275,56 @@ impl TokenVerifier {
         if token.len() > self.max_size {
             return Err(TokenRejection::TooLarge { max: self.max_size });
         }
+        let key = self.cache.as_ref().map(|_| {
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+            <[u8; 32]>::try_from(digest.as_ref()).expect("SHA-256 is 32 bytes")
+        });
+        let cached = match (&self.cache, &key) {
+            (Some(cache), Some(key)) => cache.get(key),
+            _ => None,
+        };
+        let (settings, parsed) = match cached {
+            Some(hit) => match self.issuers.get(&hit.parsed.issuer) {
+                // SECURITY: only while the key set that verified it is still the current
+                // one; a rotation or a refetch sends the token through verification again.
+                Some(issuer)
+                    if issuer
+                        .keys
+                        .load()
+                        .as_ref()
+                        .is_some_and(|current| Arc::ptr_eq(current, &hit.keys)) =>
+                {
+                    check_fresh(&issuer.settings, &hit.keys, now)?;
+                    (&issuer.settings, hit.parsed.clone())
+                }
+                _ => self.verify_uncached(token, key, now)?,
+            },
+            None => self.verify_uncached(token, key, now)?,
+        };
+        let bound = check_current(settings, &parsed, peer, now).inspect_err(|e| {
+            if *e == TokenRejection::Expired
+                && let (Some(cache), Some(key)) = (&self.cache, &key)
+            {
+                cache.remove(key);
+            }
+        })?;
+        let revoked = self.revoked.load();
+        let jti = parsed.claims.get("jti").and_then(Value::as_str);
+        if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&parsed.subject)
+        {
+            return Err(TokenRejection::Revoked);
+        }
+        Ok(TokenClaims { parsed, bound })
+    }
+
+    /// Decodes the header, picks the issuer, verifies the signature and reads the claims;
+    /// remembers the result under `key` when there is a cache.
+    fn verify_uncached(
+        &self,
+        token: &str,
+        key: Option<[u8; 32]>,
+        now: i64,
+    ) -> Result<(&IssuerSettings, Arc<Parsed>), TokenRejection> {
         if token.split('.').count() != 3 {
             return Err(TokenRejection::Malformed(
                 "expected three dot-separated parts".into(),
@@ -292,11 +370,7 @@ impl TokenVerifier {
             .keys
             .load_full()
             .ok_or_else(|| TokenRejection::KeysUnavailable(s.issuer.clone()))?;
-        // SECURITY: keys the provider has not confirmed for `max_staleness` may include
-        // keys it has since withdrawn; refuse rather than trust them forever.
-        if snapshot.usable_until.is_some_and(|until| now > until) {
-            return Err(TokenRejection::KeysStale(s.issuer.clone()));
-        }
+        check_fresh(s, &snapshot, now)?;
         let claims = verify_signature(token, alg, header.kid.as_deref(), &snapshot.keys).map_err(
             |e| match e {
                 TokenRejection::UnknownKey { kid, .. } => TokenRejection::UnknownKey {
@@ -306,15 +380,32 @@ impl TokenVerifier {
                 other => other,
             },
         )?;
-        let verified = check_claims(s, claims, peer, now)?;
-        let revoked = self.revoked.load();
-        let jti = verified.claims.get("jti").and_then(Value::as_str);
-        if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&verified.subject)
-        {
-            return Err(TokenRejection::Revoked);
+        let parsed = Arc::new(parse_claims(s, claims)?);
+        if let (Some(cache), Some(key)) = (&self.cache, key) {
+            cache.insert(
+                key,
+                Arc::new(CachedToken {
+                    keys: snapshot,
+                    parsed: parsed.clone(),
+                }),
+            );
         }
-        Ok(verified)
+        Ok((s, parsed))
     }
+
+    /// Verified tokens remembered now.
+    pub fn cached(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len())
+    }
+}
+
+/// SECURITY: keys the provider has not confirmed for `max_staleness` may include keys it
+/// has since withdrawn; refuse rather than trust them forever.
+fn check_fresh(s: &IssuerSettings, keys: &KeySnapshot, now: i64) -> Result<(), TokenRejection> {
+    if keys.usable_until.is_some_and(|until| now > until) {
+        return Err(TokenRejection::KeysStale(s.issuer.clone()));
+    }
+    Ok(())
 }
 
 fn truncate(s: &str) -> String {
@@ -411,36 +502,16 @@ fn strings(v: &Value) -> Option<BTreeSet<String>> {
     }
 }
 
-fn check_claims(
-    s: &IssuerSettings,
-    claims: Map<String, Value>,
-    peer: Option<&PeerIdentity>,
-    now: i64,
-) -> Result<TokenClaims, TokenRejection> {
+/// The checks that hold for the token's lifetime: issuer, claim types, audience, subject,
+/// required claims. Run once per token; the result may be cached.
+fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed, TokenRejection> {
     if claims.get("iss").and_then(Value::as_str) != Some(s.issuer.as_str()) {
         return Err(TokenRejection::UnknownIssuer(String::new()));
     }
-    let leeway = s.leeway.as_secs() as i64;
     let exp =
         numeric_date(&claims, "exp")?.ok_or_else(|| TokenRejection::MissingClaim("exp".into()))?;
-    if now > exp.saturating_add(leeway) {
-        return Err(TokenRejection::Expired);
-    }
-    if let Some(nbf) = numeric_date(&claims, "nbf")?
-        && now.saturating_add(leeway) < nbf
-    {
-        return Err(TokenRejection::NotYetValid);
-    }
-    let iat = numeric_date(&claims, "iat")?;
-    if iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
-        return Err(TokenRejection::IssuedInFuture);
-    }
-    // Without `iat`, the remaining lifetime is what a replayer could use.
-    let max = s.max_lifetime.as_secs();
-    let lifetime = exp.saturating_sub(iat.unwrap_or(now));
-    if lifetime > max as i64 {
-        return Err(TokenRejection::LifetimeTooLong { max_secs: max });
-    }
+    let not_before = numeric_date(&claims, "nbf")?;
+    let issued_at = numeric_date(&claims, "iat")?;
     // RFC 7519 §4.1.3 with RFC 8725 §3.9: the audience must be one of ours.
     let audience = match claims.get("aud") {
         None | Some(Value::Null) => return Err(TokenRejection::MissingAudience),
@@ -459,16 +530,10 @@ fn check_claims(
             return Err(TokenRejection::MissingClaim(truncate(name)));
         }
     }
-    // RFC 8705 §3.1: a bound token is only good with the certificate it names.
-    let bound = match claims.get("cnf").and_then(|c| c.get("x5t#S256")) {
-        Some(Value::String(x5t)) => match peer {
-            Some(peer) if peer.thumbprint() == *x5t => true,
-            Some(_) => return Err(TokenRejection::BindingMismatch),
-            None => return Err(TokenRejection::BoundWithoutCertificate),
-        },
+    let x5t = match claims.get("cnf").and_then(|c| c.get("x5t#S256")) {
+        Some(Value::String(x5t)) => Some(x5t.clone()),
         Some(_) => return Err(TokenRejection::InvalidClaim("cnf".into())),
-        None if s.require_binding => return Err(TokenRejection::Unbound),
-        None => false,
+        None => None,
     };
     let scopes = match claims.get("scope").or_else(|| claims.get("scp")) {
         None => BTreeSet::new(),
@@ -481,7 +546,7 @@ fn check_claims(
             strings(v).ok_or_else(|| TokenRejection::InvalidClaim(truncate(&s.groups_claim)))?
         }
     };
-    Ok(TokenClaims {
+    Ok(Parsed {
         issuer: s.issuer.clone(),
         principal_id: format!("{}{}", s.id_prefix, subject),
         subject,
@@ -489,9 +554,48 @@ fn check_claims(
         scopes,
         groups,
         expires_at: exp,
-        bound,
+        not_before,
+        issued_at,
+        x5t,
         claims,
     })
+}
+
+/// The checks that depend on the request: the time (`exp`, `nbf`, `iat`, lifetime) and
+/// the certificate the token may be bound to. Run on every use. Returns whether the token
+/// is bound to the presented certificate.
+fn check_current(
+    s: &IssuerSettings,
+    p: &Parsed,
+    peer: Option<&PeerIdentity>,
+    now: i64,
+) -> Result<bool, TokenRejection> {
+    let leeway = s.leeway.as_secs() as i64;
+    if now > p.expires_at.saturating_add(leeway) {
+        return Err(TokenRejection::Expired);
+    }
+    if p.not_before.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+        return Err(TokenRejection::NotYetValid);
+    }
+    if p.issued_at
+        .is_some_and(|iat| iat > now.saturating_add(leeway))
+    {
+        return Err(TokenRejection::IssuedInFuture);
+    }
+    // Without `iat`, the remaining lifetime is what a replayer could use.
+    let max = s.max_lifetime.as_secs();
+    let lifetime = p.expires_at.saturating_sub(p.issued_at.unwrap_or(now));
+    if lifetime > max as i64 {
+        return Err(TokenRejection::LifetimeTooLong { max_secs: max });
+    }
+    // RFC 8705 §3.1: a bound token is only good with the certificate it names.
+    match (&p.x5t, peer) {
+        (Some(x5t), Some(peer)) if peer.thumbprint() == *x5t => Ok(true),
+        (Some(_), Some(_)) => Err(TokenRejection::BindingMismatch),
+        (Some(_), None) => Err(TokenRejection::BoundWithoutCertificate),
+        (None, _) if s.require_binding => Err(TokenRejection::Unbound),
+        (None, _) => Ok(false),
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 #[derive(Debug, Clone)]
 pub enum PeerOutcome {
     NotPresented,
-    Verified(Box<PeerIdentity>),
+    Verified(std::sync::Arc<PeerIdentity>),
     Rejected(CertRejection),
     /// A certificate was presented but no trust bundle is configured to verify it.
     NotConfigured,
@@ -193,14 +193,14 @@ impl Verifier {
             (None, None, _) => PeerOutcome::NotPresented,
             (_, _, None) => PeerOutcome::NotConfigured,
             (Some(pem), _, Some(v)) => match v.verify_url_encoded_pem(pem, now_unix) {
-                Ok(id) => PeerOutcome::Verified(Box::new(id)),
+                Ok(id) => PeerOutcome::Verified(id),
                 Err(e) => PeerOutcome::Rejected(e),
             },
             (None, Some(header), Some(v)) => match xfcc::nearest(header) {
                 Err(e) => PeerOutcome::Rejected(CertRejection::Xfcc(e.to_string())),
                 Ok(None) => PeerOutcome::NotPresented,
                 Ok(Some(element)) => match v.verify_xfcc(&element, now_unix) {
-                    Ok(Some(id)) => PeerOutcome::Verified(Box::new(id)),
+                    Ok(Some(id)) => PeerOutcome::Verified(id),
                     Ok(None) => PeerOutcome::NotPresented,
                     Err(e) => PeerOutcome::Rejected(e),
                 },

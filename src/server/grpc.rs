@@ -14,9 +14,6 @@ use std::time::SystemTime;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Largest CheckRequest accepted (tonic's default is 4 MiB).
-pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
-
 /// The Authorization service over a shared engine.
 #[derive(Debug, Clone)]
 pub struct AuthorizationService {
@@ -96,15 +93,27 @@ where
             .await;
         tracing::info!("ready");
     });
+    let limits = engine.limits().clone();
     let authz = AuthorizationServer::new(AuthorizationService::new(engine))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+        .max_decoding_message_size(limits.max_message_bytes);
+    transport(&limits)
         .add_service(health_service)
         .add_service(authz)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     readiness.abort();
     Ok(())
+}
+
+/// The gRPC transport every Portcullis listener uses (and the load tool's no-op ceiling
+/// server, so the two are compared on the same stack): HTTP/2 with bounded streams per
+/// connection, `TCP_NODELAY`, and keepalive pings that drop dead peers.
+pub fn transport(limits: &crate::config::Limits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
 }
 
 /// Binds the gRPC listener (and the admin HTTP listener, if configured) and serves until

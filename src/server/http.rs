@@ -28,7 +28,7 @@ pub async fn forward_auth(
     let Some(settings) = engine.forward_auth() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let decision = match facts(&headers, settings, Some(peer)) {
+    let decision = match facts(&headers, settings, Some(peer), engine.limits()) {
         Ok(facts) => engine.decide_with_refresh(&facts, SystemTime::now).await,
         Err(e) => engine.unreadable(e),
     };
@@ -51,11 +51,12 @@ fn facts(
     headers: &HeaderMap,
     settings: &ForwardAuthSettings,
     peer: Option<SocketAddr>,
+    limits: &crate::config::Limits,
 ) -> Result<RequestFacts, crate::facts::FactsError> {
     let pairs = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()));
-    RequestFacts::from_forwarded(pairs, settings, peer)
+    RequestFacts::from_forwarded(pairs, settings, peer, limits)
 }
 
 /// `POST /v1/check`: a CheckRequest in proto3 JSON; the CheckResponse in proto3 JSON.
