@@ -800,7 +800,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ("max_headers", limits.max_headers == 0),
         ("max_header_bytes", limits.max_header_bytes == 0),
         ("max_concurrent", limits.max_concurrent == 0),
-        ("max_streams_per_connection", limits.max_streams_per_connection == 0),
+        (
+            "max_streams_per_connection",
+            limits.max_streams_per_connection == 0,
+        ),
         ("request_timeout", limits.request_timeout.is_zero()),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
@@ -809,7 +812,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     let cache_defaults = CacheSettings::default();
     let cache = CacheSettings {
         tokens: raw.cache.tokens.unwrap_or(cache_defaults.tokens),
-        certificates: raw.cache.certificates.unwrap_or(cache_defaults.certificates),
+        certificates: raw
+            .cache
+            .certificates
+            .unwrap_or(cache_defaults.certificates),
     };
     Settings {
         limits,

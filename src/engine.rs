@@ -60,6 +60,16 @@ impl DenyReason {
     }
 }
 
+/// A random (version 4) UUID from aws-lc's user-space DRBG: no system call per decision.
+fn decision_id() -> String {
+    let mut bytes = [0u8; 16];
+    match aws_lc_rs::rand::fill(&mut bytes) {
+        Ok(()) => uuid::Builder::from_random_bytes(bytes).into_uuid(),
+        Err(_) => uuid::Uuid::new_v4(),
+    }
+    .to_string()
+}
+
 /// The outcome of one request.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -202,7 +212,9 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String
     let mut problems = Vec::new();
     let peer = match &settings.peer {
         None => None,
-        Some(p) => PeerVerifier::load(p, settings.cache.certificates).map_err(|e| problems.extend(e)).ok(),
+        Some(p) => PeerVerifier::load(p, settings.cache.certificates)
+            .map_err(|e| problems.extend(e))
+            .ok(),
     };
     let policy = policy::load(&settings.policy)
         .map_err(|e| problems.extend(e))
@@ -404,6 +416,11 @@ impl Engine {
         &self.reply
     }
 
+    /// Waits (at most `limit`) until every audit line of the decisions so far is written.
+    pub fn flush_audit(&self, limit: std::time::Duration) -> bool {
+        self.audit.flush(limit)
+    }
+
     pub fn limits(&self) -> &crate::config::Limits {
         &self.settings.limits
     }
@@ -436,7 +453,14 @@ impl Engine {
                 self.settings.limits.request_timeout
             ),
         };
-        self.finish(Instant::now(), request_id, Some(reason), None, None, vec![why])
+        self.finish(
+            Instant::now(),
+            request_id,
+            Some(reason),
+            None,
+            None,
+            vec![why],
+        )
     }
 
     /// Decides a CheckRequest; when the only problem is a token signed with a `kid` the
@@ -597,7 +621,7 @@ impl Engine {
         reasons: Vec<String>,
     ) -> Decision {
         Decision {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: decision_id(),
             request_id,
             dry_run: denial.is_some() && self.mode == Mode::DryRun,
             denial,

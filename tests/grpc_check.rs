@@ -589,6 +589,7 @@ async fn the_audit_log_records_decisions_but_never_credentials() {
     // Denied with a bad token too: reasons are logged, the token is not.
     let bad = w.es.sign(&with(|c| c["aud"] = json!("billing")));
     check(request("GET", "/api/audited", None, Some(&bad))).await;
+    assert!(w.engine.flush_audit(std::time::Duration::from_secs(5)));
     let audit = std::fs::read_to_string(w.dir.path().join("audit.log")).unwrap();
     let line = audit
         .lines()

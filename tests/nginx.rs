@@ -502,6 +502,7 @@ impl Stack {
 
     fn audit_log(&self) -> String {
         let server = self.server.as_ref().expect("Portcullis running");
+        assert!(server.engine.flush_audit(Duration::from_secs(5)));
         std::fs::read_to_string(server.dir.path().join("audit.log")).unwrap_or_default()
     }
 }

@@ -310,8 +310,7 @@ impl TokenVerifier {
         })?;
         let revoked = self.revoked.load();
         let jti = parsed.claims.get("jti").and_then(Value::as_str);
-        if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&parsed.subject)
-        {
+        if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&parsed.subject) {
             return Err(TokenRejection::Revoked);
         }
         Ok(TokenClaims { parsed, bound })
@@ -574,7 +573,9 @@ fn check_current(
     if now > p.expires_at.saturating_add(leeway) {
         return Err(TokenRejection::Expired);
     }
-    if p.not_before.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+    if p.not_before
+        .is_some_and(|nbf| now.saturating_add(leeway) < nbf)
+    {
         return Err(TokenRejection::NotYetValid);
     }
     if p.issued_at

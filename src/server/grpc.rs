@@ -176,6 +176,7 @@ pub async fn serve(
         let _ = grace_rx.wait_for(|stop| *stop).await;
         tokio::time::sleep(grace).await;
     };
+    let audited = engine.clone();
     tokio::select! {
         served = serve_incoming(incoming, engine, shutdown) => served?,
         () = deadline => tracing::warn!("shutdown grace of {grace:?} elapsed; stopping with requests in flight"),
@@ -184,6 +185,10 @@ pub async fn serve(
     sighup.abort();
     if let Some(admin) = admin {
         let _ = tokio::time::timeout(grace, admin).await;
+    }
+    // Every decision answered has its audit line on disk before the process ends.
+    if !audited.flush_audit(grace) {
+        tracing::error!("audit log: lines still unwritten at exit");
     }
     tracing::info!("stopped");
     Ok(())

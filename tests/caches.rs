@@ -1,0 +1,303 @@
+//! The verification caches may only ever answer what a fresh verification would: each
+//! test verifies a credential once (so it is cached), changes one thing (the key set, the
+//! time, the certificate presented, the revocation list, the trust bundle, the CRL's
+//! validity) and checks the cached credential is judged as a fresh one would be. Each
+//! would pass a credential that must be refused if the matching check were removed.
+
+mod common;
+
+use common::{Authority, LeafSpec, TokenSigner};
+use jsonwebtoken::Algorithm;
+use portcullis::config::Settings;
+use portcullis::engine::{DenyReason, Engine};
+use portcullis::identity::{CertRejection, TokenRejection};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+const ISSUER: &str = "https://cache.test";
+const READER: &str = "spiffe://example.org/ns/cache/sa/reader";
+
+const POLICY: &str = r#"
+permit (principal is User, action == Action::"GET", resource);
+permit (principal is Workload, action == Action::"GET", resource);
+"#;
+
+/// An engine over its own directory: a root CA, a JWKS file and the policy above.
+struct Setup {
+    dir: tempfile::TempDir,
+    ca: Authority,
+    signer: TokenSigner,
+    engine: Engine,
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write test file");
+}
+
+fn setup(extra: &str) -> Setup {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = Authority::root("cache test CA");
+    let signer = TokenSigner::generate(Algorithm::ES256, "k1");
+    write(dir.path(), "ca.pem", &ca.cert_pem());
+    // Used by tests whose `extra` names it.
+    write(dir.path(), "ca.crl", &ca.crl(&[], time::Duration::days(7)));
+    write(dir.path(), "jwks.json", &portcullis::demo::jwks(&[&signer]));
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    write(&dir.path().join("policies"), "p.cedar", POLICY);
+    let config = format!(
+        r#"
+[peer]
+trust_bundle = "ca.pem"
+trust_domains = ["example.org"]
+{extra}
+
+[[issuer]]
+issuer = "{ISSUER}"
+audiences = ["orders"]
+jwks_file = "jwks.json"
+algorithms = ["ES256"]
+leeway = "0s"
+
+[policy]
+dir = "policies"
+
+[log]
+audit = "audit.log"
+"#
+    );
+    write(dir.path(), "portcullis.toml", &config);
+    let settings = Settings::load(&dir.path().join("portcullis.toml")).expect("valid config");
+    let engine = Engine::load(&settings).expect("engine loads");
+    Setup {
+        dir,
+        ca,
+        signer,
+        engine,
+    }
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs() as i64
+}
+
+fn claims(now: SystemTime, extra: Value) -> Value {
+    let now = unix(now);
+    let mut c = json!({
+        "iss": ISSUER, "aud": "orders", "sub": "alice", "iat": now, "exp": now + 600,
+        "jti": "token-1",
+    });
+    if let (Value::Object(c), Value::Object(extra)) = (&mut c, extra) {
+        c.extend(extra);
+    }
+    c
+}
+
+fn denial(
+    engine: &Engine,
+    cert: Option<&str>,
+    token: Option<&str>,
+    at: SystemTime,
+) -> Option<DenyReason> {
+    let req = common::request("GET", "/api/orders", cert, token);
+    engine.check(&req, at).denial
+}
+
+#[test]
+fn a_cached_token_is_dropped_when_its_key_leaves_the_key_set() {
+    let s = setup("");
+    let now = SystemTime::now();
+    let token = s.signer.sign(&claims(now, json!({})));
+    assert_eq!(denial(&s.engine, None, Some(&token), now), None);
+    assert_eq!(s.engine.cached_tokens(), 1, "the token is cached");
+    assert_eq!(denial(&s.engine, None, Some(&token), now), None);
+
+    // The issuer rotates: k1 is gone, k2 replaces it.
+    let k2 = TokenSigner::generate(Algorithm::ES256, "k2");
+    write(s.dir.path(), "jwks.json", &portcullis::demo::jwks(&[&k2]));
+    s.engine.reload().expect("reload");
+    assert!(matches!(
+        denial(&s.engine, None, Some(&token), now),
+        Some(DenyReason::Token(TokenRejection::UnknownKey { .. }))
+    ));
+}
+
+#[test]
+fn a_cached_token_still_expires() {
+    let s = setup("");
+    let now = SystemTime::now();
+    let token = s.signer.sign(&claims(now, json!({})));
+    assert_eq!(denial(&s.engine, None, Some(&token), now), None);
+    assert_eq!(s.engine.cached_tokens(), 1);
+    let later = now + Duration::from_secs(601);
+    assert_eq!(
+        denial(&s.engine, None, Some(&token), later),
+        Some(DenyReason::Token(TokenRejection::Expired))
+    );
+    // Not yet valid is checked on every use too.
+    let early = s
+        .signer
+        .sign(&claims(now, json!({"nbf": unix(now) + 60, "jti": "t2"})));
+    assert!(denial(&s.engine, None, Some(&early), now + Duration::from_secs(61)).is_none());
+    assert_eq!(
+        denial(&s.engine, None, Some(&early), now),
+        Some(DenyReason::Token(TokenRejection::NotYetValid))
+    );
+}
+
+#[test]
+fn a_cached_bound_token_needs_its_own_certificate_every_time() {
+    let s = setup("");
+    let now = SystemTime::now();
+    let alice = s.ca.issue(&LeafSpec::spiffe(READER));
+    let mallory =
+        s.ca.issue(&LeafSpec::spiffe("spiffe://example.org/ns/cache/sa/other"));
+    let token = s.signer.sign(&claims(
+        now,
+        json!({"cnf": {"x5t#S256": alice.thumbprint()}}),
+    ));
+    let alice_pem = alice.envoy_encoded();
+    assert_eq!(denial(&s.engine, Some(&alice_pem), Some(&token), now), None);
+    assert_eq!(
+        denial(&s.engine, Some(&mallory.envoy_encoded()), Some(&token), now),
+        Some(DenyReason::Token(TokenRejection::BindingMismatch))
+    );
+    assert_eq!(
+        denial(&s.engine, None, Some(&token), now),
+        Some(DenyReason::Token(TokenRejection::BoundWithoutCertificate))
+    );
+}
+
+#[tokio::test]
+async fn a_cached_token_revoked_later_is_refused() {
+    let s = setup("");
+    write(s.dir.path(), "revoked.txt", "# nothing revoked yet\n");
+    let config = std::fs::read_to_string(s.dir.path().join("portcullis.toml"))
+        .expect("config")
+        .replace("[policy]", "[token]\nrevoked = \"revoked.txt\"\n\n[policy]");
+    let settings = Settings::from_toml(&config, s.dir.path()).expect("valid config");
+    let engine = std::sync::Arc::new(Engine::load(&settings).expect("engine loads"));
+    let _background = engine.start().expect("watches start");
+    let now = SystemTime::now();
+    let token = s.signer.sign(&claims(now, json!({})));
+    assert_eq!(denial(&engine, None, Some(&token), now), None);
+    assert_eq!(engine.cached_tokens(), 1);
+    write(s.dir.path(), "revoked.txt", "jti:token-1\n");
+    let revoked = common::eventually(Duration::from_secs(10), || async {
+        denial(&engine, None, Some(&token), SystemTime::now())
+            == Some(DenyReason::Token(TokenRejection::Revoked))
+    })
+    .await;
+    assert!(
+        revoked,
+        "the cached token is refused once its jti is revoked"
+    );
+}
+
+#[test]
+fn a_cached_certificate_is_dropped_with_the_trust_bundle() {
+    let s = setup("");
+    let now = SystemTime::now();
+    let cert = s.ca.issue(&LeafSpec::spiffe(READER)).envoy_encoded();
+    assert_eq!(denial(&s.engine, Some(&cert), None, now), None);
+    // Operators stop trusting that CA.
+    write(
+        s.dir.path(),
+        "ca.pem",
+        &Authority::root("another CA").cert_pem(),
+    );
+    s.engine.reload().expect("reload");
+    assert!(matches!(
+        denial(&s.engine, Some(&cert), None, now),
+        Some(DenyReason::Certificate(CertRejection::UnknownIssuer(_)))
+    ));
+}
+
+#[test]
+fn a_cached_certificate_revoked_by_a_new_crl_is_refused() {
+    let s = setup("crls = [\"ca.crl\"]");
+    let leaf = s.ca.issue(&LeafSpec::spiffe(READER));
+    let now = SystemTime::now();
+    let cert = leaf.envoy_encoded();
+    assert_eq!(denial(&s.engine, Some(&cert), None, now), None);
+    write(
+        s.dir.path(),
+        "ca.crl",
+        &s.ca.crl(&[&leaf], time::Duration::days(7)),
+    );
+    s.engine.reload().expect("reload with the new CRL");
+    assert_eq!(
+        denial(&s.engine, Some(&cert), None, now),
+        Some(DenyReason::Certificate(CertRejection::Revoked))
+    );
+}
+
+#[test]
+fn a_cached_certificate_is_not_trusted_past_its_own_or_its_crls_validity() {
+    let s = setup("crls = [\"ca.crl\"]");
+    let mut spec = LeafSpec::spiffe(READER);
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+    let leaf = s.ca.issue(&spec);
+    // The CRL must be renewed within the hour; past that, no verdict on this CA holds.
+    write(
+        s.dir.path(),
+        "ca.crl",
+        &s.ca.crl(&[], time::Duration::hours(1)),
+    );
+    s.engine.reload().expect("reload");
+    let now = SystemTime::now();
+    let cert = leaf.envoy_encoded();
+    assert_eq!(denial(&s.engine, Some(&cert), None, now), None);
+    let crl_expired = now + Duration::from_secs(3600 + 60);
+    assert!(
+        matches!(
+            denial(&s.engine, Some(&cert), None, crl_expired),
+            Some(DenyReason::Certificate(_))
+        ),
+        "a certificate verified against a CRL is not accepted after the CRL's nextUpdate"
+    );
+    // A fresh CRL again, and the leaf's own expiry ends the cached verdict.
+    write(
+        s.dir.path(),
+        "ca.crl",
+        &s.ca.crl(&[], time::Duration::days(7)),
+    );
+    s.engine.reload().expect("reload");
+    assert_eq!(denial(&s.engine, Some(&cert), None, now), None);
+    let leaf_expired = now + Duration::from_secs(3 * 3600);
+    assert_eq!(
+        denial(&s.engine, Some(&cert), None, leaf_expired),
+        Some(DenyReason::Certificate(CertRejection::Expired))
+    );
+}
+
+#[test]
+fn caches_hold_nothing_when_turned_off_and_are_bounded_when_on() {
+    let with_cache = |s: &Setup, cache: &str| {
+        let config = std::fs::read_to_string(s.dir.path().join("portcullis.toml"))
+            .expect("config")
+            .replace("[policy]", &format!("[cache]\n{cache}\n\n[policy]"));
+        let settings = Settings::from_toml(&config, s.dir.path()).expect("valid config");
+        Engine::load(&settings).expect("engine loads")
+    };
+    let s = setup("");
+    let now = SystemTime::now();
+    let off = with_cache(&s, "tokens = 0\ncertificates = 0");
+    let token = s.signer.sign(&claims(now, json!({})));
+    assert_eq!(denial(&off, None, Some(&token), now), None);
+    assert_eq!(off.cached_tokens(), 0);
+
+    let small = with_cache(&s, "tokens = 8");
+    for i in 0..100 {
+        let token = s.signer.sign(&claims(now, json!({"jti": format!("t{i}")})));
+        assert_eq!(denial(&small, None, Some(&token), now), None);
+    }
+    assert!(
+        (1..=8).contains(&small.cached_tokens()),
+        "{} tokens cached with room for 8",
+        small.cached_tokens()
+    );
+}
