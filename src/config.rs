@@ -247,7 +247,7 @@ impl Default for Limits {
             max_header_bytes: 96 * 1024,
             max_concurrent: 1024,
             max_streams_per_connection: 1024,
-            request_timeout: Duration::from_millis(150),
+            request_timeout: Duration::from_millis(180),
         }
     }
 }
@@ -318,7 +318,10 @@ pub struct ResponseSettings {
     pub principal_header: String,
     /// Upstream header name -> claim name; scalar claims only.
     pub claim_headers: Vec<(String, String)>,
+    /// Remove `Authorization` (and the configured token header) before the request goes on.
     pub strip_authorization: bool,
+    /// `[token] header`, if configured.
+    pub token_header: Option<String>,
 }
 
 /// Where an issuer's keys come from.
@@ -408,6 +411,9 @@ pub struct PolicySettings {
     pub dir: PathBuf,
     pub schema: Option<PathBuf>,
     pub entities: Option<PathBuf>,
+    /// Request headers policies never see besides `authorization`, `proxy-authorization`
+    /// and `cookie`: the configured token header, which carries a credential.
+    pub hidden_headers: Vec<String>,
 }
 
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9191";
@@ -564,7 +570,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     });
 
     let mut seen = BTreeSet::new();
-    let issuers = raw
+    let issuers: Vec<IssuerSettings> = raw
         .issuers
         .into_iter()
         .enumerate()
@@ -696,6 +702,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ),
         schema: raw.policy.schema.map(|p| resolve(base, p)),
         entities: raw.policy.entities.map(|p| resolve(base, p)),
+        hidden_headers: Vec::new(),
     };
 
     let principal_header = header_name(
@@ -809,6 +816,17 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));
     }
+    for i in issuers
+        .iter()
+        .filter(|i| i.fetch.unknown_kid_wait >= limits.request_timeout)
+    {
+        problems.push(format!(
+            "limits.request_timeout ({}) must be longer than the unknown_kid_wait of issuer \"{}\" ({}), or a request waiting for new keys would always time out",
+            humantime::format_duration(limits.request_timeout),
+            i.issuer,
+            humantime::format_duration(i.fetch.unknown_kid_wait)
+        ));
+    }
     let cache_defaults = CacheSettings::default();
     let cache = CacheSettings {
         tokens: raw.cache.tokens.unwrap_or(cache_defaults.tokens),
@@ -828,14 +846,18 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         http_listen,
         mode,
         peer,
-        token,
-        issuers,
-        policy,
         response: ResponseSettings {
             principal_header,
             claim_headers,
             strip_authorization: raw.response.strip_authorization,
+            token_header: token.header.clone(),
         },
+        policy: PolicySettings {
+            hidden_headers: token.header.iter().cloned().collect(),
+            ..policy
+        },
+        token,
+        issuers,
     }
 }
 

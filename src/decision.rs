@@ -201,6 +201,7 @@ pub fn check_response(decision: &Decision, settings: &ResponseSettings) -> Check
             }
             if settings.strip_authorization {
                 headers_to_remove.push("authorization".to_string());
+                headers_to_remove.extend(settings.token_header.iter().cloned());
             }
             if let Some(reason) = &decision.denial {
                 headers.push(header(

@@ -150,6 +150,7 @@ pub fn run_dir(dir: &Path) -> Result<Report, Vec<String>> {
         dir: dir.to_path_buf(),
         schema: optional("schema.cedarschema"),
         entities: optional("entities.json"),
+        hidden_headers: Vec::new(),
     };
     let mut problems = Vec::new();
     let snapshot = crate::policy::load(&settings)

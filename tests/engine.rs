@@ -293,6 +293,68 @@ fn a_token_in_a_configured_cookie_is_verified_like_any_other() {
 }
 
 #[test]
+fn a_token_in_a_configured_header_is_hidden_from_policies_and_stripped_upstream() {
+    // A policy that would allow only if it could read the token header.
+    let s = setup(
+        "[token]\nheader = \"x-auth-token\"\n[response]\nstrip_authorization = true",
+        r#"permit (principal is User, action, resource)
+           when { !(context.request.headers has "x-auth-token") };"#,
+        false,
+    );
+    let mut req = request("/x", None, None);
+    common::set_header(&mut req, "x-auth-token", token(&s, json!({})));
+    let d = s.engine.check(&req, SystemTime::now());
+    assert!(d.allowed(), "{:?}", d.reasons);
+    let context = d
+        .policy
+        .as_ref()
+        .expect("evaluated")
+        .request
+        .context
+        .to_string();
+    assert!(!context.contains("x-auth-token"), "{context}");
+    let resp = check_response(&d, s.engine.reply_settings());
+    let Some(HttpResponse::OkResponse(ok)) = resp.http_response else {
+        panic!("allowed")
+    };
+    assert!(ok.headers_to_remove.contains(&"x-auth-token".to_string()));
+    assert!(ok.headers_to_remove.contains(&"authorization".to_string()));
+}
+
+#[test]
+fn a_second_issuer_cannot_claim_the_first_issuers_groups() {
+    let partner = "[[issuer]]\nissuer = \"https://partner\"\naudiences = [\"api\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\nid_prefix = \"partner/\"\n";
+    let s = setup(
+        partner,
+        r#"permit (principal in Group::"admins", action, resource);"#,
+        false,
+    );
+    let ours = token(&s, json!({ "groups": ["admins"] }));
+    let d = s
+        .engine
+        .check(&request("/x", None, Some(ours)), SystemTime::now());
+    assert!(d.allowed(), "{:?}", d.reasons);
+    let theirs = token(
+        &s,
+        json!({ "iss": "https://partner", "groups": ["admins"] }),
+    );
+    let d = s
+        .engine
+        .check(&request("/x", None, Some(theirs)), SystemTime::now());
+    assert!(!d.allowed());
+    assert_eq!(d.principal().as_deref(), Some("User::\"partner/alice\""));
+    assert_eq!(
+        d.policy
+            .as_ref()
+            .map(|p| p.request.principal_parents.clone()),
+        Some(vec![portcullis::policy::mapping::Uid {
+            kind: "Group".into(),
+            id: "partner/admins".into()
+        }])
+    );
+}
+
+#[test]
 fn a_route_can_name_its_own_action_and_resource() {
     let policy = r#"
         @id("finance-reports")

@@ -171,7 +171,8 @@ async fn a_rotated_key_is_accepted_after_one_refetch_without_restart() {
     let r = rig(
         ks,
         &issuer,
-        "jwks_uri = \"{jwks}\"\nrefresh_min = \"1h\"\nrefresh_max = \"1h\"\nunknown_kid_wait = \"2s\"",
+        // A patient wait needs a request timeout to match.
+        "jwks_uri = \"{jwks}\"\nrefresh_min = \"1h\"\nrefresh_max = \"1h\"\nunknown_kid_wait = \"2s\"\n\n[limits]\nrequest_timeout = \"3s\"",
         "",
     ).await;
     r.wait_ready().await;

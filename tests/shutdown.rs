@@ -96,7 +96,12 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
             assert!(
                 matches!(
                     code,
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    // Connection torn down mid-request; hyper's stream reset with NO_ERROR
+                    // arrives as Internal. None of these is an answer.
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Internal
                 ),
                 "unexpected error {code:?}"
             );

@@ -100,9 +100,16 @@ impl PeerIdentity {
     pub fn thumbprint(&self) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.sha256)
     }
-    /// The workload name: SPIFFE ID, else first DNS SAN, else subject.
+    /// The workload name: SPIFFE ID, else first DNS SAN that is a host name, else subject.
+    /// SECURITY: a DNS SAN holding other text (say `spiffe://example.org/admin`) must not
+    /// name a workload as if it were a verified SPIFFE ID.
     pub fn workload_id(&self) -> String {
-        match (&self.spiffe_id, self.dns_sans.first()) {
+        let host_name = |d: &&String| {
+            !d.is_empty()
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
+        };
+        match (&self.spiffe_id, self.dns_sans.iter().find(host_name)) {
             (Some(id), _) => id.to_string(),
             (None, Some(dns)) => dns.clone(),
             (None, None) => self.subject.clone(),
@@ -189,10 +196,9 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// CRLs from a PEM file (`X509 CRL` blocks) or a DER file.
-/// Each CRL with its `nextUpdate` (seconds since the epoch), when it has one.
-fn read_crls(
-    path: &Path,
-) -> Result<Vec<(webpki::CertRevocationList<'static>, Option<i64>)>, String> {
+/// Each CRL with its `nextUpdate` (seconds since the epoch; `i64::MAX` when it has none,
+/// `i64::MIN` when it cannot be read, so that nothing verified against it is remembered).
+fn read_crls(path: &Path) -> Result<Vec<(webpki::CertRevocationList<'static>, i64)>, String> {
     use rustls_pki_types::CertificateRevocationListDer;
     let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let ders: Vec<Vec<u8>> = if bytes.starts_with(b"-----") {
@@ -212,10 +218,10 @@ fn read_crls(
                 .map(webpki::CertRevocationList::from)
                 .map_err(|e| format!("{}: invalid CRL: {e:?}", path.display()))?;
             let next_update =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(der)
-                    .ok()
-                    .and_then(|(_, c)| c.next_update())
-                    .map(|t| t.timestamp());
+                match x509_parser::revocation_list::CertificateRevocationList::from_der(der) {
+                    Ok((_, c)) => c.next_update().map_or(i64::MAX, |t| t.timestamp()),
+                    Err(_) => i64::MIN,
+                };
             Ok((crl, next_update))
         })
         .collect()
@@ -255,7 +261,9 @@ impl PeerVerifier {
         }
         let mut material_from = i64::MIN;
         let mut material_until = i64::MAX;
-        for (from, until) in intermediates.iter().filter_map(|c| validity(c)) {
+        for cert in &intermediates {
+            // Dates that cannot be read bound nothing, so nothing is remembered at all.
+            let (from, until) = validity(cert).unwrap_or((i64::MAX, i64::MIN));
             material_from = material_from.max(from);
             material_until = material_until.min(until);
         }
@@ -264,7 +272,7 @@ impl PeerVerifier {
             match read_crls(path) {
                 Ok(list) => {
                     for (crl, next_update) in list {
-                        material_until = material_until.min(next_update.unwrap_or(i64::MAX));
+                        material_until = material_until.min(next_update);
                         crls.push(crl);
                     }
                 }
@@ -403,7 +411,11 @@ impl PeerVerifier {
             identity.not_before.max(self.material_from),
             identity.not_after.min(self.material_until),
         );
-        for (from, until) in extra.iter().filter_map(|c| validity(c)) {
+        for cert in extra {
+            // A certificate whose dates cannot be read bounds nothing: don't remember.
+            let Some((from, until)) = validity(cert) else {
+                return Ok(identity);
+            };
             valid_from = valid_from.max(from);
             valid_until = valid_until.min(until);
         }
@@ -477,8 +489,11 @@ impl PeerVerifier {
         }
         let spiffe_id = if uri_sans
             .iter()
-            .any(|u| u.starts_with("spiffe:") || u.starts_with("SPIFFE:"))
-        {
+            // URI schemes are case-insensitive (RFC 3986 §3.1): `Spiffe://` gets the same rules.
+            .any(|u| {
+                u.get(..7)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("spiffe:"))
+            }) {
             Some(self.spiffe_checks(cert, &uri_sans)?)
         } else {
             None

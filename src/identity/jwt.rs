@@ -539,11 +539,15 @@ fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed
         Some(Value::String(s)) => s.split_ascii_whitespace().map(str::to_string).collect(),
         Some(v) => strings(v).ok_or_else(|| TokenRejection::InvalidClaim("scope".into()))?,
     };
+    // SECURITY: groups carry the issuer's id prefix like users do, so that a second
+    // issuer's tokens cannot claim the groups the first issuer's policies grant.
     let groups = match claims.get(&s.groups_claim) {
         None | Some(Value::Null) => BTreeSet::new(),
-        Some(v) => {
-            strings(v).ok_or_else(|| TokenRejection::InvalidClaim(truncate(&s.groups_claim)))?
-        }
+        Some(v) => strings(v)
+            .ok_or_else(|| TokenRejection::InvalidClaim(truncate(&s.groups_claim)))?
+            .into_iter()
+            .map(|g| format!("{}{g}", s.id_prefix))
+            .collect(),
     };
     Ok(Parsed {
         issuer: s.issuer.clone(),

@@ -14,6 +14,8 @@ pub struct PolicySnapshot {
     pub(crate) policies: PolicySet,
     pub(crate) entities: Entities,
     pub(crate) schema: Option<Schema>,
+    /// Request headers kept out of the Cedar context (see `PolicySettings::hidden_headers`).
+    pub(crate) hidden_headers: Vec<String>,
 }
 
 impl PolicySnapshot {
@@ -201,6 +203,7 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
             policies,
             entities,
             schema,
+            hidden_headers: settings.hidden_headers.clone(),
         })
     } else {
         Err(problems)

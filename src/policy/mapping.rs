@@ -70,7 +70,17 @@ pub struct CedarRequest {
     pub principal_tags: Map<String, Value>,
 }
 
+/// The Cedar request for `facts` and `identity`, with the credential headers hidden.
 pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
+    map_request_hiding(facts, identity, &[])
+}
+
+/// [`map_request`], hiding `hidden` headers besides the usual credential headers.
+pub fn map_request_hiding(
+    facts: &RequestFacts,
+    identity: &Identity,
+    hidden: &[String],
+) -> CedarRequest {
     let token = identity.token();
     let peer = identity.peer();
     let mut principal_parents = Vec::new();
@@ -101,7 +111,9 @@ pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
     let headers: Map<String, Value> = facts
         .headers
         .iter()
-        .filter(|(k, _)| !k.starts_with(':') && !HIDDEN_HEADERS.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            !k.starts_with(':') && !HIDDEN_HEADERS.contains(&k.as_str()) && !hidden.contains(k)
+        })
         .map(|(k, v)| (k.clone(), json!(v)))
         .collect();
     let mut context = Map::new();

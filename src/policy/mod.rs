@@ -27,7 +27,7 @@ pub struct PolicyOutcome {
 impl PolicySnapshot {
     /// Evaluates the request against this snapshot.
     pub fn evaluate(&self, facts: &RequestFacts, identity: &Identity) -> PolicyOutcome {
-        let request = map_request(facts, identity);
+        let request = mapping::map_request_hiding(facts, identity, &self.hidden_headers);
         let deny = |request, error: String| PolicyOutcome {
             allowed: false,
             determining: Vec::new(),
