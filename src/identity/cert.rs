@@ -176,6 +176,20 @@ impl std::fmt::Debug for PeerVerifier {
     }
 }
 
+/// SHA-256 over length-prefixed parts, so that different splits of the same bytes differ.
+fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for part in parts {
+        digest.update(&(part.len() as u64).to_be_bytes());
+        digest.update(part);
+    }
+    digest
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
 /// `[notBefore, notAfter]` of a DER certificate, in seconds since the epoch.
 fn validity(der: &[u8]) -> Option<(i64, i64)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
@@ -307,6 +321,18 @@ impl PeerVerifier {
         encoded: &str,
         now: UnixTime,
     ) -> Result<Arc<PeerIdentity>, CertRejection> {
+        // SECURITY: cap the peer-controlled size before hashing or decoding anything.
+        if encoded.len() > self.max_size {
+            return Err(CertRejection::TooLarge { max: self.max_size });
+        }
+        // The text as sent is remembered too, so a repeat skips decoding as well.
+        let key = self
+            .cache
+            .as_ref()
+            .map(|_| digest([b"url-encoded".as_slice(), encoded.as_bytes()]));
+        if let Some(hit) = key.as_ref().and_then(|k| self.remembered(k, now)) {
+            return Ok(hit);
+        }
         let mut certs = self.decode(encoded)?.into_iter();
         let leaf = certs.next().ok_or(CertRejection::Count(0))?;
         // Any further certificates (Traefik sends the chain) may only serve as intermediates.
@@ -314,7 +340,11 @@ impl PeerVerifier {
         if rest.len() > MAX_INTERMEDIATES {
             return Err(CertRejection::Count(rest.len() + 1));
         }
-        self.verify_der(&leaf, &rest, now)
+        let verified = self.verify_der_entry(&leaf, &rest, now)?;
+        if let Some(key) = key {
+            self.remember(key, &verified);
+        }
+        Ok(verified.identity.clone())
     }
 
     /// URL-encoded PEM to DER certificates, size-capped before decoding.
@@ -385,49 +415,63 @@ impl PeerVerifier {
         extra: &[CertificateDer<'static>],
         now: UnixTime,
     ) -> Result<Arc<PeerIdentity>, CertRejection> {
-        let Some(cache) = &self.cache else {
+        if self.cache.is_none() {
             return self.verify_uncached(der, extra, now).map(Arc::new);
-        };
-        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        for cert in std::iter::once(der.as_ref()).chain(extra.iter().map(|c| c.as_ref())) {
-            // Length-prefixed, so that different splits of the same bytes differ.
-            digest.update(&(cert.len() as u64).to_be_bytes());
-            digest.update(cert);
         }
-        let key: [u8; 32] = digest
-            .finish()
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes");
+        let key = digest(std::iter::once(der.as_ref()).chain(extra.iter().map(|c| c.as_ref())));
+        if let Some(hit) = self.remembered(&key, now) {
+            return Ok(hit);
+        }
+        let verified = self.verify_der_entry(der, extra, now)?;
+        self.remember(key, &verified);
+        Ok(verified.identity.clone())
+    }
+
+    /// The cached identity under `key`, if its window includes `now`.
+    fn remembered(&self, key: &[u8; 32], now: UnixTime) -> Option<Arc<PeerIdentity>> {
+        let cache = self.cache.as_ref()?;
+        let hit = cache.get(key)?;
         let secs = now.as_secs().min(i64::MAX as u64) as i64;
-        if let Some(hit) = cache.get(&key) {
-            if (hit.valid_from..=hit.valid_until).contains(&secs) {
-                return Ok(hit.identity.clone());
-            }
-            cache.remove(&key);
+        if (hit.valid_from..=hit.valid_until).contains(&secs) {
+            return Some(hit.identity.clone());
         }
+        cache.remove(key);
+        None
+    }
+
+    fn remember(&self, key: [u8; 32], verified: &Arc<CachedPeer>) {
+        if let Some(cache) = &self.cache
+            && verified.valid_from <= verified.valid_until
+        {
+            cache.insert(key, verified.clone());
+        }
+    }
+
+    /// Verifies the path and works out the window in which the verdict holds: the latest
+    /// `notBefore` and earliest `notAfter` of the leaf, `extra` and the configured
+    /// intermediates, and the earliest CRL `nextUpdate`. A certificate whose dates cannot
+    /// be read gives an empty window (nothing is remembered).
+    fn verify_der_entry(
+        &self,
+        der: &CertificateDer<'_>,
+        extra: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<Arc<CachedPeer>, CertRejection> {
         let identity = Arc::new(self.verify_uncached(der, extra, now)?);
         let (mut valid_from, mut valid_until) = (
             identity.not_before.max(self.material_from),
             identity.not_after.min(self.material_until),
         );
         for cert in extra {
-            // A certificate whose dates cannot be read bounds nothing: don't remember.
-            let Some((from, until)) = validity(cert) else {
-                return Ok(identity);
-            };
+            let (from, until) = validity(cert).unwrap_or((i64::MAX, i64::MIN));
             valid_from = valid_from.max(from);
             valid_until = valid_until.min(until);
         }
-        cache.insert(
-            key,
-            Arc::new(CachedPeer {
-                identity: identity.clone(),
-                valid_from,
-                valid_until,
-            }),
-        );
-        Ok(identity)
+        Ok(Arc::new(CachedPeer {
+            identity,
+            valid_from,
+            valid_until,
+        }))
     }
 
     fn verify_uncached(
