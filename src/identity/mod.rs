@@ -112,12 +112,21 @@ fn token68(token: &str) -> Bearer<'_> {
 
 /// `Bearer <token>`, scheme case-insensitive (RFC 6750 §2.1, RFC 9110 §11.1); `None` for
 /// another scheme.
+///
+/// SECURITY: the scheme ends at the first character that cannot be part of it, whatever
+/// that character is: `Bearer<TAB>token` or `Bearer<NBSP>token` is a bearer credential (to
+/// verify or to refuse as malformed), never an unknown scheme ignored in favour of the
+/// certificate alone.
 fn bearer_scheme(value: &str) -> Option<&str> {
-    let value = value.trim();
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let blank = |c: char| c == ' ' || c == '\t';
+    let value = value.trim_matches(blank);
+    // RFC 9110 §5.6.2 token characters.
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let end = value.find(|c: char| !tchar(c)).unwrap_or(value.len());
+    let (scheme, rest) = value.split_at(end);
     scheme
         .eq_ignore_ascii_case("bearer")
-        .then(|| rest.trim_start_matches(' '))
+        .then(|| rest.trim_start_matches(blank))
 }
 
 /// The token of a request: `Authorization: Bearer`, else the configured header, else the
@@ -249,6 +258,11 @@ mod tests {
             ("Bearer a.b.c,Bearer d.e.f", Bearer::Malformed),
             ("Bearer a b", Bearer::Malformed),
             ("Basic dXNlcjpwYXNz", Bearer::None),
+            ("Bearer\tabc.def.ghi", Bearer::Token("abc.def.ghi")),
+            ("Bearer\u{b}abc.def.ghi", Bearer::Malformed),
+            ("Bearer\u{a0}abc.def.ghi", Bearer::Malformed),
+            ("Bearer,abc.def.ghi", Bearer::Malformed),
+            ("Bearerabc.def.ghi", Bearer::None),
         ];
         let none = TokenSources::default();
         for (header, expected) in cases {
