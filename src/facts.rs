@@ -100,9 +100,12 @@ struct HeaderBudget<'a> {
 }
 
 impl HeaderBudget<'_> {
-    fn take(&mut self, name: &str, value: &[u8]) -> Result<(), FactsError> {
+    /// One header: its name and `value_len` bytes of value.
+    fn take(&mut self, name: &str, value_len: usize) -> Result<(), FactsError> {
         self.count += 1;
-        self.bytes = self.bytes.saturating_add(name.len() + value.len());
+        self.bytes = self
+            .bytes
+            .saturating_add(name.len().saturating_add(value_len));
         if self.count > self.limits.max_headers {
             return Err(FactsError::TooManyHeaders(self.limits.max_headers));
         }
@@ -142,9 +145,7 @@ impl RequestFacts {
         match &http.header_map {
             Some(map) if !map.headers.is_empty() => {
                 for h in &map.headers {
-                    budget.take(&h.key, h.value.as_bytes())?;
-                    budget.take("", &h.raw_value)?;
-                    budget.count -= 1;
+                    budget.take(&h.key, h.value.len().saturating_add(h.raw_value.len()))?;
                     let value = if h.raw_value.is_empty() {
                         h.value.clone()
                     } else {
@@ -161,9 +162,20 @@ impl RequestFacts {
                 }
             }
             _ => {
-                for (k, v) in &http.headers {
-                    budget.take(k, v.as_bytes())?;
-                    headers.insert(k.to_ascii_lowercase(), v.clone());
+                // In name order, so that joined values do not depend on the map's order.
+                let mut pairs: Vec<_> = http.headers.iter().collect();
+                pairs.sort_unstable();
+                for (k, v) in pairs {
+                    budget.take(k, v.len())?;
+                    // Envoy sends lower-case names; names differing only in case are one
+                    // header, joined as Envoy joins repeats (never one silently dropped).
+                    headers
+                        .entry(k.to_ascii_lowercase())
+                        .and_modify(|joined: &mut String| {
+                            joined.push(',');
+                            joined.push_str(v);
+                        })
+                        .or_insert_with(|| v.clone());
                 }
             }
         }
@@ -234,7 +246,7 @@ impl RequestFacts {
         };
         let mut map: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in headers {
-            budget.take(&name, &value)?;
+            budget.take(&name, value.len())?;
             let name = name.to_ascii_lowercase();
             let value =
                 String::from_utf8(value).map_err(|_| FactsError::HeaderEncoding(name.clone()))?;

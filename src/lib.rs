@@ -20,6 +20,8 @@ pub mod engine;
 pub mod explain;
 pub mod facts;
 pub mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
