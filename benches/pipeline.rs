@@ -45,6 +45,10 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+// The server binary's allocator, so that these numbers are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ISSUER: &str = "https://idp.bench.example.org";
 const AUDIENCE: &str = "orders";
 const SPIFFE_ID: &str = "spiffe://example.org/ns/prod/sa/frontend";

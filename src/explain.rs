@@ -80,7 +80,7 @@ pub fn explain(d: &Decision, detailed: bool) -> String {
     if let Some(p) = d.policy.as_ref().filter(|_| detailed) {
         let r = &p.request;
         let parents: Vec<String> = r
-            .principal_parents
+            .principal_parents()
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -100,7 +100,7 @@ pub fn explain(d: &Decision, detailed: bool) -> String {
         let _ = writeln!(
             s,
             "  context:   {}",
-            serde_json::to_string_pretty(&r.context)
+            serde_json::to_string_pretty(&r.context())
                 .unwrap_or_default()
                 .replace('\n', "\n  ")
         );

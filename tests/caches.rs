@@ -301,3 +301,58 @@ fn caches_hold_nothing_when_turned_off_and_are_bounded_when_on() {
         small.cached_tokens()
     );
 }
+
+/// The Cedar form of a verified certificate and token is built once and kept with them in
+/// the caches; what policies see must still be exactly what a fresh verification shows,
+/// with the request's own parts (path, headers, certificate) never taken from an earlier
+/// request.
+#[test]
+fn a_cached_identity_shows_policies_what_a_fresh_one_would() {
+    let s = setup("");
+    let now = SystemTime::now();
+    let config = std::fs::read_to_string(s.dir.path().join("portcullis.toml"))
+        .expect("config")
+        .replace(
+            "[policy]",
+            "[cache]\ntokens = 0\ncertificates = 0\n\n[policy]",
+        );
+    let fresh = Engine::load(&Settings::from_toml(&config, s.dir.path()).expect("config"))
+        .expect("engine loads");
+    let alice = s.ca.issue(&LeafSpec::spiffe(READER)).envoy_encoded();
+    let other =
+        s.ca.issue(&LeafSpec::spiffe("spiffe://example.org/ns/cache/sa/other"))
+            .envoy_encoded();
+    let token = s.signer.sign(&claims(
+        now,
+        json!({"groups": ["readers", "staff"], "tier": 3, "email": "a@example.org"}),
+    ));
+    let seen = |engine: &Engine, path: &str, cert: &str| {
+        let d = engine.check(&common::request("GET", path, Some(cert), Some(&token)), now);
+        assert_eq!(d.denial, None, "{:?}", d.reasons);
+        let r = d.policy.expect("evaluated").request;
+        (
+            r.principal.to_string(),
+            r.principal_parents().to_vec(),
+            r.context(),
+        )
+    };
+    // Twice on the caching engine: the second time everything comes from the caches.
+    let first = seen(&s.engine, "/api/a", &alice);
+    let cached = seen(&s.engine, "/api/a", &alice);
+    assert_eq!(s.engine.cached_tokens(), 1, "the token is cached");
+    assert_eq!(cached, first);
+    assert_eq!(cached, seen(&fresh, "/api/a", &alice));
+    assert_eq!(cached.1.len(), 2, "the token's groups: {:?}", cached.1);
+    assert_eq!(cached.2["token"]["claims"]["tier"], json!(3));
+
+    // The same cached token on another path, with another certificate: the request's
+    // parts are its own.
+    let moved = seen(&s.engine, "/api/b", &other);
+    assert_eq!(moved, seen(&fresh, "/api/b", &other));
+    assert_eq!(moved.2["request"]["path"], json!("/api/b"));
+    assert_eq!(
+        moved.2["peer"]["spiffe_id"],
+        json!("spiffe://example.org/ns/cache/sa/other")
+    );
+    assert_eq!(moved.2["token"], first.2["token"]);
+}

@@ -202,7 +202,7 @@ fn policies_never_see_the_credentials_themselves() {
         SystemTime::now(),
     );
     assert!(!d.allowed());
-    let text = serde_json::to_string(&d.policy.unwrap().request.context).unwrap();
+    let text = serde_json::to_string(&d.policy.unwrap().request.context()).unwrap();
     assert!(!text.contains("Bearer"));
 }
 
@@ -310,7 +310,7 @@ fn a_token_in_a_configured_header_is_hidden_from_policies_and_stripped_upstream(
         .as_ref()
         .expect("evaluated")
         .request
-        .context
+        .context()
         .to_string();
     assert!(!context.contains("x-auth-token"), "{context}");
     let resp = check_response(&d, s.engine.reply_settings());
@@ -346,7 +346,7 @@ fn a_second_issuer_cannot_claim_the_first_issuers_groups() {
     assert_eq!(
         d.policy
             .as_ref()
-            .map(|p| p.request.principal_parents.clone()),
+            .map(|p| p.request.principal_parents().to_vec()),
         Some(vec![portcullis::policy::mapping::Uid {
             kind: "Group".into(),
             id: "partner/admins".into()

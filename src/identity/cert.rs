@@ -65,6 +65,8 @@ pub struct PeerIdentity {
     not_before: i64,
     not_after: i64,
     sha256: [u8; 32],
+    /// The certificate's Cedar form, built on first use.
+    cedar: super::Memo<std::sync::Arc<crate::policy::mapping::PeerForm>>,
 }
 
 impl PeerIdentity {
@@ -97,6 +99,11 @@ impl PeerIdentity {
         self.not_after
     }
     /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
+    pub(crate) fn cedar_memo(
+        &self,
+    ) -> &super::Memo<std::sync::Arc<crate::policy::mapping::PeerForm>> {
+        &self.cedar
+    }
     pub fn thumbprint(&self) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.sha256)
     }
@@ -137,6 +144,7 @@ impl PeerIdentity {
             not_before: 0,
             not_after: i64::MAX,
             sha256: [0; 32],
+            cedar: super::Memo::new(),
         }
     }
 }
@@ -561,6 +569,7 @@ impl PeerVerifier {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             sha256,
+            cedar: super::Memo::new(),
         })
     }
 

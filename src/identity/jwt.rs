@@ -87,6 +87,8 @@ struct Parsed {
     /// RFC 8705 `cnf.x5t#S256`, when the token is bound to a certificate.
     x5t: Option<String>,
     claims: Map<String, Value>,
+    /// The token's Cedar form, built on first use.
+    cedar: super::Memo<Arc<crate::policy::mapping::TokenForm>>,
 }
 
 /// Claims of a token whose signature and claims verified. Only the verifier builds one.
@@ -126,6 +128,9 @@ impl TokenClaims {
     pub fn claims(&self) -> &Map<String, Value> {
         &self.parsed.claims
     }
+    pub(crate) fn cedar_memo(&self) -> &super::Memo<Arc<crate::policy::mapping::TokenForm>> {
+        &self.parsed.cedar
+    }
 }
 
 impl TokenClaims {
@@ -160,6 +165,7 @@ impl TokenClaims {
                 issued_at: None,
                 x5t: None,
                 claims,
+                cedar: super::Memo::new(),
             }),
             bound,
         }
@@ -561,6 +567,7 @@ fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed
         issued_at,
         x5t,
         claims,
+        cedar: super::Memo::new(),
     })
 }
 

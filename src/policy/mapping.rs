@@ -5,14 +5,23 @@
 
 use crate::facts::RequestFacts;
 use crate::identity::{Identity, PeerIdentity, TokenClaims};
-use cedar_policy::{Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use serde_json::{Map, Value, json};
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
 
 /// Headers never shown to policies: credentials stay inside the verifier.
 const HIDDEN_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
 /// Deepest claim nesting carried into Cedar; deeper values are dropped.
 const MAX_DEPTH: usize = 8;
+
+/// The entity types the mapping itself names, parsed once.
+static KNOWN_TYPES: LazyLock<Vec<(&'static str, EntityTypeName)>> = LazyLock::new(|| {
+    ["Action", "Path", "User", "Group", "Workload", "Anonymous"]
+        .into_iter()
+        .filter_map(|k| EntityTypeName::from_str(k).ok().map(|t| (k, t)))
+        .collect()
+});
 
 /// A Cedar entity reference as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +46,12 @@ impl Uid {
 
     /// Fails only for a type name from a route's `context_extensions` that is not a Cedar name.
     pub(crate) fn to_cedar(&self) -> Result<EntityUid, String> {
-        let ty = EntityTypeName::from_str(&self.kind)
-            .map_err(|_| format!("\"{}\" is not a Cedar entity type", self.kind))?;
+        let known = KNOWN_TYPES.iter().find(|(k, _)| *k == self.kind);
+        let ty = match known {
+            Some((_, ty)) => ty.clone(),
+            None => EntityTypeName::from_str(&self.kind)
+                .map_err(|_| format!("\"{}\" is not a Cedar entity type", self.kind))?,
+        };
         Ok(EntityUid::from_type_name_and_id(
             ty,
             EntityId::new(&self.id),
@@ -61,13 +74,132 @@ pub struct CedarRequest {
     pub principal: Uid,
     pub action: Uid,
     pub resource: Uid,
-    pub context: Value,
-    /// Parents of the principal (token groups).
-    pub principal_parents: Vec<Uid>,
-    /// Attributes of the principal (for `User`: `issuer`).
-    pub principal_attrs: Map<String, Value>,
-    /// Scalar token claims as strings, the `User`'s tags.
-    pub principal_tags: Map<String, Value>,
+    /// `context.request`.
+    request: Value,
+    /// `context.peer` and the certificate's workload, when a certificate verified.
+    peer: Option<Arc<PeerForm>>,
+    /// `context.token` and the token's user, when a token verified.
+    token: Option<Arc<TokenForm>>,
+    /// `context.route`: the route's `context_extensions`, when it has any.
+    route: Option<Value>,
+    /// `context.binding`.
+    binding: bool,
+}
+
+/// A verified certificate as Cedar sees it. Built once per certificate and kept with its
+/// identity (so in the certificate cache too): a warm request reuses it.
+pub struct PeerForm {
+    record_json: Value,
+    record: Option<RestrictedExpression>,
+}
+
+impl PeerForm {
+    fn of(p: &PeerIdentity) -> Arc<PeerForm> {
+        p.cedar_memo()
+            .get_or_init(|| {
+                let record_json = peer_record(p);
+                Arc::new(PeerForm {
+                    record: to_cedar(&record_json, 1),
+                    record_json,
+                })
+            })
+            .clone()
+    }
+}
+
+/// A verified token as Cedar sees it: `context.token` and the `User` principal with the
+/// token's groups, attributes and tags. Built once per token and kept with its claims (so
+/// in the token cache too): a warm request reuses it. Only the binding, which depends on
+/// the request's certificate, is worked out per request.
+pub struct TokenForm {
+    record_json: Value,
+    record: Option<RestrictedExpression>,
+    principal: Uid,
+    parents: Vec<Uid>,
+    parent_uids: Result<Vec<EntityUid>, String>,
+    attrs: Vec<(String, RestrictedExpression)>,
+    tags: Vec<(String, RestrictedExpression)>,
+    /// The principal entity when no static entity shares its id (the usual case).
+    entity: Result<Entity, String>,
+}
+
+impl TokenForm {
+    fn of(t: &TokenClaims) -> Arc<TokenForm> {
+        t.cedar_memo().get_or_init(|| TokenForm::build(t)).clone()
+    }
+
+    fn build(t: &TokenClaims) -> Arc<TokenForm> {
+        let principal = Uid::new("User", t.principal_id());
+        let parents: Vec<Uid> = t
+            .groups()
+            .iter()
+            .map(|g| Uid::new("Group", g.clone()))
+            .collect();
+        let parent_uids = parents
+            .iter()
+            .map(Uid::to_cedar)
+            .collect::<Result<Vec<_>, _>>();
+        let attrs = vec![(
+            "issuer".to_string(),
+            RestrictedExpression::new_string(t.issuer().to_string()),
+        )];
+        // Scalar claims, as strings, are the user's tags.
+        let tags: Vec<(String, RestrictedExpression)> = t
+            .claims()
+            .iter()
+            .filter_map(|(k, v)| {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Bool(_) | Value::Number(_) => v.to_string(),
+                    _ => return None,
+                };
+                Some((k.clone(), RestrictedExpression::new_string(s)))
+            })
+            .collect();
+        let entity = principal.to_cedar().and_then(|uid| {
+            let parents = parent_uids.clone()?;
+            Entity::new_with_tags(uid, attrs.clone(), parents, tags.clone())
+                .map_err(|e| format!("principal entity: {e}"))
+        });
+        let record_json = token_record(t);
+        Arc::new(TokenForm {
+            record: to_cedar(&record_json, 1),
+            record_json,
+            principal,
+            parents,
+            parent_uids,
+            attrs,
+            tags,
+            entity,
+        })
+    }
+
+    /// The principal entity merged with a static entity of the same id, whose parents and
+    /// attributes it keeps (the token's attributes win).
+    fn merged_with(&self, existing: Entity) -> Result<Entity, String> {
+        let (uid, attrs, parents) = existing.into_inner();
+        let mut attrs: Vec<(String, RestrictedExpression)> = attrs
+            .into_iter()
+            .filter(|(k, _)| !self.attrs.iter().any(|(a, _)| a == k))
+            .collect();
+        attrs.extend(self.attrs.iter().cloned());
+        let mut parents: Vec<EntityUid> = parents.into_iter().collect();
+        parents.extend(self.parent_uids.clone()?);
+        Entity::new_with_tags(uid, attrs, parents, self.tags.clone())
+            .map_err(|e| format!("principal entity: {e}"))
+    }
+}
+
+impl std::fmt::Debug for PeerForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerForm({})", self.record_json)
+    }
+}
+
+impl std::fmt::Debug for TokenForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenForm({}, {})", self.principal, self.record_json)
+    }
 }
 
 /// The Cedar request for `facts` and `identity`, with the credential headers hidden.
@@ -81,33 +213,13 @@ pub fn map_request_hiding(
     identity: &Identity,
     hidden: &[String],
 ) -> CedarRequest {
-    let token = identity.token();
+    let token = identity.token().map(TokenForm::of);
     let peer = identity.peer();
-    let mut principal_parents = Vec::new();
-    let mut principal_attrs = Map::new();
-    let mut principal_tags = Map::new();
-    let principal = match (token, peer) {
-        (Some(t), _) => {
-            principal_parents = t
-                .groups()
-                .iter()
-                .map(|g| Uid::new("Group", g.clone()))
-                .collect();
-            principal_attrs.insert("issuer".into(), json!(t.issuer()));
-            for (k, v) in t.claims() {
-                let s = match v {
-                    Value::String(s) => s.clone(),
-                    Value::Bool(_) | Value::Number(_) => v.to_string(),
-                    _ => continue,
-                };
-                principal_tags.insert(k.clone(), Value::String(s));
-            }
-            Uid::new("User", t.principal_id().to_string())
-        }
+    let principal = match (&token, peer) {
+        (Some(t), _) => t.principal.clone(),
         (None, Some(p)) => Uid::new("Workload", p.workload_id()),
         (None, None) => Uid::new("Anonymous", "anonymous"),
     };
-
     let headers: Map<String, Value> = facts
         .headers
         .iter()
@@ -116,33 +228,6 @@ pub fn map_request_hiding(
         })
         .map(|(k, v)| (k.clone(), json!(v)))
         .collect();
-    let mut context = Map::new();
-    context.insert(
-        "request".into(),
-        json!({
-            "method": facts.method,
-            "path": facts.path,
-            "query": facts.query,
-            "host": facts.host,
-            "scheme": facts.scheme,
-            "source_address": facts.source_address,
-            "headers": headers,
-        }),
-    );
-    if let Some(p) = peer {
-        context.insert("peer".into(), peer_record(p));
-    }
-    if let Some(t) = token {
-        context.insert("token".into(), token_record(t));
-    }
-    if !facts.context_extensions.is_empty() {
-        context.insert("route".into(), json!(facts.context_extensions));
-    }
-    context.insert(
-        "binding".into(),
-        json!(token.is_some_and(TokenClaims::bound)),
-    );
-
     CedarRequest {
         principal,
         // A route may name its own action and resource (Envoy `context_extensions`).
@@ -158,10 +243,19 @@ pub fn map_request_hiding(
             Some(literal) => Uid::parse(literal),
             None => Uid::new("Path", facts.path.clone()),
         },
-        context: Value::Object(context),
-        principal_parents,
-        principal_attrs,
-        principal_tags,
+        request: json!({
+            "method": facts.method,
+            "path": facts.path,
+            "query": facts.query,
+            "host": facts.host,
+            "scheme": facts.scheme,
+            "source_address": facts.source_address,
+            "headers": headers,
+        }),
+        peer: peer.map(PeerForm::of),
+        route: (!facts.context_extensions.is_empty()).then(|| json!(facts.context_extensions)),
+        binding: identity.token().is_some_and(TokenClaims::bound),
+        token,
     }
 }
 
@@ -220,6 +314,45 @@ pub(crate) fn record(m: &Map<String, Value>, depth: usize) -> Vec<(String, Restr
 }
 
 impl CedarRequest {
+    /// The principal's parents (a token's groups).
+    pub fn principal_parents(&self) -> &[Uid] {
+        self.token.as_ref().map_or(&[], |t| &t.parents)
+    }
+
+    /// The context as plain JSON: what policies see, as `portcullis check` shows it.
+    pub fn context(&self) -> Value {
+        let mut c = Map::new();
+        c.insert("request".into(), self.request.clone());
+        if let Some(p) = &self.peer {
+            c.insert("peer".into(), p.record_json.clone());
+        }
+        if let Some(t) = &self.token {
+            c.insert("token".into(), t.record_json.clone());
+        }
+        if let Some(r) = &self.route {
+            c.insert("route".into(), r.clone());
+        }
+        c.insert("binding".into(), json!(self.binding));
+        Value::Object(c)
+    }
+
+    /// The context as Cedar takes it; the certificate's and the token's parts come
+    /// ready-made from their forms.
+    pub(crate) fn cedar_context(&self) -> Result<Context, String> {
+        let part = |name: &str, e: Option<RestrictedExpression>| e.map(|e| (name.to_string(), e));
+        let pairs = [
+            part("request", to_cedar(&self.request, 1)),
+            part("peer", self.peer.as_ref().and_then(|p| p.record.clone())),
+            part("token", self.token.as_ref().and_then(|t| t.record.clone())),
+            part("route", self.route.as_ref().and_then(|r| to_cedar(r, 1))),
+            part(
+                "binding",
+                Some(RestrictedExpression::new_bool(self.binding)),
+            ),
+        ];
+        Context::from_pairs(pairs.into_iter().flatten()).map_err(|e| format!("context: {e}"))
+    }
+
     /// The per-request entities: the principal (merged with a static entity of the same
     /// id, whose parents and attributes it keeps) and the `Path` resource.
     pub(crate) fn entities(
@@ -228,34 +361,13 @@ impl CedarRequest {
     ) -> Result<Vec<Entity>, String> {
         let mut out = Vec::with_capacity(2);
         let uid = self.principal.to_cedar()?;
-        let existing = static_entities.get(&uid).cloned();
-        match (self.principal.kind.as_str(), existing) {
+        match (&self.token, static_entities.get(&uid)) {
             // Static workloads and users already carry what the operator gave them;
             // only a token's user gains the token's groups, attributes and tags.
-            ("User", existing) => {
-                let (mut attrs, mut parents) = match existing {
-                    Some(e) => {
-                        let (_, attrs, parents) = e.into_inner();
-                        (
-                            attrs.into_iter().collect::<Vec<_>>(),
-                            parents.into_iter().collect::<Vec<_>>(),
-                        )
-                    }
-                    None => (Vec::new(), Vec::new()),
-                };
-                attrs.retain(|(k, _)| !self.principal_attrs.contains_key(k));
-                attrs.extend(record(&self.principal_attrs, 0));
-                for parent in &self.principal_parents {
-                    parents.push(parent.to_cedar()?);
-                }
-                let tags = record(&self.principal_tags, 0);
-                out.push(
-                    Entity::new_with_tags(uid, attrs, parents, tags)
-                        .map_err(|e| format!("principal entity: {e}"))?,
-                );
-            }
-            (_, Some(_)) => {}
-            (_, None) => out.push(Entity::with_uid(uid)),
+            (Some(t), None) => out.push(t.entity.clone()?),
+            (Some(t), Some(existing)) => out.push(t.merged_with(existing.clone())?),
+            (None, Some(_)) => {}
+            (None, None) => out.push(Entity::with_uid(uid)),
         }
         let resource = self.resource.to_cedar()?;
         if self.resource.kind == "Path" {
@@ -263,7 +375,7 @@ impl CedarRequest {
                 ("path", self.resource.id.clone()),
                 (
                     "host",
-                    self.context["request"]["host"]
+                    self.request["host"]
                         .as_str()
                         .unwrap_or_default()
                         .to_string(),

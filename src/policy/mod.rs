@@ -8,7 +8,7 @@ pub mod mapping;
 
 use crate::facts::RequestFacts;
 use crate::identity::Identity;
-use cedar_policy::{Authorizer, Context, Decision, Request};
+use cedar_policy::{Authorizer, Decision, Request};
 pub use load::{PolicySnapshot, load};
 pub use mapping::{CedarRequest, map_request};
 
@@ -43,13 +43,9 @@ impl PolicySnapshot {
             Ok(e) => e,
             Err(e) => return deny(request, e),
         };
-        let context = match &request.context {
-            serde_json::Value::Object(m) => Context::from_pairs(mapping::record(m, 0)),
-            _ => Context::from_pairs([]),
-        };
-        let context = match context {
+        let context = match request.cedar_context() {
             Ok(c) => c,
-            Err(e) => return deny(request, format!("context: {e}")),
+            Err(e) => return deny(request, e),
         };
         let uids = (|| {
             Ok::<_, String>((
