@@ -78,8 +78,8 @@ pub struct CedarRequest {
     request: Value,
     /// `context.peer` and the certificate's workload, when a certificate verified.
     peer: Option<Arc<PeerForm>>,
-    /// `context.token` and the token's user, when a token verified.
-    token: Option<Arc<TokenForm>>,
+    /// The token, when one verified, and its Cedar form (`context.token` and its user).
+    token: Option<(TokenClaims, Arc<TokenForm>)>,
     /// `context.route`: the route's `context_extensions`, when it has any.
     route: Option<Value>,
     /// `context.binding`.
@@ -110,9 +110,9 @@ impl PeerForm {
 /// A verified token as Cedar sees it: `context.token` and the `User` principal with the
 /// token's groups, attributes and tags. Built once per token and kept with its claims (so
 /// in the token cache too): a warm request reuses it. Only the binding, which depends on
-/// the request's certificate, is worked out per request.
+/// the request's certificate, is worked out per request. It takes about 11 KB per token
+/// (docs/PERFORMANCE.md); its JSON form is not kept, only rebuilt for display.
 pub struct TokenForm {
-    record_json: Value,
     record: Option<RestrictedExpression>,
     principal: Uid,
     parents: Vec<Uid>,
@@ -161,10 +161,8 @@ impl TokenForm {
             Entity::new_with_tags(uid, attrs.clone(), parents, tags.clone())
                 .map_err(|e| format!("principal entity: {e}"))
         });
-        let record_json = token_record(t);
         Arc::new(TokenForm {
-            record: to_cedar(&record_json, 1),
-            record_json,
+            record: to_cedar(&token_record(t), 1),
             principal,
             parents,
             parent_uids,
@@ -198,7 +196,7 @@ impl std::fmt::Debug for PeerForm {
 
 impl std::fmt::Debug for TokenForm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TokenForm({}, {})", self.principal, self.record_json)
+        write!(f, "TokenForm({})", self.principal)
     }
 }
 
@@ -213,10 +211,10 @@ pub fn map_request_hiding(
     identity: &Identity,
     hidden: &[String],
 ) -> CedarRequest {
-    let token = identity.token().map(TokenForm::of);
+    let token = identity.token().map(|t| (t.clone(), TokenForm::of(t)));
     let peer = identity.peer();
     let principal = match (&token, peer) {
-        (Some(t), _) => t.principal.clone(),
+        (Some((_, t)), _) => t.principal.clone(),
         (None, Some(p)) => Uid::new("Workload", p.workload_id()),
         (None, None) => Uid::new("Anonymous", "anonymous"),
     };
@@ -316,7 +314,7 @@ pub(crate) fn record(m: &Map<String, Value>, depth: usize) -> Vec<(String, Restr
 impl CedarRequest {
     /// The principal's parents (a token's groups).
     pub fn principal_parents(&self) -> &[Uid] {
-        self.token.as_ref().map_or(&[], |t| &t.parents)
+        self.token.as_ref().map_or(&[], |(_, t)| &t.parents)
     }
 
     /// The context as plain JSON: what policies see, as `portcullis check` shows it.
@@ -326,8 +324,8 @@ impl CedarRequest {
         if let Some(p) = &self.peer {
             c.insert("peer".into(), p.record_json.clone());
         }
-        if let Some(t) = &self.token {
-            c.insert("token".into(), t.record_json.clone());
+        if let Some((t, _)) = &self.token {
+            c.insert("token".into(), token_record(t));
         }
         if let Some(r) = &self.route {
             c.insert("route".into(), r.clone());
@@ -343,7 +341,10 @@ impl CedarRequest {
         let pairs = [
             part("request", to_cedar(&self.request, 1)),
             part("peer", self.peer.as_ref().and_then(|p| p.record.clone())),
-            part("token", self.token.as_ref().and_then(|t| t.record.clone())),
+            part(
+                "token",
+                self.token.as_ref().and_then(|(_, t)| t.record.clone()),
+            ),
             part("route", self.route.as_ref().and_then(|r| to_cedar(r, 1))),
             part(
                 "binding",
@@ -361,7 +362,10 @@ impl CedarRequest {
     ) -> Result<Vec<Entity>, String> {
         let mut out = Vec::with_capacity(2);
         let uid = self.principal.to_cedar()?;
-        match (&self.token, static_entities.get(&uid)) {
+        match (
+            self.token.as_ref().map(|(_, t)| t),
+            static_entities.get(&uid),
+        ) {
             // Static workloads and users already carry what the operator gave them;
             // only a token's user gains the token's groups, attributes and tags.
             (Some(t), None) => out.push(t.entity.clone()?),
