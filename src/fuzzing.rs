@@ -583,10 +583,11 @@ pub fn issued_certificate(data: &[u8]) {
         );
         return;
     }
-    let spiffe_like = issued
-        .uris
-        .iter()
-        .any(|u| u.starts_with("spiffe:") || u.starts_with("SPIFFE:"));
+    // The scheme in any case: `spIffe:` must not pass as a certificate without a SPIFFE ID.
+    let spiffe_like = issued.uris.iter().any(|u| {
+        u.get(..7)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe:"))
+    });
     let spiffe_ok = !spiffe_like
         || (issued.uris.len() == 1
             && SpiffeId::try_from(issued.uris[0].as_str())
