@@ -502,3 +502,59 @@ async fn plain_http_to_a_remote_host_is_refused_at_configuration() {
     assert!(err.contains("only allowed to a loopback address"), "{err}");
     let _ = check; // the shared gRPC world is not used here
 }
+
+#[tokio::test]
+async fn a_redirect_from_the_key_server_is_not_followed() {
+    let ks = KeyServer::start();
+    let a = es("a");
+    // The keys are only where the redirect points.
+    ks.set_moved_jwks(&portcullis::demo::jwks(&[&a]));
+    ks.set_mode(Mode::Redirect);
+    let issuer = ks.base_url();
+    let r = rig(ks, &issuer, "jwks_uri = \"{jwks}\"", "").await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            r.ks.jwks_fetches() >= 1
+        })
+        .await,
+        "the key set was never fetched"
+    );
+    assert!(!r.allowed(&r.token(&a, json!({}))).await);
+    assert_eq!(r.ks.moved_fetches(), 0, "the redirect was followed");
+    assert!(r.engine.readiness().is_err(), "ready without keys");
+}
+
+/// RFC 8725 section 3.10: keys named or carried by the token itself (`jku`, `x5u`, an
+/// embedded `jwk`) are attacker-chosen; only the issuer's configured key set counts.
+#[tokio::test]
+async fn keys_named_or_carried_by_the_token_are_never_used() {
+    let ks = KeyServer::start();
+    let (a, evil) = (es("a"), es("evil"));
+    ks.set_jwks(&portcullis::demo::jwks(&[&a]));
+    // On the issuer's own, trusted server: following `jku` would find the attacker's key.
+    ks.set_moved_jwks(&portcullis::demo::jwks(&[&evil]));
+    let issuer = ks.base_url();
+    let r = rig(ks, &issuer, "jwks_uri = \"{jwks}\"", "").await;
+    r.wait_ready().await;
+    assert!(r.allowed(&r.token(&a, json!({}))).await);
+    let now = portcullis::demo::unix_now();
+    let claims =
+        json!({ "iss": r.issuer, "aud": AUD, "sub": "mallory", "iat": now, "exp": now + 300 });
+    for kid in ["evil", "a"] {
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some(kid.to_string());
+        header.jku = Some(r.ks.moved_url());
+        header.x5u = Some(r.ks.moved_url());
+        header.jwk = Some(serde_json::from_value(evil.jwk()).expect("a JWK"));
+        let token = evil.sign_with(&header, &claims);
+        assert!(
+            !r.allowed(&token).await,
+            "kid {kid}: the token's own key was used"
+        );
+    }
+    assert_eq!(
+        r.ks.moved_fetches(),
+        0,
+        "a URL from a token header was fetched"
+    );
+}

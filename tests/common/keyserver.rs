@@ -61,11 +61,15 @@ pub enum Mode {
     /// Wait this long, then respond as in [`Mode::Normal`] with the documents configured when
     /// the request arrived. The wait is asynchronous: other connections are served meanwhile.
     Slow(Duration),
+    /// Answer `/jwks` with `302 Found` to `/moved` on this server, which serves the
+    /// document set with [`KeyServer::set_moved_jwks`].
+    Redirect,
 }
 
 /// What the server currently serves; changed by the test through [`KeyServer`]'s setters.
 struct Config {
     jwks: Bytes,
+    moved_jwks: Bytes,
     issuer: Option<String>,
     max_age: Option<u64>,
     mode: Mode,
@@ -76,6 +80,7 @@ struct Shared {
     config: Mutex<Config>,
     jwks_fetches: AtomicUsize,
     discovery_fetches: AtomicUsize,
+    moved_fetches: AtomicUsize,
     jwks_url: String,
     stop: AtomicBool,
     stop_waker: Mutex<Option<Waker>>,
@@ -158,12 +163,14 @@ impl KeyServer {
         let shared = Arc::new(Shared {
             config: Mutex::new(Config {
                 jwks: Bytes::from_static(br#"{"keys":[]}"#),
+                moved_jwks: Bytes::from_static(br#"{"keys":[]}"#),
                 issuer: None,
                 max_age: None,
                 mode: Mode::Normal,
             }),
             jwks_fetches: AtomicUsize::new(0),
             discovery_fetches: AtomicUsize::new(0),
+            moved_fetches: AtomicUsize::new(0),
             jwks_url: format!("https://{addr}/jwks"),
             stop: AtomicBool::new(false),
             stop_waker: Mutex::new(None),
@@ -233,6 +240,22 @@ impl KeyServer {
     /// plus the other metadata OIDC Discovery requires.
     pub fn set_discovery_issuer(&self, issuer: &str) {
         self.shared.config().issuer = Some(issuer.to_string());
+    }
+
+    /// Sets the body served at `/moved` (the target of [`Mode::Redirect`], and a URL that a
+    /// token header may name).
+    pub fn set_moved_jwks(&self, body: &str) {
+        self.shared.config().moved_jwks = Bytes::copy_from_slice(body.as_bytes());
+    }
+
+    /// `base_url() + "/moved"`.
+    pub fn moved_url(&self) -> String {
+        format!("{}/moved", self.base_url())
+    }
+
+    /// Number of `/moved` requests received so far.
+    pub fn moved_fetches(&self) -> usize {
+        self.shared.moved_fetches.load(Ordering::SeqCst)
     }
 
     /// `Some(n)`: `/jwks` responses carry `Cache-Control: max-age=n`; `None`: no `Cache-Control`.
@@ -311,6 +334,7 @@ async fn accept_loop(
 enum Route {
     Jwks,
     Discovery,
+    Moved,
     NotFound,
 }
 
@@ -324,6 +348,9 @@ async fn respond(
     let route = if path == "/jwks" {
         shared.jwks_fetches.fetch_add(1, Ordering::SeqCst);
         Route::Jwks
+    } else if path == "/moved" {
+        shared.moved_fetches.fetch_add(1, Ordering::SeqCst);
+        Route::Moved
     } else if path.ends_with(WELL_KNOWN) {
         shared.discovery_fetches.fetch_add(1, Ordering::SeqCst);
         Route::Discovery
@@ -331,9 +358,15 @@ async fn respond(
         Route::NotFound
     };
     // Snapshot under the lock, never held across an await.
-    let (mode, jwks, issuer, max_age) = {
+    let (mode, jwks, moved_jwks, issuer, max_age) = {
         let c = shared.config();
-        (c.mode, c.jwks.clone(), c.issuer.clone(), c.max_age)
+        (
+            c.mode,
+            c.jwks.clone(),
+            c.moved_jwks.clone(),
+            c.issuer.clone(),
+            c.max_age,
+        )
     };
     match mode {
         Mode::Normal => {}
@@ -348,6 +381,16 @@ async fn respond(
             return Ok(empty(status));
         }
         Mode::Slow(delay) => tokio::time::sleep(delay).await,
+        Mode::Redirect if matches!(route, Route::Jwks) => {
+            let mut resp = empty(StatusCode::FOUND);
+            let location = shared.jwks_url.replace("/jwks", "/moved");
+            resp.headers_mut().insert(
+                hyper::header::LOCATION,
+                HeaderValue::from_str(&location).expect("a valid Location"),
+            );
+            return Ok(resp);
+        }
+        Mode::Redirect => {}
     }
     Ok(match route {
         Route::Jwks => {
@@ -376,6 +419,7 @@ async fn respond(
             }
             None => empty(StatusCode::NOT_FOUND),
         },
+        Route::Moved => json_response(moved_jwks),
         Route::NotFound => empty(StatusCode::NOT_FOUND),
     })
 }
