@@ -108,6 +108,9 @@ impl Authority {
         } else {
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            if spec.signing {
+                params.key_usages.push(KeyUsagePurpose::KeyCertSign);
+            }
         }
         params.extended_key_usages = vec![if spec.client_auth {
             ExtendedKeyUsagePurpose::ClientAuth
@@ -135,6 +138,8 @@ pub struct LeafSpec {
     pub not_after: OffsetDateTime,
     pub client_auth: bool,
     pub ca: bool,
+    /// Key usage keyCertSign on a leaf that is not a CA (X509-SVID forbids it; for tests).
+    pub signing: bool,
 }
 
 impl LeafSpec {
@@ -161,6 +166,7 @@ impl LeafSpec {
             not_after: now + Duration::days(1),
             client_auth: true,
             ca: false,
+            signing: false,
         }
     }
 }

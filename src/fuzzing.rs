@@ -495,6 +495,7 @@ pub fn issued_certificate(data: &[u8]) {
             not_after: timestamp(at(*na)),
             client_auth,
             ca,
+            signing: false,
         };
         let issuer = if by_root { &w.root } else { &w.inter };
         Some(Issued {

@@ -313,7 +313,25 @@ async fn bad_certificates_are_denied_with_their_exact_reason() {
         .uris
         .push("spiffe://example.org/ns/test/sa/other".into());
     let foreign = LeafSpec::spiffe("spiffe://evil.org/ns/test/sa/reader");
+    let mut signing = spec.clone();
+    signing.signing = true;
+    let max = portcullis::config::DEFAULT_CERT_MAX_SIZE;
     let cases: Vec<(&str, String, CertRejection)> = vec![
+        (
+            "a SPIFFE leaf that may sign certificates",
+            w.inter.issue(&signing).envoy_encoded(),
+            CertRejection::SpiffeSigningLeaf,
+        ),
+        (
+            "over the size limit",
+            // A real certificate, padded past the limit with PEM line breaks.
+            format!(
+                "{}{}",
+                w.inter.issue(&spec).envoy_encoded(),
+                "%0A".repeat(max / 3 + 1)
+            ),
+            CertRejection::TooLarge { max },
+        ),
         (
             "other CA",
             w.other_ca.issue(&spec).envoy_encoded(),
