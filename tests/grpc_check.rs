@@ -192,6 +192,32 @@ async fn invalid_tokens_are_401_invalid_token_with_their_exact_reason() {
             })),
             TokenRejection::MissingAudience,
         ),
+        // Claims of the wrong type are refused, never read as absent.
+        (
+            "exp not a number",
+            w.es.sign(&with(|c| c["exp"] = json!("tomorrow"))),
+            TokenRejection::InvalidClaim("exp".into()),
+        ),
+        (
+            "nbf not a number",
+            w.es.sign(&with(|c| c["nbf"] = json!("later"))),
+            TokenRejection::InvalidClaim("nbf".into()),
+        ),
+        (
+            "aud not a string",
+            w.es.sign(&with(|c| c["aud"] = json!(["orders", 7]))),
+            TokenRejection::InvalidClaim("aud".into()),
+        ),
+        (
+            "sub not a string",
+            w.es.sign(&with(|c| c["sub"] = json!(42))),
+            TokenRejection::InvalidClaim("sub".into()),
+        ),
+        (
+            "cnf thumbprint not a string",
+            w.es.sign(&with(|c| c["cnf"] = json!({"x5t#S256": 1}))),
+            TokenRejection::InvalidClaim("cnf".into()),
+        ),
         (
             "wrong iss",
             w.es.sign(&with(|c| c["iss"] = json!("https://evil.test"))),
