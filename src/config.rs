@@ -62,6 +62,8 @@ struct RawLimits {
     max_concurrent: Option<usize>,
     max_streams_per_connection: Option<u32>,
     request_timeout: Option<String>,
+    max_http_connections: Option<usize>,
+    http_header_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,6 +239,11 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// The longest a decision may take (only a key refresh waits); past it, `deadline`.
     pub request_timeout: Duration,
+    /// Most open connections on the HTTP listener; more wait in the kernel's backlog.
+    pub max_http_connections: usize,
+    /// The longest an HTTP client may take to send a request's headers (also the longest an
+    /// idle keep-alive connection is kept); past it, the connection is closed.
+    pub http_header_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -248,6 +255,8 @@ impl Default for Limits {
             max_concurrent: 1024,
             max_streams_per_connection: 1024,
             request_timeout: Duration::from_millis(180),
+            max_http_connections: 1024,
+            http_header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -801,6 +810,15 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             defaults.request_timeout,
             problems,
         ),
+        max_http_connections: l
+            .max_http_connections
+            .unwrap_or(defaults.max_http_connections),
+        http_header_timeout: duration(
+            "limits.http_header_timeout",
+            l.http_header_timeout,
+            defaults.http_header_timeout,
+            problems,
+        ),
     };
     let zero = [
         ("max_message_bytes", limits.max_message_bytes == 0),
@@ -812,6 +830,8 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             limits.max_streams_per_connection == 0,
         ),
         ("request_timeout", limits.request_timeout.is_zero()),
+        ("max_http_connections", limits.max_http_connections == 0),
+        ("http_header_timeout", limits.http_header_timeout.is_zero()),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));

@@ -305,3 +305,68 @@ async fn traefik_style_certificate_headers_are_read_too() {
         401
     );
 }
+
+/// A client that never finishes its headers is cut off after `http_header_timeout`, and
+/// clients holding every one of `max_http_connections` keep others waiting only that long:
+/// the HTTP listener cannot be taken by slow or stalled clients (slowloris).
+#[tokio::test]
+async fn stalled_http_clients_are_cut_off_and_cannot_take_the_listener() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).unwrap();
+    let config = r#"
+[server]
+http = "127.0.0.1:0"
+[limits]
+http_header_timeout = "1s"
+max_http_connections = 3
+[policy]
+dir = "policies"
+[log]
+audit = "audit.log"
+"#;
+    let server = start_server(dir, config).await;
+    let addr = server.http;
+    let stall = || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Headers begun, never finished.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        s
+    };
+    let healthz = |limit: Duration| async move {
+        reqwest::Client::builder()
+            .timeout(limit)
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+
+    // One stalled client is disconnected after the header timeout.
+    let started = Instant::now();
+    let mut one = stall().await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), one.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a stalled client was kept for over 5 s");
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_millis(900),
+        "cut off early: {held:?}"
+    );
+
+    // Stalled clients in every slot: others wait, but only until the stalls are cut off.
+    let stalled = vec![stall().await, stall().await, stall().await];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        healthz(Duration::from_millis(500)).await.is_err(),
+        "answered past max_http_connections"
+    );
+    assert_eq!(healthz(Duration::from_secs(5)).await.ok(), Some(200));
+    drop(stalled);
+}

@@ -3,15 +3,20 @@
 //! HTTP doors of `http.rs` (JSON check API, forward-auth).
 
 use crate::engine::Engine;
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// The HTTP listener's routes over a shared engine: admin endpoints, the JSON check API,
 /// and the forward-auth door when configured.
@@ -64,16 +69,62 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
     )
 }
 
-/// Serves the admin routes on a bound listener until `shutdown` completes.
+/// How long shutdown waits for open HTTP connections to finish their requests.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Serves the admin routes on a bound listener until `shutdown` completes. At most
+/// `[limits] max_http_connections` connections are open at once (more wait in the kernel's
+/// backlog), and a client gets `[limits] http_header_timeout` to send each request's headers
+/// (an idle keep-alive connection is closed after as long): a slow or stalled client holds
+/// one connection for a bounded time and never the listener.
 pub async fn serve_admin(
     listener: TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(engine).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let limits = engine.limits().clone();
+    let router = router(engine);
+    let slots = Arc::new(Semaphore::new(limits.max_http_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.http_header_timeout);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!("HTTP listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone().layer(Extension(ConnectInfo(peer))));
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!("HTTP connection from {peer} ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP listener: connections still open after {DRAIN:?}; closing them");
+    }
+    Ok(())
 }
