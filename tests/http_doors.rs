@@ -24,8 +24,16 @@ struct Doors {
     ca: Authority,
 }
 
-async fn doors() -> Doors {
+/// A server directory holding `POLICIES`.
+fn with_policies() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).unwrap();
+    dir
+}
+
+async fn doors() -> Doors {
+    let dir = with_policies();
     let ca = Authority::root("doors CA");
     let signer = TokenSigner::generate(Algorithm::ES256, "k");
     std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
@@ -34,8 +42,6 @@ async fn doors() -> Doors {
         portcullis::demo::jwks(&[&signer]),
     )
     .unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).unwrap();
     let config = r#"
 [server]
 http = "127.0.0.1:0"
@@ -313,9 +319,7 @@ async fn traefik_style_certificate_headers_are_read_too() {
 async fn stalled_http_clients_are_cut_off_and_cannot_take_the_listener() {
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).unwrap();
+    let dir = with_policies();
     let config = r#"
 [server]
 http = "127.0.0.1:0"
@@ -329,12 +333,11 @@ audit = "audit.log"
 "#;
     let server = start_server(dir, config).await;
     let addr = server.http;
-    let stall = || async move {
+    // Headers begun, never finished.
+    const PARTIAL: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: x\r\n";
+    let stall = |sent: &'static [u8]| async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        // Headers begun, never finished.
-        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
-            .await
-            .unwrap();
+        s.write_all(sent).await.unwrap();
         s
     };
     let healthz = |limit: Duration| async move {
@@ -348,20 +351,35 @@ audit = "audit.log"
             .map(|r| r.status().as_u16())
     };
 
-    // One stalled client is disconnected after the header timeout.
-    let started = Instant::now();
-    let mut one = stall().await;
+    // A stalled client is disconnected after the header timeout, whatever it stalled on:
+    // its headers or its first byte. (An HTTP/2 preface is refused at once: the listener
+    // speaks HTTP/1.1 only, so no protocol without the header timeout is reachable.)
+    let mut preface = stall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), one.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "a stalled client was kept for over 5 s");
-    let held = started.elapsed();
-    assert!(
-        held >= Duration::from_millis(900),
-        "cut off early: {held:?}"
-    );
+    let read = tokio::time::timeout(Duration::from_secs(5), preface.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "an HTTP/2 preface was kept for over 5 s");
+    for sent in [PARTIAL, b""] {
+        let started = Instant::now();
+        let mut one = stall(sent).await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), one.read_to_end(&mut rest)).await;
+        assert!(
+            read.is_ok(),
+            "a client stalled after {sent:?} was kept for over 5 s"
+        );
+        let held = started.elapsed();
+        assert!(
+            held >= Duration::from_millis(900),
+            "cut off early: {held:?}"
+        );
+    }
 
     // Stalled clients in every slot: others wait, but only until the stalls are cut off.
-    let stalled = vec![stall().await, stall().await, stall().await];
+    let stalled = vec![
+        stall(PARTIAL).await,
+        stall(PARTIAL).await,
+        stall(PARTIAL).await,
+    ];
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         healthz(Duration::from_millis(500)).await.is_err(),

@@ -65,8 +65,8 @@ pub struct PeerIdentity {
     not_before: i64,
     not_after: i64,
     sha256: [u8; 32],
-    /// The certificate's Cedar form, built on first use.
-    cedar: super::Memo<std::sync::Arc<crate::policy::mapping::PeerForm>>,
+    /// The certificate's Cedar form, built by the policy mapping on first use.
+    cedar: std::sync::OnceLock<std::sync::Arc<crate::policy::mapping::PeerForm>>,
 }
 
 impl PeerIdentity {
@@ -98,12 +98,12 @@ impl PeerIdentity {
     pub fn not_after(&self) -> i64 {
         self.not_after
     }
-    /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
-    pub(crate) fn cedar_memo(
+    pub(crate) fn cedar_form(
         &self,
-    ) -> &super::Memo<std::sync::Arc<crate::policy::mapping::PeerForm>> {
+    ) -> &std::sync::OnceLock<std::sync::Arc<crate::policy::mapping::PeerForm>> {
         &self.cedar
     }
+    /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
     pub fn thumbprint(&self) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.sha256)
     }
@@ -144,7 +144,7 @@ impl PeerIdentity {
             not_before: 0,
             not_after: i64::MAX,
             sha256: [0; 32],
-            cedar: super::Memo::new(),
+            cedar: std::sync::OnceLock::new(),
         }
     }
 }
@@ -569,7 +569,7 @@ impl PeerVerifier {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             sha256,
-            cedar: super::Memo::new(),
+            cedar: std::sync::OnceLock::new(),
         })
     }
 

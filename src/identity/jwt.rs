@@ -87,8 +87,8 @@ struct Parsed {
     /// RFC 8705 `cnf.x5t#S256`, when the token is bound to a certificate.
     x5t: Option<String>,
     claims: Map<String, Value>,
-    /// The token's Cedar form, built on first use.
-    cedar: super::Memo<Arc<crate::policy::mapping::TokenForm>>,
+    /// The token's Cedar form, built by the policy mapping on first use.
+    cedar: std::sync::OnceLock<Arc<crate::policy::mapping::TokenForm>>,
 }
 
 /// Claims of a token whose signature and claims verified. Only the verifier builds one.
@@ -128,7 +128,9 @@ impl TokenClaims {
     pub fn claims(&self) -> &Map<String, Value> {
         &self.parsed.claims
     }
-    pub(crate) fn cedar_memo(&self) -> &super::Memo<Arc<crate::policy::mapping::TokenForm>> {
+    pub(crate) fn cedar_form(
+        &self,
+    ) -> &std::sync::OnceLock<Arc<crate::policy::mapping::TokenForm>> {
         &self.parsed.cedar
     }
 }
@@ -165,7 +167,7 @@ impl TokenClaims {
                 issued_at: None,
                 x5t: None,
                 claims,
-                cedar: super::Memo::new(),
+                cedar: std::sync::OnceLock::new(),
             }),
             bound,
         }
@@ -567,7 +569,7 @@ fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed
         issued_at,
         x5t,
         claims,
-        cedar: super::Memo::new(),
+        cedar: std::sync::OnceLock::new(),
     })
 }
 

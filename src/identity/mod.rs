@@ -13,38 +13,7 @@ use crate::facts::RequestFacts;
 pub use cert::{CertRejection, PeerIdentity, PeerVerifier};
 pub use jwt::{TokenClaims, TokenRejection, TokenVerifier};
 use rustls_pki_types::UnixTime;
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
-
-/// A value worked out from a verified identity once and then kept with it (and so with
-/// the verifier caches that share the identity), such as its Cedar form. The policy layer
-/// fills it; the identity layer only carries it.
-pub(crate) struct Memo<T>(OnceLock<T>);
-
-impl<T> Memo<T> {
-    pub(crate) fn new() -> Memo<T> {
-        Memo(OnceLock::new())
-    }
-    pub(crate) fn get_or_init(&self, make: impl FnOnce() -> T) -> &T {
-        self.0.get_or_init(make)
-    }
-}
-
-impl<T: Clone> Clone for Memo<T> {
-    fn clone(&self) -> Memo<T> {
-        Memo(self.0.clone())
-    }
-}
-
-impl<T> std::fmt::Debug for Memo<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "Memo(set)"
-        } else {
-            "Memo(unset)"
-        })
-    }
-}
 
 /// What became of the client certificate.
 #[derive(Debug, Clone)]

@@ -95,7 +95,7 @@ pub struct PeerForm {
 
 impl PeerForm {
     fn of(p: &PeerIdentity) -> Arc<PeerForm> {
-        p.cedar_memo()
+        p.cedar_form()
             .get_or_init(|| {
                 let record_json = peer_record(p);
                 Arc::new(PeerForm {
@@ -125,7 +125,7 @@ pub struct TokenForm {
 
 impl TokenForm {
     fn of(t: &TokenClaims) -> Arc<TokenForm> {
-        t.cedar_memo().get_or_init(|| TokenForm::build(t)).clone()
+        t.cedar_form().get_or_init(|| TokenForm::build(t)).clone()
     }
 
     fn build(t: &TokenClaims) -> Arc<TokenForm> {
@@ -252,7 +252,7 @@ pub fn map_request_hiding(
         }),
         peer: peer.map(PeerForm::of),
         route: (!facts.context_extensions.is_empty()).then(|| json!(facts.context_extensions)),
-        binding: identity.token().is_some_and(TokenClaims::bound),
+        binding: token.as_ref().is_some_and(|(t, _)| t.bound()),
         token,
     }
 }
@@ -289,7 +289,7 @@ fn token_record(t: &TokenClaims) -> Value {
 /// A JSON value as a Cedar restricted expression: arrays become sets, objects records.
 /// Nulls, non-integer numbers and values nested deeper than [`MAX_DEPTH`] have no Cedar
 /// form and are left out (so a policy reading them errors, and errors deny).
-pub(crate) fn to_cedar(v: &Value, depth: usize) -> Option<RestrictedExpression> {
+fn to_cedar(v: &Value, depth: usize) -> Option<RestrictedExpression> {
     if depth > MAX_DEPTH {
         return None;
     }
@@ -305,7 +305,7 @@ pub(crate) fn to_cedar(v: &Value, depth: usize) -> Option<RestrictedExpression> 
     }
 }
 
-pub(crate) fn record(m: &Map<String, Value>, depth: usize) -> Vec<(String, RestrictedExpression)> {
+fn record(m: &Map<String, Value>, depth: usize) -> Vec<(String, RestrictedExpression)> {
     m.iter()
         .filter_map(|(k, v)| to_cedar(v, depth + 1).map(|e| (k.clone(), e)))
         .collect()

@@ -8,8 +8,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use axum::{Extension, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
@@ -85,9 +85,11 @@ pub async fn serve_admin(
     let limits = engine.limits().clone();
     let router = router(engine);
     let slots = Arc::new(Semaphore::new(limits.max_http_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only: every door and proxy using this listener speaks HTTP/1.1, and hyper's
+    // header timeout covers an HTTP/1 connection from its first byte (hyper-util's
+    // version-sniffing auto builder would wait for a silent client without limit).
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.http_header_timeout);
     let graceful = GracefulShutdown::new();

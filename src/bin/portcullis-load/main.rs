@@ -20,12 +20,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use world::{Kind, World, WorldSpec};
 
 // The same allocator as the server binary, so that the no-op ceiling server (`--serve-noop`)
 // runs on the same stack as Portcullis.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use world::{Kind, World, WorldSpec};
 
 #[derive(Parser)]
 #[command(
