@@ -352,13 +352,13 @@ audit = "audit.log"
     };
 
     // A stalled client is disconnected after the header timeout, whatever it stalled on:
-    // its headers or its first byte. (An HTTP/2 preface is refused at once: the listener
-    // speaks HTTP/1.1 only, so no protocol without the header timeout is reachable.)
+    // its headers, its first byte or the HTTP/2 preface; an HTTP/2 client that then stops
+    // answering pings is dropped too.
     let mut preface = stall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), preface.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "an HTTP/2 preface was kept for over 5 s");
-    for sent in [PARTIAL, b""] {
+    for sent in [PARTIAL, b"", b"PRI * HTTP/2.0\r\n"] {
         let started = Instant::now();
         let mut one = stall(sent).await;
         let mut rest = Vec::new();

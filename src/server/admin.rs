@@ -8,8 +8,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use axum::{Extension, Router};
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
@@ -69,6 +69,26 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
     )
 }
 
+/// Waits, at most `limit`, until the client has sent enough for hyper-util to tell HTTP/1
+/// from HTTP/2, which it waits for without a timeout of its own: false if it has not, so
+/// that a silent client, or one stalled inside the HTTP/2 preface, is dropped.
+async fn sent_enough(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let decided = async {
+        let mut first = [0u8; PREFACE.len()];
+        loop {
+            match stream.peek(&mut first).await {
+                // Closed or failed: hyper sees it at once.
+                Ok(0) | Err(_) => return,
+                Ok(n) if n == PREFACE.len() || first[..n] != PREFACE[..n] => return,
+                // A prefix of the HTTP/2 preface so far: wait for more.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, decided).await.is_ok()
+}
+
 /// How long shutdown waits for open HTTP connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -85,13 +105,18 @@ pub async fn serve_admin(
     let limits = engine.limits().clone();
     let router = router(engine);
     let slots = Arc::new(Semaphore::new(limits.max_http_connections));
-    // HTTP/1 only: every door and proxy using this listener speaks HTTP/1.1, and hyper's
-    // header timeout covers an HTTP/1 connection from its first byte (hyper-util's
-    // version-sniffing auto builder would wait for a silent client without limit).
-    let mut builder = http1::Builder::new();
+    let wait = limits.http_header_timeout;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.http_header_timeout);
+        .header_read_timeout(wait);
+    // An HTTP/2 client that stops answering pings is dropped as late.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(wait)
+        .keep_alive_timeout(wait);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -115,6 +140,9 @@ pub async fn serve_admin(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            if !sent_enough(&stream, wait).await {
+                return;
+            }
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!("HTTP connection from {peer} ended: {e}");
