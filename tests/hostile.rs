@@ -810,6 +810,29 @@ async fn deeply_nested_inputs_are_refused_or_ignored_never_a_crash() {
         assert_eq!(resp.status().as_u16(), status, "{what}");
         server.assert_serves(what).await;
     }
+    // The 413 is sent before the body is read. A client that goes on sending all of it is
+    // not reset (the listener drains before it closes), and then reads its 413: a reset
+    // would fail its writes, and a client that stops at a failed write (as hyper's does)
+    // would lose the reply.
+    let mut raw = TcpStream::connect(server.http).await.expect("connect");
+    let head = format!(
+        "POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+        4 * MIB
+    );
+    raw.write_all(head.as_bytes()).await.expect("head");
+    let chunk = vec![b'['; 64 * 1024];
+    for _ in 0..64 {
+        raw.write_all(&chunk)
+            .await
+            .expect("the listener reset a client still sending its body");
+    }
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), raw.read_to_end(&mut reply))
+        .await
+        .expect("the listener closed")
+        .expect("the reply, not a reset");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     // And a sane JSON request still gets its decision.
     let sane = portcullis::proto::to_json(
         "envoy.service.auth.v3.CheckRequest",

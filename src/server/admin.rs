@@ -2,6 +2,7 @@
 //! must have keys at start has them), `/metrics` (Prometheus, OpenMetrics text), and the
 //! HTTP doors of `http.rs` (JSON check API, forward-auth).
 
+use super::linger::Lingering;
 use crate::engine::Engine;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
@@ -95,7 +96,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Serves the admin routes on a bound listener until `shutdown` completes. At most
 /// `[limits] max_http_connections` connections are open at once (more wait in the kernel's
 /// backlog), and a client gets `[limits] http_header_timeout` to send each request's headers
-/// (an idle keep-alive connection is closed after as long): a slow or stalled client holds
+/// (an idle keep-alive connection is closed after as long), and a closing connection drains
+/// what the client still sends for at most as long again: a slow or stalled client holds
 /// one connection for a bounded time and never the listener.
 pub async fn serve_admin(
     listener: TcpListener,
@@ -143,6 +145,9 @@ pub async fn serve_admin(
             if !sent_enough(&stream, wait).await {
                 return;
             }
+            // Lingering, so that a reply sent before the request's body was read (a 413)
+            // is not lost to a reset when the connection closes.
+            let stream = Lingering::new(stream, wait);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!("HTTP connection from {peer} ended: {e}");

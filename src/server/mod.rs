@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod grpc;
 pub mod http;
+mod linger;
 pub mod listen;
 
 pub use grpc::{AuthorizationService, serve, serve_on};
