@@ -1,12 +1,16 @@
 //! The default request mapping: request facts and verified identity in; the Cedar
 //! principal, action, resource, context and per-request entities out. Context values are
 //! first built as a plain JSON tree (shown verbatim by `portcullis check`), then turned
-//! directly into Cedar restricted expressions, never through Cedar's JSON parser.
+//! directly into Cedar's evaluated values, never through Cedar's JSON parser or its
+//! expression evaluator; the records of a certificate and a token are turned once and
+//! shared by every request that carries them.
 
 use crate::facts::RequestFacts;
 use crate::identity::{Identity, PeerIdentity, TokenClaims};
 use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
+use cedar_policy_core::ast::{Context as CoreContext, Value as CedarValue};
 use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 
@@ -90,7 +94,7 @@ pub struct CedarRequest {
 /// identity (so in the certificate cache too): a warm request reuses it.
 pub struct PeerForm {
     record_json: Value,
-    record: Option<RestrictedExpression>,
+    record: Option<CedarValue>,
 }
 
 impl PeerForm {
@@ -99,7 +103,7 @@ impl PeerForm {
             .get_or_init(|| {
                 let record_json = peer_record(p);
                 Arc::new(PeerForm {
-                    record: to_cedar(&record_json, 1),
+                    record: to_value(&record_json, 1),
                     record_json,
                 })
             })
@@ -113,7 +117,7 @@ impl PeerForm {
 /// the request's certificate, is worked out per request. It takes about 11 KB per token
 /// (docs/PERFORMANCE.md); its JSON form is not kept, only rebuilt for display.
 pub struct TokenForm {
-    record: Option<RestrictedExpression>,
+    record: Option<CedarValue>,
     principal: Uid,
     parents: Vec<Uid>,
     parent_uids: Result<Vec<EntityUid>, String>,
@@ -162,7 +166,7 @@ impl TokenForm {
                 .map_err(|e| format!("principal entity: {e}"))
         });
         Arc::new(TokenForm {
-            record: to_cedar(&token_record(t), 1),
+            record: to_value(&token_record(t), 1),
             principal,
             parents,
             parent_uids,
@@ -286,29 +290,30 @@ fn token_record(t: &TokenClaims) -> Value {
     })
 }
 
-/// A JSON value as a Cedar restricted expression: arrays become sets, objects records.
-/// Nulls, non-integer numbers and values nested deeper than [`MAX_DEPTH`] have no Cedar
-/// form and are left out (so a policy reading them errors, and errors deny).
-fn to_cedar(v: &Value, depth: usize) -> Option<RestrictedExpression> {
+/// A JSON value as a Cedar value: arrays become sets, objects records. Nulls,
+/// non-integer numbers and values nested deeper than [`MAX_DEPTH`] have no Cedar form and
+/// are left out (so a policy reading them errors, and errors deny). The value is what
+/// Cedar's own evaluation of the same restricted expression gives (tested below), built
+/// without evaluating anything.
+fn to_value(v: &Value, depth: usize) -> Option<CedarValue> {
     if depth > MAX_DEPTH {
         return None;
     }
     match v {
         Value::Null => None,
-        Value::Bool(b) => Some(RestrictedExpression::new_bool(*b)),
-        Value::Number(n) => n.as_i64().map(RestrictedExpression::new_long),
-        Value::String(s) => Some(RestrictedExpression::new_string(s.clone())),
-        Value::Array(items) => Some(RestrictedExpression::new_set(
-            items.iter().filter_map(|i| to_cedar(i, depth + 1)),
+        Value::Bool(b) => Some(CedarValue::from(*b)),
+        Value::Number(n) => n.as_i64().map(CedarValue::from),
+        Value::String(s) => Some(CedarValue::from(s.as_str())),
+        Value::Array(items) => Some(CedarValue::set(
+            items.iter().filter_map(|i| to_value(i, depth + 1)),
+            None,
         )),
-        Value::Object(m) => RestrictedExpression::new_record(record(m, depth)).ok(),
+        Value::Object(m) => Some(CedarValue::record(
+            m.iter()
+                .filter_map(|(k, v)| to_value(v, depth + 1).map(|e| (k.as_str(), e))),
+            None,
+        )),
     }
-}
-
-fn record(m: &Map<String, Value>, depth: usize) -> Vec<(String, RestrictedExpression)> {
-    m.iter()
-        .filter_map(|(k, v)| to_cedar(v, depth + 1).map(|e| (k.clone(), e)))
-        .collect()
 }
 
 impl CedarRequest {
@@ -334,24 +339,24 @@ impl CedarRequest {
         Value::Object(c)
     }
 
-    /// The context as Cedar takes it; the certificate's and the token's parts come
-    /// ready-made from their forms.
-    pub(crate) fn cedar_context(&self) -> Result<Context, String> {
-        let part = |name: &str, e: Option<RestrictedExpression>| e.map(|e| (name.to_string(), e));
+    /// The context as Cedar takes it, already evaluated; the certificate's and the token's
+    /// parts are shared from their forms (a clone of a Cedar value is a reference count).
+    pub(crate) fn cedar_context(&self) -> Context {
         let pairs = [
-            part("request", to_cedar(&self.request, 1)),
-            part("peer", self.peer.as_ref().and_then(|p| p.record.clone())),
-            part(
+            ("request", to_value(&self.request, 1)),
+            ("peer", self.peer.as_ref().and_then(|p| p.record.clone())),
+            (
                 "token",
                 self.token.as_ref().and_then(|(_, t)| t.record.clone()),
             ),
-            part("route", self.route.as_ref().and_then(|r| to_cedar(r, 1))),
-            part(
-                "binding",
-                Some(RestrictedExpression::new_bool(self.binding)),
-            ),
+            ("route", self.route.as_ref().and_then(|r| to_value(r, 1))),
+            ("binding", Some(CedarValue::from(self.binding))),
         ];
-        Context::from_pairs(pairs.into_iter().flatten()).map_err(|e| format!("context: {e}"))
+        let record: BTreeMap<_, _> = pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.into(), v)))
+            .collect();
+        Context::from(CoreContext::Value(Arc::new(record)))
     }
 
     /// The per-request entities: the principal (merged with a static entity of the same
@@ -397,5 +402,75 @@ impl CedarRequest {
             out.push(Entity::with_uid(resource));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The restricted expression Cedar would evaluate for a JSON value, as the mapping
+    /// built it before it made values directly: the reference for [`to_value`].
+    fn to_restricted(v: &Value, depth: usize) -> Option<RestrictedExpression> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match v {
+            Value::Null => None,
+            Value::Bool(b) => Some(RestrictedExpression::new_bool(*b)),
+            Value::Number(n) => n.as_i64().map(RestrictedExpression::new_long),
+            Value::String(s) => Some(RestrictedExpression::new_string(s.clone())),
+            Value::Array(items) => Some(RestrictedExpression::new_set(
+                items.iter().filter_map(|i| to_restricted(i, depth + 1)),
+            )),
+            Value::Object(m) => RestrictedExpression::new_record(
+                m.iter()
+                    .filter_map(|(k, v)| to_restricted(v, depth + 1).map(|e| (k.clone(), e))),
+            )
+            .ok(),
+        }
+    }
+
+    fn nested(depth: usize) -> Value {
+        (0..depth).fold(
+            json!("leaf"),
+            |inner, _| json!({ "a": inner, "n": [1, inner] }),
+        )
+    }
+
+    /// Building values directly gives exactly the context Cedar's own evaluation of the
+    /// same expressions gives: same values, same sets (order and duplicates), the same
+    /// parts left out (nulls, floats, too deep).
+    #[test]
+    fn direct_values_equal_cedar_evaluation() {
+        let cases = [
+            json!(true),
+            json!(-7),
+            json!(i64::MAX),
+            json!(u64::MAX),
+            json!(1.5),
+            json!(null),
+            json!(""),
+            json!("ünïcode \" \\ \n"),
+            json!([]),
+            json!({}),
+            json!([3, 1, 2, 1, "a", true, null, 2.5, [1], {"k": 1}]),
+            json!(["b", "a", "b"]),
+            json!({"x": null, "y": 1.5, "z": [null], "w": {"v": null}}),
+            json!({"aud": ["api", "web"], "scope": "read write", "exp": 1_700_000_000}),
+            nested(MAX_DEPTH - 1),
+            nested(MAX_DEPTH),
+            nested(MAX_DEPTH + 3),
+        ];
+        for v in cases {
+            let by_cedar = Context::from_pairs(to_restricted(&v, 1).map(|e| ("v".to_string(), e)))
+                .expect("cedar evaluates it");
+            let direct: BTreeMap<_, _> = to_value(&v, 1)
+                .map(|c| ("v".into(), c))
+                .into_iter()
+                .collect();
+            let direct = Context::from(CoreContext::Value(Arc::new(direct)));
+            assert_eq!(direct, by_cedar, "{v}");
+        }
     }
 }

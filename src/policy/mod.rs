@@ -43,10 +43,7 @@ impl PolicySnapshot {
             Ok(e) => e,
             Err(e) => return deny(request, e),
         };
-        let context = match request.cedar_context() {
-            Ok(c) => c,
-            Err(e) => return deny(request, e),
-        };
+        let context = request.cedar_context();
         let uids = (|| {
             Ok::<_, String>((
                 request.principal.to_cedar()?,
