@@ -21,6 +21,16 @@ struct Setup {
 }
 
 fn setup(extra_config: &str, policies: &str, with_peer: bool) -> Setup {
+    setup_with_entities(extra_config, policies, with_peer, None)
+}
+
+/// [`setup`], with a static entities file when `entities` is given.
+fn setup_with_entities(
+    extra_config: &str,
+    policies: &str,
+    with_peer: bool,
+    entities: Option<serde_json::Value>,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = Authority::root("engine test CA");
     let signer = TokenSigner::generate(Algorithm::ES256, "k1");
@@ -37,8 +47,15 @@ fn setup(extra_config: &str, policies: &str, with_peer: bool) -> Setup {
     } else {
         ""
     };
+    let entities_line = match entities {
+        Some(e) => {
+            std::fs::write(dir.path().join("entities.json"), e.to_string()).unwrap();
+            "entities = \"entities.json\"\n"
+        }
+        None => "",
+    };
     let text = format!(
-        "{extra_config}\n{peer}\n[[issuer]]\nissuer = \"https://idp\"\naudiences = [\"api\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\n\n[policy]\ndir = \"policies\"\n"
+        "{extra_config}\n{peer}\n[[issuer]]\nissuer = \"https://idp\"\naudiences = [\"api\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\n\n[policy]\ndir = \"policies\"\n{entities_line}"
     );
     let settings = Settings::from_toml(&text, dir.path()).unwrap();
     let engine = Engine::load(&settings).unwrap();
@@ -190,6 +207,58 @@ fn policies_see_claims_scopes_and_groups() {
             .check(&request("/x", None, Some(token(&s, c))), SystemTime::now());
         assert!(!d.allowed(), "changing {k} must deny");
         assert_eq!(d.denial, Some(DenyReason::NoPermit { anonymous: false }));
+    }
+}
+
+/// A token's user that is also a static entity keeps what the operator gave it (its
+/// attributes and parents) and gains the token's issuer, groups and tags; a token cannot
+/// overwrite the static attributes it does not carry.
+#[test]
+fn a_tokens_user_that_is_a_static_entity_keeps_its_attributes_and_parents() {
+    let policy = r#"
+        permit (principal in Group::"order-admins", action, resource)
+        when {
+            principal.department == "sales" &&
+            principal.issuer == "https://idp" &&
+            principal in Group::"token-group" &&
+            principal.hasTag("email") && principal.getTag("email") == "a@example.org"
+        };
+    "#;
+    let entities = json!([
+        {
+            "uid": { "type": "User", "id": "alice" },
+            "attrs": { "department": "sales", "issuer": "static, overridden by the token" },
+            "parents": [{ "type": "Group", "id": "order-admins" }]
+        },
+        { "uid": { "type": "Group", "id": "order-admins" }, "attrs": {}, "parents": [] }
+    ]);
+    let s = setup_with_entities("", policy, false, Some(entities));
+    let claims = json!({ "email": "a@example.org", "groups": ["token-group"] });
+    let d = s.engine.check(
+        &request("/x", None, Some(token(&s, claims.clone()))),
+        SystemTime::now(),
+    );
+    assert!(d.allowed(), "{:?}", d.reasons);
+    // Each part the permit needs, taken away in turn, denies.
+    let mut other_user = claims.clone();
+    other_user["sub"] = json!("bob");
+    let mut no_group = claims.clone();
+    no_group["groups"] = json!([]);
+    let mut other_email = claims.clone();
+    other_email["email"] = json!("b@example.org");
+    for (what, c) in [
+        ("a user with no static entity", other_user),
+        ("without the token's group", no_group),
+        ("another email tag", other_email),
+    ] {
+        let d = s
+            .engine
+            .check(&request("/x", None, Some(token(&s, c))), SystemTime::now());
+        assert_eq!(
+            d.denial,
+            Some(DenyReason::NoPermit { anonymous: false }),
+            "{what}"
+        );
     }
 }
 

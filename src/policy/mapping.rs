@@ -114,15 +114,13 @@ impl PeerForm {
 /// A verified token as Cedar sees it: `context.token` and the `User` principal with the
 /// token's groups, attributes and tags. Built once per token and kept with its claims (so
 /// in the token cache too): a warm request reuses it. Only the binding, which depends on
-/// the request's certificate, is worked out per request. It takes about 11 KB per token
+/// the request's certificate, is worked out per request. It takes about 10 KB per token
 /// (docs/PERFORMANCE.md); its JSON form is not kept, only rebuilt for display.
 pub struct TokenForm {
     record: Option<CedarValue>,
     principal: Uid,
     parents: Vec<Uid>,
     parent_uids: Result<Vec<EntityUid>, String>,
-    attrs: Vec<(String, RestrictedExpression)>,
-    tags: Vec<(String, RestrictedExpression)>,
     /// The principal entity when no static entity shares its id (the usual case).
     entity: Result<Entity, String>,
 }
@@ -143,26 +141,9 @@ impl TokenForm {
             .iter()
             .map(Uid::to_cedar)
             .collect::<Result<Vec<_>, _>>();
-        let attrs = vec![(
-            "issuer".to_string(),
-            RestrictedExpression::new_string(t.issuer().to_string()),
-        )];
-        // Scalar claims, as strings, are the user's tags.
-        let tags: Vec<(String, RestrictedExpression)> = t
-            .claims()
-            .iter()
-            .filter_map(|(k, v)| {
-                let s = match v {
-                    Value::String(s) => s.clone(),
-                    Value::Bool(_) | Value::Number(_) => v.to_string(),
-                    _ => return None,
-                };
-                Some((k.clone(), RestrictedExpression::new_string(s)))
-            })
-            .collect();
         let entity = principal.to_cedar().and_then(|uid| {
             let parents = parent_uids.clone()?;
-            Entity::new_with_tags(uid, attrs.clone(), parents, tags.clone())
+            Entity::new_with_tags(uid, user_attrs(t), parents, user_tags(t))
                 .map_err(|e| format!("principal entity: {e}"))
         });
         Arc::new(TokenForm {
@@ -170,26 +151,49 @@ impl TokenForm {
             principal,
             parents,
             parent_uids,
-            attrs,
-            tags,
             entity,
         })
     }
 
     /// The principal entity merged with a static entity of the same id, whose parents and
-    /// attributes it keeps (the token's attributes win).
-    fn merged_with(&self, existing: Entity) -> Result<Entity, String> {
+    /// attributes it keeps (the token's attributes win). Rare, so built per request rather
+    /// than kept with every token.
+    fn merged_with(&self, t: &TokenClaims, existing: Entity) -> Result<Entity, String> {
         let (uid, attrs, parents) = existing.into_inner();
+        let own = user_attrs(t);
         let mut attrs: Vec<(String, RestrictedExpression)> = attrs
             .into_iter()
-            .filter(|(k, _)| !self.attrs.iter().any(|(a, _)| a == k))
+            .filter(|(k, _)| !own.iter().any(|(a, _)| a == k))
             .collect();
-        attrs.extend(self.attrs.iter().cloned());
+        attrs.extend(own);
         let mut parents: Vec<EntityUid> = parents.into_iter().collect();
         parents.extend(self.parent_uids.clone()?);
-        Entity::new_with_tags(uid, attrs, parents, self.tags.clone())
+        Entity::new_with_tags(uid, attrs, parents, user_tags(t))
             .map_err(|e| format!("principal entity: {e}"))
     }
+}
+
+/// A token's user's attributes: its issuer.
+fn user_attrs(t: &TokenClaims) -> Vec<(String, RestrictedExpression)> {
+    vec![(
+        "issuer".to_string(),
+        RestrictedExpression::new_string(t.issuer().to_string()),
+    )]
+}
+
+/// A token's user's tags: its scalar claims, as strings.
+fn user_tags(t: &TokenClaims) -> Vec<(String, RestrictedExpression)> {
+    t.claims()
+        .iter()
+        .filter_map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Bool(_) | Value::Number(_) => v.to_string(),
+                _ => return None,
+            };
+            Some((k.clone(), RestrictedExpression::new_string(s)))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for PeerForm {
@@ -367,14 +371,13 @@ impl CedarRequest {
     ) -> Result<Vec<Entity>, String> {
         let mut out = Vec::with_capacity(2);
         let uid = self.principal.to_cedar()?;
-        match (
-            self.token.as_ref().map(|(_, t)| t),
-            static_entities.get(&uid),
-        ) {
+        match (self.token.as_ref(), static_entities.get(&uid)) {
             // Static workloads and users already carry what the operator gave them;
             // only a token's user gains the token's groups, attributes and tags.
-            (Some(t), None) => out.push(t.entity.clone()?),
-            (Some(t), Some(existing)) => out.push(t.merged_with(existing.clone())?),
+            (Some((_, form)), None) => out.push(form.entity.clone()?),
+            (Some((claims, form)), Some(existing)) => {
+                out.push(form.merged_with(claims, existing.clone())?)
+            }
             (None, Some(_)) => {}
             (None, None) => out.push(Entity::with_uid(uid)),
         }
