@@ -179,9 +179,13 @@ mod tests {
         std::fs::write(&watched, "one").expect("write");
         let reloads = Arc::new(AtomicUsize::new(0));
         let counter = reloads.clone();
-        let _guard = watch(&[watched.clone()], &[policies.clone()], move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-        })
+        let _guard = watch(
+            std::slice::from_ref(&watched),
+            std::slice::from_ref(&policies),
+            move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+        )
         .expect("watch");
 
         for n in 0..20 {
