@@ -430,6 +430,11 @@ impl Engine {
         self.verifier.tokens().cached()
     }
 
+    /// Forged tokens (signature failed) held in their cache now.
+    pub fn cached_forgeries(&self) -> usize {
+        self.verifier.tokens().forgeries()
+    }
+
     /// A place among the `max_concurrent` requests being decided, or `None` when full.
     fn admit(&self) -> Option<Admission<'_>> {
         let max = self.settings.limits.max_concurrent;

@@ -125,6 +125,64 @@ fn a_cached_token_is_dropped_when_its_key_leaves_the_key_set() {
     ));
 }
 
+/// A token whose signature failed is remembered, so that sending it again costs no
+/// signature check, but only while the key set it failed against is current: once the
+/// issuer publishes the key that signed it, it verifies.
+#[test]
+fn a_forged_token_is_remembered_only_while_the_keys_it_failed_against_are_current() {
+    let s = setup("");
+    let now = SystemTime::now();
+    // Another key under the issuer's key id.
+    let rogue = TokenSigner::generate(Algorithm::ES256, "k1");
+    let forged = rogue.sign(&claims(now, json!({})));
+    for _ in 0..2 {
+        assert_eq!(
+            denial(&s.engine, None, Some(&forged), now),
+            Some(DenyReason::Token(TokenRejection::BadSignature))
+        );
+        assert_eq!(s.engine.cached_forgeries(), 1);
+        assert_eq!(s.engine.cached_tokens(), 0);
+    }
+    // The issuer rotates to the key that signed it: the same bytes now verify.
+    write(
+        s.dir.path(),
+        "jwks.json",
+        &portcullis::demo::jwks(&[&rogue]),
+    );
+    s.engine.reload().expect("reload");
+    assert_eq!(denial(&s.engine, None, Some(&forged), now), None);
+    assert_eq!(s.engine.cached_tokens(), 1);
+}
+
+/// Forgeries have a cache of their own: a flood of distinct ones does not evict the
+/// verified tokens, and stays bounded.
+#[test]
+fn a_flood_of_forged_tokens_does_not_evict_verified_ones() {
+    let s = setup("[cache]\ntokens = 16");
+    let now = SystemTime::now();
+    let good = s.signer.sign(&claims(now, json!({})));
+    assert_eq!(denial(&s.engine, None, Some(&good), now), None);
+    let rogue = TokenSigner::generate(Algorithm::ES256, "k1");
+    for i in 0..64 {
+        let forged = rogue.sign(&claims(now, json!({"jti": format!("forged-{i}")})));
+        assert_eq!(
+            denial(&s.engine, None, Some(&forged), now),
+            Some(DenyReason::Token(TokenRejection::BadSignature))
+        );
+    }
+    assert!(
+        (1..=16).contains(&s.engine.cached_forgeries()),
+        "{} forgeries cached with room for 16",
+        s.engine.cached_forgeries()
+    );
+    assert_eq!(
+        s.engine.cached_tokens(),
+        1,
+        "the verified token was evicted"
+    );
+    assert_eq!(denial(&s.engine, None, Some(&good), now), None);
+}
+
 #[test]
 fn a_cached_token_still_expires() {
     let s = setup("");
@@ -133,10 +191,15 @@ fn a_cached_token_still_expires() {
     assert_eq!(denial(&s.engine, None, Some(&token), now), None);
     assert_eq!(s.engine.cached_tokens(), 1);
     let later = now + Duration::from_secs(601);
-    assert_eq!(
-        denial(&s.engine, None, Some(&token), later),
-        Some(DenyReason::Token(TokenRejection::Expired))
-    );
+    // Refused on every use; it stays cached, so a client that keeps sending it costs no
+    // signature check.
+    for _ in 0..2 {
+        assert_eq!(
+            denial(&s.engine, None, Some(&token), later),
+            Some(DenyReason::Token(TokenRejection::Expired))
+        );
+        assert_eq!(s.engine.cached_tokens(), 1);
+    }
     // Not yet valid is checked on every use too.
     let early = s
         .signer

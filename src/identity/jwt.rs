@@ -182,6 +182,17 @@ struct CachedToken {
     parsed: Arc<Parsed>,
 }
 
+/// A token whose signature did not verify against `keys`, the key set of `issuer` then.
+/// Kept apart from the verified tokens, in a small cache of its own, so that a flood of
+/// distinct forgeries can evict only other forgeries.
+struct Forgery {
+    issuer: String,
+    keys: Arc<KeySnapshot>,
+}
+
+/// Most forged tokens remembered (when the token cache is on).
+const MAX_FORGERIES: usize = 1024;
+
 struct Issuer {
     settings: IssuerSettings,
     keys: KeyCell,
@@ -193,6 +204,9 @@ pub struct TokenVerifier {
     max_size: usize,
     revoked: Arc<ArcSwap<RevocationList>>,
     cache: Option<quick_cache::sync::Cache<[u8; 32], Arc<CachedToken>>>,
+    /// Tokens whose signature failed, so that one sent again is refused without another
+    /// signature check.
+    forgeries: Option<quick_cache::sync::Cache<[u8; 32], Arc<Forgery>>>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -255,6 +269,8 @@ impl TokenVerifier {
                 max_size: token.max_size,
                 revoked: Arc::new(ArcSwap::from_pointee(revoked)),
                 cache: (cache > 0).then(|| quick_cache::sync::Cache::new(cache)),
+                forgeries: (cache > 0)
+                    .then(|| quick_cache::sync::Cache::new(cache.min(MAX_FORGERIES))),
             })
         } else {
             Err(problems)
@@ -291,17 +307,22 @@ impl TokenVerifier {
             (Some(cache), Some(key)) => cache.get(key),
             _ => None,
         };
+        if cached.is_none()
+            && let (Some(forgeries), Some(key)) = (&self.forgeries, &key)
+            && let Some(forgery) = forgeries.get(key)
+            && self.current_keys_are(&forgery.issuer, &forgery.keys)
+        {
+            if let Some(issuer) = self.issuers.get(&forgery.issuer) {
+                check_fresh(&issuer.settings, &forgery.keys, now)?;
+            }
+            // The same bytes against the same keys: the signature fails again.
+            return Err(TokenRejection::BadSignature);
+        }
         let (settings, parsed) = match cached {
             Some(hit) => match self.issuers.get(&hit.parsed.issuer) {
                 // SECURITY: only while the key set that verified it is still the current
                 // one; a rotation or a refetch sends the token through verification again.
-                Some(issuer)
-                    if issuer
-                        .keys
-                        .load()
-                        .as_ref()
-                        .is_some_and(|current| Arc::ptr_eq(current, &hit.keys)) =>
-                {
+                Some(issuer) if self.current_keys_are(&hit.parsed.issuer, &hit.keys) => {
                     check_fresh(&issuer.settings, &hit.keys, now)?;
                     (&issuer.settings, hit.parsed.clone())
                 }
@@ -309,13 +330,9 @@ impl TokenVerifier {
             },
             None => self.verify_uncached(token, key, now)?,
         };
-        let bound = check_current(settings, &parsed, peer, now).inspect_err(|e| {
-            if *e == TokenRejection::Expired
-                && let (Some(cache), Some(key)) = (&self.cache, &key)
-            {
-                cache.remove(key);
-            }
-        })?;
+        // An expired token stays cached: the time is checked here on every use, and a
+        // client that keeps sending it is refused without another signature check.
+        let bound = check_current(settings, &parsed, peer, now)?;
         let revoked = self.revoked.load();
         let jti = parsed.claims.get("jti").and_then(Value::as_str);
         if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&parsed.subject) {
@@ -384,6 +401,20 @@ impl TokenVerifier {
                     issuer: s.issuer.clone(),
                     kid,
                 },
+                // Only a signature that failed against a key is remembered; an unknown key
+                // may yet arrive with a refresh.
+                TokenRejection::BadSignature => {
+                    if let (Some(forgeries), Some(key)) = (&self.forgeries, key) {
+                        forgeries.insert(
+                            key,
+                            Arc::new(Forgery {
+                                issuer: s.issuer.clone(),
+                                keys: snapshot.clone(),
+                            }),
+                        );
+                    }
+                    TokenRejection::BadSignature
+                }
                 other => other,
             },
         )?;
@@ -400,9 +431,24 @@ impl TokenVerifier {
         Ok((s, parsed))
     }
 
+    /// True while `keys` is `issuer`'s current key set.
+    fn current_keys_are(&self, issuer: &str, keys: &Arc<KeySnapshot>) -> bool {
+        self.issuers.get(issuer).is_some_and(|i| {
+            i.keys
+                .load()
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, keys))
+        })
+    }
+
     /// Verified tokens remembered now.
     pub fn cached(&self) -> usize {
         self.cache.as_ref().map_or(0, |c| c.len())
+    }
+
+    /// Forged tokens (signature failed) remembered now.
+    pub fn forgeries(&self) -> usize {
+        self.forgeries.as_ref().map_or(0, |c| c.len())
     }
 }
 
