@@ -76,16 +76,15 @@ pub fn watch(
         if name.to_string_lossy().starts_with("..") {
             return true;
         }
-        let hit = |d: &Path| {
-            dir_keys.contains(d)
-                || (names.contains(&name) && file_keys.contains(&(d.into(), name.clone())))
-        };
-        // Events name the (canonical) directories watched, so the path as reported
-        // usually decides. It is resolved only for the names of watched files: a file that
-        // shares a watched directory (an audit log written on every decision, say) must
-        // not cost a path resolution per write.
+        // Events name the (canonical) directories watched, so the path as reported decides
+        // for anything but a watched file's name: a file that shares a watched directory
+        // (an audit log written on every decision, say) costs no path resolution per write.
         let parent = p.parent().unwrap_or(Path::new(""));
-        hit(parent) || (names.contains(&name) && parent.canonicalize().is_ok_and(|d| hit(&d)))
+        if !names.contains(&name) {
+            return dir_keys.contains(parent);
+        }
+        let hit = |d: &Path| dir_keys.contains(d) || file_keys.contains(&(d.into(), name.clone()));
+        hit(parent) || parent.canonicalize().is_ok_and(|d| hit(&d))
     };
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {

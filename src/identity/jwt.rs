@@ -198,6 +198,16 @@ struct Issuer {
     keys: KeyCell,
 }
 
+impl Issuer {
+    /// True while `keys` is this issuer's current key set (the very snapshot, not an equal one).
+    fn has_current_keys(&self, keys: &Arc<KeySnapshot>) -> bool {
+        self.keys
+            .load()
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, keys))
+    }
+}
+
 /// Verifies bearer tokens for the configured issuers.
 pub struct TokenVerifier {
     issuers: HashMap<String, Issuer>,
@@ -310,11 +320,10 @@ impl TokenVerifier {
         if cached.is_none()
             && let (Some(forgeries), Some(key)) = (&self.forgeries, &key)
             && let Some(forgery) = forgeries.get(key)
-            && self.current_keys_are(&forgery.issuer, &forgery.keys)
+            && let Some(issuer) = self.issuers.get(&forgery.issuer)
+            && issuer.has_current_keys(&forgery.keys)
         {
-            if let Some(issuer) = self.issuers.get(&forgery.issuer) {
-                check_fresh(&issuer.settings, &forgery.keys, now)?;
-            }
+            check_fresh(&issuer.settings, &forgery.keys, now)?;
             // The same bytes against the same keys: the signature fails again.
             return Err(TokenRejection::BadSignature);
         }
@@ -322,7 +331,7 @@ impl TokenVerifier {
             Some(hit) => match self.issuers.get(&hit.parsed.issuer) {
                 // SECURITY: only while the key set that verified it is still the current
                 // one; a rotation or a refetch sends the token through verification again.
-                Some(issuer) if self.current_keys_are(&hit.parsed.issuer, &hit.keys) => {
+                Some(issuer) if issuer.has_current_keys(&hit.keys) => {
                     check_fresh(&issuer.settings, &hit.keys, now)?;
                     (&issuer.settings, hit.parsed.clone())
                 }
@@ -395,29 +404,28 @@ impl TokenVerifier {
             .load_full()
             .ok_or_else(|| TokenRejection::KeysUnavailable(s.issuer.clone()))?;
         check_fresh(s, &snapshot, now)?;
-        let claims = verify_signature(token, alg, header.kid.as_deref(), &snapshot.keys).map_err(
-            |e| match e {
-                TokenRejection::UnknownKey { kid, .. } => TokenRejection::UnknownKey {
+        let claims = match verify_signature(token, alg, header.kid.as_deref(), &snapshot.keys) {
+            Ok(claims) => claims,
+            Err(TokenRejection::UnknownKey { kid, .. }) => {
+                return Err(TokenRejection::UnknownKey {
                     issuer: s.issuer.clone(),
                     kid,
-                },
-                // Only a signature that failed against a key is remembered; an unknown key
-                // may yet arrive with a refresh.
-                TokenRejection::BadSignature => {
-                    if let (Some(forgeries), Some(key)) = (&self.forgeries, key) {
-                        forgeries.insert(
-                            key,
-                            Arc::new(Forgery {
-                                issuer: s.issuer.clone(),
-                                keys: snapshot.clone(),
-                            }),
-                        );
-                    }
-                    TokenRejection::BadSignature
+                });
+            }
+            // Only a signature that failed against a key is remembered; an unknown key may
+            // yet arrive with a refresh.
+            Err(TokenRejection::BadSignature) => {
+                if let (Some(forgeries), Some(key)) = (&self.forgeries, key) {
+                    let forgery = Forgery {
+                        issuer: s.issuer.clone(),
+                        keys: snapshot,
+                    };
+                    forgeries.insert(key, Arc::new(forgery));
                 }
-                other => other,
-            },
-        )?;
+                return Err(TokenRejection::BadSignature);
+            }
+            Err(other) => return Err(other),
+        };
         let parsed = Arc::new(parse_claims(s, claims)?);
         if let (Some(cache), Some(key)) = (&self.cache, key) {
             cache.insert(
@@ -429,16 +437,6 @@ impl TokenVerifier {
             );
         }
         Ok((s, parsed))
-    }
-
-    /// True while `keys` is `issuer`'s current key set.
-    fn current_keys_are(&self, issuer: &str, keys: &Arc<KeySnapshot>) -> bool {
-        self.issuers.get(issuer).is_some_and(|i| {
-            i.keys
-                .load()
-                .as_ref()
-                .is_some_and(|current| Arc::ptr_eq(current, keys))
-        })
     }
 
     /// Verified tokens remembered now.
