@@ -64,6 +64,7 @@ struct RawLimits {
     request_timeout: Option<String>,
     max_http_connections: Option<usize>,
     http_header_timeout: Option<String>,
+    strict_paths: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +132,8 @@ struct RawToken {
     revoked: Option<PathBuf>,
     header: Option<String>,
     cookie: Option<String>,
+    #[serde(default)]
+    pass_schemes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +167,8 @@ struct RawIssuer {
     require_binding: bool,
     groups_claim: Option<String>,
     id_prefix: Option<String>,
+    #[serde(default)]
+    claim_headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +249,9 @@ pub struct Limits {
     /// The longest an HTTP client may take to send a request's headers (also the longest an
     /// idle keep-alive connection is kept); past it, the connection is closed.
     pub http_header_timeout: Duration,
+    /// Refuse paths an upstream could decode into a different path (double encoding,
+    /// overlong UTF-8, encoded NUL, NFKC-unstable or invisible characters).
+    pub strict_paths: bool,
 }
 
 impl Default for Limits {
@@ -257,6 +265,7 @@ impl Default for Limits {
             request_timeout: Duration::from_millis(180),
             max_http_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
+            strict_paths: true,
         }
     }
 }
@@ -320,17 +329,26 @@ pub struct TokenSettings {
     pub header: Option<String>,
     /// A cookie carrying the token, tried last.
     pub cookie: Option<String>,
+    /// `Authorization` schemes other than Bearer that may pass through unverified (lower
+    /// case, e.g. "basic"); any other scheme fails the request.
+    pub pass_schemes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ResponseSettings {
     pub principal_header: String,
-    /// Upstream header name -> claim name; scalar claims only.
-    pub claim_headers: Vec<(String, String)>,
+    /// By issuer: upstream header name -> claim name; scalar claims only. A token's claims
+    /// fill only its own issuer's headers.
+    pub claim_headers: std::collections::BTreeMap<String, Vec<(String, String)>>,
+    /// Every claim header name of every issuer: removed upstream when the deciding token's
+    /// issuer did not set it.
+    pub claim_header_names: Vec<String>,
     /// Remove `Authorization` (and the configured token header) before the request goes on.
     pub strip_authorization: bool,
     /// `[token] header`, if configured.
     pub token_header: Option<String>,
+    /// `[token] cookie`, if configured.
+    pub token_cookie: Option<String>,
 }
 
 /// Where an issuer's keys come from.
@@ -413,6 +431,8 @@ pub struct IssuerSettings {
     pub require_binding: bool,
     pub groups_claim: String,
     pub id_prefix: String,
+    /// Upstream header name -> claim name, for this issuer's tokens only.
+    pub claim_headers: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -699,6 +719,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                 require_binding: r.require_binding,
                 groups_claim: r.groups_claim.unwrap_or_else(|| "groups".to_string()),
                 id_prefix: r.id_prefix.unwrap_or_default(),
+                claim_headers: r
+                    .claim_headers
+                    .into_iter()
+                    .map(|(h, c)| (header_name(&format!("{at}: claim_headers"), h, problems), c))
+                    .collect(),
                 issuer: r.issuer,
             }
         })
@@ -721,12 +746,44 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             .unwrap_or_else(|| DEFAULT_PRINCIPAL_HEADER.to_string()),
         problems,
     );
-    let claim_headers = raw
+    let global_claim_headers: Vec<(String, String)> = raw
         .response
         .claim_headers
         .into_iter()
         .map(|(h, c)| (header_name("response.claim_headers", h, problems), c))
         .collect();
+    // SECURITY: headers filled from claims are vouched for by the issuer that signed
+    // them. Shared by several issuers, a less-trusted one (a partner IdP) could put any
+    // value in a header upstreams read as the first one's (`x-user-email`).
+    let mut issuers = issuers;
+    if !global_claim_headers.is_empty() {
+        match issuers.as_mut_slice() {
+            [] => {}
+            [only] if only.claim_headers.is_empty() => {
+                only.claim_headers = global_claim_headers.clone();
+            }
+            [_] => problems.push(
+                "response.claim_headers: the issuer sets its own claim_headers; keep one of the two"
+                    .into(),
+            ),
+            several => problems.push(format!(
+                "response.claim_headers: with {} issuers one issuer's tokens would fill headers for all of them; set claim_headers on each [[issuer]] instead",
+                several.len()
+            )),
+        }
+    }
+    let claim_headers: std::collections::BTreeMap<String, Vec<(String, String)>> = issuers
+        .iter()
+        .filter(|i| !i.claim_headers.is_empty())
+        .map(|i| (i.issuer.clone(), i.claim_headers.clone()))
+        .collect();
+    let mut claim_header_names: Vec<String> = claim_headers
+        .values()
+        .flatten()
+        .map(|(h, _)| h.clone())
+        .collect();
+    claim_header_names.sort();
+    claim_header_names.dedup();
     let http_listen = raw.server.http;
     if let Some(h) = &http_listen
         && h.parse::<std::net::SocketAddr>().is_err()
@@ -743,7 +800,25 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             .header
             .map(|h| header_name("token.header", h, problems)),
         cookie: raw.token.cookie,
+        pass_schemes: raw
+            .token
+            .pass_schemes
+            .into_iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect(),
     };
+    for scheme in &token.pass_schemes {
+        if scheme == "bearer"
+            || scheme.is_empty()
+            || !scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        {
+            problems.push(format!(
+                "token.pass_schemes: \"{scheme}\" is not an authorization scheme other than Bearer"
+            ));
+        }
+    }
 
     let headers =
         |what: &str, v: Option<Vec<String>>, default: &[&str], problems: &mut Vec<String>| {
@@ -819,6 +894,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             defaults.http_header_timeout,
             problems,
         ),
+        strict_paths: l.strict_paths.unwrap_or(defaults.strict_paths),
     };
     let zero = [
         ("max_message_bytes", limits.max_message_bytes == 0),
@@ -869,8 +945,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         response: ResponseSettings {
             principal_header,
             claim_headers,
+            claim_header_names,
             strip_authorization: raw.response.strip_authorization,
             token_header: token.header.clone(),
+            token_cookie: token.cookie.clone(),
         },
         policy: PolicySettings {
             hidden_headers: token.header.iter().cloned().collect(),

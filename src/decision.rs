@@ -176,32 +176,57 @@ pub fn check_response(decision: &Decision, settings: &ResponseSettings) -> Check
             }
         }
         _ => {
-            let principal = decision.principal().unwrap_or_default();
-            let mut headers = vec![header(&settings.principal_header, header_safe(&principal))];
+            let mut headers = Vec::new();
             let mut headers_to_remove = Vec::new();
-            let claims = decision
-                .identity
-                .as_ref()
-                .and_then(|i| i.token())
-                .map(|t| t.claims());
-            for (name, claim) in &settings.claim_headers {
-                let value = match claims.and_then(|c| c.get(claim)) {
+            match decision.principal() {
+                Some(principal) => {
+                    headers.push(header(&settings.principal_header, header_safe(&principal)))
+                }
+                // Dry-run, denied before any policy ran: there is no principal. SECURITY:
+                // the client's own header of that name is removed, not overwritten with an
+                // empty value (which some Envoy versions drop, leaving the client's copy).
+                None => headers_to_remove.push(settings.principal_header.clone()),
+            }
+            let identity = decision.identity.as_ref();
+            let token = identity.and_then(|i| i.token());
+            // Only the deciding token's own issuer fills claim headers.
+            let own = token
+                .and_then(|t| settings.claim_headers.get(t.issuer()))
+                .map_or(&[][..], Vec::as_slice);
+            for (name, claim) in own {
+                let value = match token.and_then(|t| t.claims().get(claim)) {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
                     Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
                         Some(v.to_string())
                     }
                     _ => None,
                 };
-                match value {
-                    Some(v) => headers.push(header(name, header_safe(&v))),
-                    // SECURITY: a client-sent header of that name must not reach upstream
-                    // looking as if Portcullis had vouched for it.
-                    None => headers_to_remove.push(name.clone()),
+                if let Some(v) = value {
+                    headers.push(header(name, header_safe(&v)));
                 }
             }
-            if settings.strip_authorization {
+            // SECURITY: a client-sent header of a claim header's name must not reach
+            // upstream looking as if Portcullis (or another issuer) had vouched for it.
+            for name in &settings.claim_header_names {
+                if !headers
+                    .iter()
+                    .any(|h| h.header.as_ref().is_some_and(|h| &h.key == name))
+                {
+                    headers_to_remove.push(name.clone());
+                }
+            }
+            // SECURITY: in dry-run a request whose token was refused is let through; the
+            // refused token must not travel on as if it had been accepted.
+            let refused_token = identity
+                .is_some_and(|i| matches!(i.token, crate::identity::TokenOutcome::Rejected(_)));
+            if settings.strip_authorization || refused_token {
                 headers_to_remove.push("authorization".to_string());
                 headers_to_remove.extend(settings.token_header.iter().cloned());
+            }
+            if refused_token && settings.token_cookie.is_some() {
+                // The refused token may have been the cookie; the header cannot be edited
+                // pair by pair, so it goes whole (dry-run only).
+                headers_to_remove.push("cookie".to_string());
             }
             if let Some(reason) = &decision.denial {
                 headers.push(header(

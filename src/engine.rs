@@ -268,6 +268,7 @@ impl Engine {
                 let sources = TokenSources {
                     header: settings.token.header.clone(),
                     cookie: settings.token.cookie.clone(),
+                    pass_schemes: settings.token.pass_schemes.clone(),
                 };
                 let certs = settings
                     .peer

@@ -191,6 +191,7 @@ fn build_world() -> World {
         TokenSources {
             header: settings.token.header.clone(),
             cookie: settings.token.cookie.clone(),
+            pass_schemes: settings.token.pass_schemes.clone(),
         },
         CertSources {
             header: peer_settings.header.clone(),

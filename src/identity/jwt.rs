@@ -20,6 +20,14 @@ pub enum TokenRejection {
     TooLarge { max: usize },
     #[error("token is not a compact JWS: {0}")]
     Malformed(String),
+    /// A credential was presented that cannot be verified (another scheme, two different
+    /// tokens, a repeated header); it fails the request rather than being ignored.
+    #[error("{0}")]
+    Unusable(String),
+    #[error("token names claim or header member \"{0}\" more than once")]
+    DuplicateMember(String),
+    #[error("token is sender-constrained in a way this verifier cannot enforce (cnf {0})")]
+    UnenforceableConfirmation(String),
     #[error("token has no \"iss\" claim")]
     MissingIssuer,
     #[error("issuer \"{0}\" is not configured")]
@@ -82,10 +90,14 @@ struct Parsed {
     scopes: BTreeSet<String>,
     groups: BTreeSet<String>,
     expires_at: i64,
+    /// The algorithm the signature verified with.
+    alg: Algorithm,
     not_before: Option<i64>,
     issued_at: Option<i64>,
     /// RFC 8705 `cnf.x5t#S256`, when the token is bound to a certificate.
     x5t: Option<String>,
+    /// `jti`, which must be a string when present (the revocation list holds strings).
+    jti: Option<String>,
     claims: Map<String, Value>,
     /// The token's Cedar form, built by the policy mapping on first use.
     cedar: std::sync::OnceLock<Arc<crate::policy::mapping::TokenForm>>,
@@ -163,9 +175,11 @@ impl TokenClaims {
                     .get("exp")
                     .and_then(Value::as_i64)
                     .unwrap_or(i64::MAX),
+                alg: Algorithm::ES256,
                 not_before: None,
                 issued_at: None,
                 x5t: None,
+                jti: None,
                 claims,
                 cedar: std::sync::OnceLock::new(),
             }),
@@ -180,6 +194,90 @@ impl TokenClaims {
 struct CachedToken {
     keys: Arc<KeySnapshot>,
     parsed: Arc<Parsed>,
+    /// The signature that verified, decoded and (for ECDSA) in low-s form; the cache key
+    /// covers only the header and payload.
+    signature: Signature,
+}
+
+/// A JWS signature in the one form that identifies it: the decoded bytes, and for ECDSA
+/// `s` replaced by `n - s` when it is the larger of the two. SECURITY: ECDSA signatures are
+/// malleable, `(r, s)` and `(r, n - s)` both verify, so one token has two valid texts; in
+/// this form both are the same token to the cache, while any other signature is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Signature(Vec<u8>);
+
+/// The order of P-256's and P-384's base point (SEC 2, §2.4.2 and §2.5.1), big-endian.
+const P256_N: [u8; 32] = hex32("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551");
+const P384_N: [u8; 48] = hex48(
+    "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973",
+);
+
+const fn hex_digit(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => panic!("not a hex digit"),
+    }
+}
+const fn hex32(s: &str) -> [u8; 32] {
+    let b = s.as_bytes();
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = hex_digit(b[2 * i]) * 16 + hex_digit(b[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
+const fn hex48(s: &str) -> [u8; 48] {
+    let b = s.as_bytes();
+    let mut out = [0u8; 48];
+    let mut i = 0;
+    while i < 48 {
+        out[i] = hex_digit(b[2 * i]) * 16 + hex_digit(b[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
+
+/// `n - s` for big-endian numbers of the same length with `s <= n`.
+fn order_minus(n: &[u8], s: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; n.len()];
+    let mut borrow = 0i16;
+    for i in (0..n.len()).rev() {
+        let mut d = i16::from(n[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        out[i] = d as u8;
+    }
+    out
+}
+
+impl Signature {
+    /// The signature part of a compact JWS under `alg`; `None` when it is not base64url.
+    fn of(encoded: &str, alg: Algorithm) -> Option<Signature> {
+        use base64::Engine as _;
+        let mut bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(encoded)
+            .ok()?;
+        let n: &[u8] = match alg {
+            Algorithm::ES256 => &P256_N,
+            Algorithm::ES384 => &P384_N,
+            _ => return Some(Signature(bytes)),
+        };
+        // JWS ECDSA signatures are r || s, each as long as the order (RFC 7518 §3.4).
+        if bytes.len() == 2 * n.len() {
+            let s = &bytes[n.len()..];
+            // s > n / 2  <=>  n - s < s
+            let flipped = (s <= n).then(|| order_minus(n, s));
+            if let Some(low) = flipped.filter(|low| low.as_slice() < s) {
+                bytes[n.len()..].copy_from_slice(&low);
+            }
+        }
+        Some(Signature(bytes))
+    }
 }
 
 /// A token whose signature did not verify against `keys`, the key set of `issuer` then.
@@ -309,13 +407,15 @@ impl TokenVerifier {
         if token.len() > self.max_size {
             return Err(TokenRejection::TooLarge { max: self.max_size });
         }
-        let key = self.cache.as_ref().map(|_| {
-            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-            <[u8; 32]>::try_from(digest.as_ref()).expect("SHA-256 is 32 bytes")
-        });
-        let cached = match (&self.cache, &key) {
-            (Some(cache), Some(key)) => cache.get(key),
-            _ => None,
+        let key = self.cache.as_ref().map(|_| digest(token.as_bytes()));
+        // Verified tokens are remembered by their header and payload, with the signature
+        // that verified: a hit needs the same signature (in its one form, see Signature).
+        let (signed, encoded_sig) = token.rsplit_once('.').unwrap_or((token, ""));
+        let cached = match &self.cache {
+            Some(cache) => cache.get(&digest(signed.as_bytes())).filter(|hit| {
+                Signature::of(encoded_sig, hit.parsed.alg).is_some_and(|s| s == hit.signature)
+            }),
+            None => None,
         };
         if cached.is_none()
             && let (Some(forgeries), Some(key)) = (&self.forgeries, &key)
@@ -343,8 +443,12 @@ impl TokenVerifier {
         // client that keeps sending it is refused without another signature check.
         let bound = check_current(settings, &parsed, peer, now)?;
         let revoked = self.revoked.load();
-        let jti = parsed.claims.get("jti").and_then(Value::as_str);
-        if jti.is_some_and(|j| revoked.revokes_jti(j)) || revoked.revokes_subject(&parsed.subject) {
+        if parsed
+            .jti
+            .as_deref()
+            .is_some_and(|j| revoked.revokes_jti(j))
+            || revoked.revokes_subject(&parsed.subject)
+        {
             return Err(TokenRejection::Revoked);
         }
         Ok(TokenClaims { parsed, bound })
@@ -426,13 +530,16 @@ impl TokenVerifier {
             }
             Err(other) => return Err(other),
         };
-        let parsed = Arc::new(parse_claims(s, claims)?);
-        if let (Some(cache), Some(key)) = (&self.cache, key) {
+        no_duplicate_members(token)?;
+        let parsed = Arc::new(parse_claims(s, alg, claims)?);
+        let (signed, encoded_sig) = token.rsplit_once('.').unwrap_or((token, ""));
+        if let (Some(cache), Some(signature)) = (&self.cache, Signature::of(encoded_sig, alg)) {
             cache.insert(
-                key,
+                digest(signed.as_bytes()),
                 Arc::new(CachedToken {
                     keys: snapshot,
                     parsed: parsed.clone(),
+                    signature,
                 }),
             );
         }
@@ -555,10 +662,47 @@ fn strings(v: &Value) -> Option<BTreeSet<String>> {
 
 /// The checks that hold for the token's lifetime: issuer, claim types, audience, subject,
 /// required claims. Run once per token; the result may be cached.
-fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed, TokenRejection> {
+fn parse_claims(
+    s: &IssuerSettings,
+    alg: Algorithm,
+    claims: Map<String, Value>,
+) -> Result<Parsed, TokenRejection> {
     if claims.get("iss").and_then(Value::as_str) != Some(s.issuer.as_str()) {
         return Err(TokenRejection::UnknownIssuer(String::new()));
     }
+    // RFC 7800 §3.1: `cnf` names how the presenter proves possession. Only `x5t#S256`
+    // (RFC 8705) can be enforced here. SECURITY: any other member (DPoP's `jkt`, `jwk`,
+    // `kid`, a mis-cased `x5t#s256`), or a `cnf` that is not an object, means the issuer
+    // meant the token to be sender-constrained in a way Portcullis cannot check: it is
+    // refused, never accepted as a plain bearer token.
+    let x5t = match claims.get("cnf") {
+        None => None,
+        Some(Value::Object(cnf)) => {
+            if let Some(other) = cnf.keys().find(|k| k.as_str() != "x5t#S256") {
+                return Err(TokenRejection::UnenforceableConfirmation(format!(
+                    "member \"{}\"",
+                    truncate(other)
+                )));
+            }
+            match cnf.get("x5t#S256") {
+                Some(Value::String(x5t)) if !x5t.is_empty() => Some(x5t.clone()),
+                Some(_) => return Err(TokenRejection::InvalidClaim("cnf".into())),
+                None => {
+                    return Err(TokenRejection::UnenforceableConfirmation(
+                        "with no member".into(),
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(TokenRejection::InvalidClaim("cnf".into())),
+    };
+    // SECURITY: the revocation list holds strings; a `jti` of another type (12345,
+    // ["abc"]) would never match one, so it is invalid rather than "not revoked".
+    let jti = match claims.get("jti") {
+        None => None,
+        Some(Value::String(j)) => Some(j.clone()),
+        Some(_) => return Err(TokenRejection::InvalidClaim("jti".into())),
+    };
     let exp =
         numeric_date(&claims, "exp")?.ok_or_else(|| TokenRejection::MissingClaim("exp".into()))?;
     let not_before = numeric_date(&claims, "nbf")?;
@@ -581,11 +725,6 @@ fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed
             return Err(TokenRejection::MissingClaim(truncate(name)));
         }
     }
-    let x5t = match claims.get("cnf").and_then(|c| c.get("x5t#S256")) {
-        Some(Value::String(x5t)) => Some(x5t.clone()),
-        Some(_) => return Err(TokenRejection::InvalidClaim("cnf".into())),
-        None => None,
-    };
     let scopes = match claims.get("scope").or_else(|| claims.get("scp")) {
         None => BTreeSet::new(),
         Some(Value::String(s)) => s.split_ascii_whitespace().map(str::to_string).collect(),
@@ -612,9 +751,96 @@ fn parse_claims(s: &IssuerSettings, claims: Map<String, Value>) -> Result<Parsed
         not_before,
         issued_at,
         x5t,
+        jti,
+        alg,
         claims,
         cedar: std::sync::OnceLock::new(),
     })
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref());
+    out
+}
+
+/// Walks a JSON text and fails on the first object that names a member twice.
+struct NoDuplicates;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicates)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicates {
+    type Value = NoDuplicates;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(NoDuplicates)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicates>()?.is_some() {}
+        Ok(NoDuplicates)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(DuplicateName(key)));
+            }
+            map.next_value::<NoDuplicates>()?;
+        }
+        Ok(NoDuplicates)
+    }
+}
+
+/// The member named twice, carried through serde's error text.
+struct DuplicateName(String);
+
+impl std::fmt::Display for DuplicateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\u{1}{}\u{1}", self.0)
+    }
+}
+
+/// SECURITY: RFC 7519 §4 lets a parser take the last of two members of the same name;
+/// another parser (the upstream's, an audit tool's) may take the first, so `{"sub":
+/// "alice", "sub": "admin"}` would be two different tokens to two readers. A header or
+/// payload that names a member twice, at any depth, is refused.
+fn no_duplicate_members(token: &str) -> Result<(), TokenRejection> {
+    use base64::Engine as _;
+    for part in token.split('.').take(2) {
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| TokenRejection::Malformed("cannot decode".into()))?;
+        if let Err(e) = serde_json::from_slice::<NoDuplicates>(&json) {
+            let text = e.to_string();
+            let mut marked = text.split('\u{1}');
+            return Err(match (marked.next(), marked.next()) {
+                (Some(_), Some(name)) => TokenRejection::DuplicateMember(truncate(name)),
+                _ => TokenRejection::Malformed("cannot decode".into()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The checks that depend on the request: the time (`exp`, `nbf`, `iat`, lifetime) and

@@ -120,7 +120,6 @@ pub struct TokenForm {
     record: Option<CedarValue>,
     principal: Uid,
     parents: Vec<Uid>,
-    parent_uids: Result<Vec<EntityUid>, String>,
     /// The principal entity when no static entity shares its id (the usual case).
     entity: Result<Entity, String>,
 }
@@ -142,7 +141,7 @@ impl TokenForm {
             .map(Uid::to_cedar)
             .collect::<Result<Vec<_>, _>>();
         let entity = principal.to_cedar().and_then(|uid| {
-            let parents = parent_uids.clone()?;
+            let parents = parent_uids?;
             Entity::new_with_tags(uid, user_attrs(t), parents, user_tags(t))
                 .map_err(|e| format!("principal entity: {e}"))
         });
@@ -150,27 +149,39 @@ impl TokenForm {
             record: to_value(&token_record(t), 1),
             principal,
             parents,
-            parent_uids,
             entity,
         })
     }
+}
 
-    /// The principal entity merged with a static entity of the same id, whose parents and
-    /// attributes it keeps (the token's attributes win). Rare, so built per request rather
-    /// than kept with every token.
-    fn merged_with(&self, t: &TokenClaims, existing: Entity) -> Result<Entity, String> {
-        let (uid, attrs, parents) = existing.into_inner();
-        let own = user_attrs(t);
-        let mut attrs: Vec<(String, RestrictedExpression)> = attrs
-            .into_iter()
-            .filter(|(k, _)| !own.iter().any(|(a, _)| a == k))
-            .collect();
-        attrs.extend(own);
-        let mut parents: Vec<EntityUid> = parents.into_iter().collect();
-        parents.extend(self.parent_uids.clone()?);
-        Entity::new_with_tags(uid, attrs, parents, user_tags(t))
-            .map_err(|e| format!("principal entity: {e}"))
-    }
+/// The union of a static entity and the request's own entity of the same id, as Cedar
+/// should see it: the parents (and ancestors) of both; the attributes and tags of both,
+/// the request's own winning where both define one (they are what was verified or
+/// observed for this request: the token's issuer, the request's path and host).
+///
+/// SECURITY: replacing the static entity instead would drop the parents the operator gave
+/// it, and a `forbid (..., resource in Folder::"restricted")` would never fire.
+pub(crate) fn merge_entities(static_entity: &Entity, own: Entity) -> Entity {
+    use cedar_policy_core::ast::Entity as CoreEntity;
+    let (uid, attrs, indirect, parents, tags) = <Entity as AsRef<CoreEntity>>::as_ref(&own)
+        .clone()
+        .into_inner();
+    let known: &CoreEntity = static_entity.as_ref();
+    let mut all_attrs: BTreeMap<_, _> =
+        known.attrs().map(|(k, v)| (k.clone(), v.clone())).collect();
+    all_attrs.extend(attrs);
+    let mut all_tags: BTreeMap<_, _> = known.tags().map(|(k, v)| (k.clone(), v.clone())).collect();
+    all_tags.extend(tags);
+    let mut all_parents: std::collections::HashSet<_> = known.ancestors().cloned().collect();
+    all_parents.extend(parents);
+    all_parents.extend(indirect);
+    Entity::from(CoreEntity::new_with_attr_partial_value(
+        uid,
+        all_attrs,
+        std::collections::HashSet::new(),
+        all_parents,
+        all_tags,
+    ))
 }
 
 /// A token's user's attributes: its issuer.
@@ -181,17 +192,16 @@ fn user_attrs(t: &TokenClaims) -> Vec<(String, RestrictedExpression)> {
     )]
 }
 
-/// A token's user's tags: its scalar claims, as strings.
+/// A token's user's tags: its string claims. SECURITY: a claim is compared only in its
+/// own type: a number or boolean claim is not turned into a string tag, where
+/// `getTag("level") == "5"` would match the number 5 as well as the string "5". Claims of
+/// other types stay reachable, typed, in `context.token.claims`.
 fn user_tags(t: &TokenClaims) -> Vec<(String, RestrictedExpression)> {
     t.claims()
         .iter()
-        .filter_map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                Value::Bool(_) | Value::Number(_) => v.to_string(),
-                _ => return None,
-            };
-            Some((k.clone(), RestrictedExpression::new_string(s)))
+        .filter_map(|(k, v)| match v {
+            Value::String(s) => Some((k.clone(), RestrictedExpression::new_string(s.clone()))),
+            _ => None,
         })
         .collect()
 }
@@ -363,21 +373,22 @@ impl CedarRequest {
         Context::from(CoreContext::Value(Arc::new(record)))
     }
 
-    /// The per-request entities: the principal (merged with a static entity of the same
-    /// id, whose parents and attributes it keeps) and the `Path` resource.
+    /// The per-request entities: the principal and the `Path` resource, each merged with
+    /// the static entity of the same id when there is one (see [`merge_entities`]).
     pub(crate) fn entities(
         &self,
         static_entities: &cedar_policy::Entities,
     ) -> Result<Vec<Entity>, String> {
         let mut out = Vec::with_capacity(2);
+        let merged = |own: Entity| match static_entities.get(&own.uid()) {
+            Some(known) => merge_entities(known, own),
+            None => own,
+        };
         let uid = self.principal.to_cedar()?;
         match (self.token.as_ref(), static_entities.get(&uid)) {
-            // Static workloads and users already carry what the operator gave them;
-            // only a token's user gains the token's groups, attributes and tags.
-            (Some((_, form)), None) => out.push(form.entity.clone()?),
-            (Some((claims, form)), Some(existing)) => {
-                out.push(form.merged_with(claims, existing.clone())?)
-            }
+            (Some((_, form)), _) => out.push(merged(form.entity.clone()?)),
+            // Static workloads and anonymous principals already carry what the operator
+            // gave them, and the request adds nothing to them.
             (None, Some(_)) => {}
             (None, None) => out.push(Entity::with_uid(uid)),
         }
@@ -396,10 +407,9 @@ impl CedarRequest {
             .into_iter()
             .map(|(k, v)| (k.to_string(), RestrictedExpression::new_string(v)))
             .collect();
-            out.push(
-                Entity::new(resource, attrs, Default::default())
-                    .map_err(|e| format!("resource entity: {e}"))?,
-            );
+            let own = Entity::new(resource, attrs, Default::default())
+                .map_err(|e| format!("resource entity: {e}"))?;
+            out.push(merged(own));
         } else if static_entities.get(&resource).is_none() {
             // A route's own resource keeps whatever the static entities say of it.
             out.push(Entity::with_uid(resource));
