@@ -3,6 +3,7 @@
 //! on 127.0.0.1:0 running on its own thread for the whole test binary.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod keyserver;
 
 use jsonwebtoken::Algorithm;
