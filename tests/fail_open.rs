@@ -9,7 +9,10 @@ mod common;
 
 use base64::Engine as _;
 use common::binary::{Binary, run};
-use common::{AUDIENCE, Authority, ClientCert, ISSUER, LeafSpec, READER, TokenSigner, ok_header, outcome, request, set_header};
+use common::{
+    AUDIENCE, Authority, ClientCert, ISSUER, LeafSpec, READER, TokenSigner, ok_header, outcome,
+    request, set_header,
+};
 use jsonwebtoken::Algorithm;
 use portcullis::proto::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
@@ -223,7 +226,11 @@ fn with_header_map(mut req: CheckRequest, entries: &[(&str, &str)]) -> CheckRequ
     let mut all: Vec<HeaderValue> = http
         .headers
         .iter()
-        .map(|(k, v)| HeaderValue { key: k.clone(), value: String::new(), raw_value: v.clone().into_bytes() })
+        .map(|(k, v)| HeaderValue {
+            key: k.clone(),
+            value: String::new(),
+            raw_value: v.clone().into_bytes(),
+        })
         .collect();
     all.extend(entries.iter().map(|(k, v)| HeaderValue {
         key: k.to_string(),
@@ -279,7 +286,10 @@ async fn static_resource_entities_keep_their_parents_and_attributes() {
     // The audit line names the forbid that decided.
     let audit = s.audit();
     assert!(
-        audit.iter().any(|l| l["resource"] == "Path::\"/public/secret\"" && l["policies"] == json!(["restricted"])),
+        audit
+            .iter()
+            .any(|l| l["resource"] == "Path::\"/public/secret\""
+                && l["policies"] == json!(["restricted"])),
         "{audit:?}"
     );
     // A static user keeps its group when its token arrives; a static workload too.
@@ -287,10 +297,20 @@ async fn static_resource_entities_keep_their_parents_and_attributes() {
     assert_eq!(answer(&resp), ALLOW, "carol is an admin: {resp:?}");
     let resp = s.check(with_token("/admin/x", &token("alice"))).await;
     assert_eq!(answer(&resp), FORBIDDEN, "alice is not: {resp:?}");
-    let resp = s.check(with_cert(get("/admin/x"), &material().reader)).await;
-    assert_eq!(answer(&resp), ALLOW, "the reader workload is an admin: {resp:?}");
+    let resp = s
+        .check(with_cert(get("/admin/x"), &material().reader))
+        .await;
+    assert_eq!(
+        answer(&resp),
+        ALLOW,
+        "the reader workload is an admin: {resp:?}"
+    );
     // `validate` agrees that the set is valid: the fix is in the decision, not the load.
-    let (code, out) = run(&["validate", "--config", "portcullis.toml"], s.dir.path(), Duration::from_secs(30));
+    let (code, out) = run(
+        &["validate", "--config", "portcullis.toml"],
+        s.dir.path(),
+        Duration::from_secs(30),
+    );
     assert_eq!(code, Some(0), "{out}");
 }
 
@@ -302,7 +322,10 @@ async fn static_resource_entities_keep_their_parents_and_attributes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_forward_auth_headers_fail_the_request() {
     let s = server("");
-    let base = [("x-forwarded-method", "GET"), ("x-forwarded-host", "api.test")];
+    let base = [
+        ("x-forwarded-method", "GET"),
+        ("x-forwarded-host", "api.test"),
+    ];
     let auth = |extra: Vec<(&'static str, String)>| {
         let mut h: Vec<(&str, String)> = base.iter().map(|(k, v)| (*k, v.to_string())).collect();
         h.extend(extra);
@@ -316,13 +339,32 @@ async fn repeated_forward_auth_headers_fail_the_request() {
         }
     };
     // The client's copy first, then the proxy's appended one.
-    for (client, proxy) in [("/public/x", "/orders/secret"), ("/public/x?", "/public/x"), ("/orders/secret", "/public/x")] {
-        let a = send(auth(vec![("x-forwarded-uri", client.into()), ("X-Forwarded-Uri", proxy.into())])).await;
+    for (client, proxy) in [
+        ("/public/x", "/orders/secret"),
+        ("/public/x?", "/public/x"),
+        ("/orders/secret", "/public/x"),
+    ] {
+        let a = send(auth(vec![
+            ("x-forwarded-uri", client.into()),
+            ("X-Forwarded-Uri", proxy.into()),
+        ]))
+        .await;
         assert_eq!(a.status, 400, "{client} + {proxy}: {a:?}");
         assert!(a.header(PRINCIPAL).is_none());
     }
-    for name in ["x-forwarded-method", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "x-forwarded-for"] {
-        let a = send(auth(vec![("x-forwarded-uri", "/public/x".into()), (name, "a".into()), (name, "b".into())])).await;
+    for name in [
+        "x-forwarded-method",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "x-forwarded-for",
+    ] {
+        let a = send(auth(vec![
+            ("x-forwarded-uri", "/public/x".into()),
+            (name, "a".into()),
+            (name, "b".into()),
+        ]))
+        .await;
         assert_eq!(a.status, 400, "{name}: {a:?}");
     }
     // The credential headers too: two Authorization headers, two certificate headers.
@@ -334,27 +376,51 @@ async fn repeated_forward_auth_headers_fail_the_request() {
     .await;
     assert_eq!(a.status, 401, "{a:?}");
     // Identical copies are one value.
-    let a = send(auth(vec![("x-forwarded-uri", "/public/x".into()), ("x-forwarded-uri", "/public/x".into())])).await;
+    let a = send(auth(vec![
+        ("x-forwarded-uri", "/public/x".into()),
+        ("x-forwarded-uri", "/public/x".into()),
+    ]))
+    .await;
     assert_eq!(a.status, 200, "{a:?}");
     let alice = format!("Bearer {}", token("alice"));
-    let a = send(auth(vec![("x-forwarded-uri", "/api/x".into()), ("authorization", alice.clone()), ("authorization", alice)])).await;
-    assert_eq!((a.status, a.header(PRINCIPAL)), (200, Some("User::\"alice\"")), "{a:?}");
+    let a = send(auth(vec![
+        ("x-forwarded-uri", "/api/x".into()),
+        ("authorization", alice.clone()),
+        ("authorization", alice),
+    ]))
+    .await;
+    assert_eq!(
+        (a.status, a.header(PRINCIPAL)),
+        (200, Some("User::\"alice\"")),
+        "{a:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_certificate_header_fails_the_request() {
     // The certificate header is configured under [peer]; a second server with it set.
-    let config = config("").replace("trust_domains = [\"example.org\"]", "trust_domains = [\"example.org\"]\nheader = \"x-client-cert\"");
+    let config = config("").replace(
+        "trust_domains = [\"example.org\"]",
+        "trust_domains = [\"example.org\"]\nheader = \"x-client-cert\"",
+    );
     let s = Binary::start(&config, &files());
     let m = material();
-    let other = m.inter.issue(&LeafSpec::spiffe("spiffe://example.org/ns/test/sa/other"));
-    let mut req = with_header_map(get("/internal/x"), &[
-        ("x-client-cert", &m.reader.envoy_encoded()),
-        ("x-client-cert", &other.envoy_encoded()),
-    ]);
+    let other = m
+        .inter
+        .issue(&LeafSpec::spiffe("spiffe://example.org/ns/test/sa/other"));
+    let mut req = with_header_map(
+        get("/internal/x"),
+        &[
+            ("x-client-cert", &m.reader.envoy_encoded()),
+            ("x-client-cert", &other.envoy_encoded()),
+        ],
+    );
     let resp = s.check(req.clone()).await;
     assert_eq!(answer(&resp), UNAUTHENTICATED, "{resp:?}");
-    req = with_header_map(get("/internal/x"), &[("x-client-cert", &m.reader.envoy_encoded())]);
+    req = with_header_map(
+        get("/internal/x"),
+        &[("x-client-cert", &m.reader.envoy_encoded())],
+    );
     let resp = s.check(req).await;
     assert_eq!(answer(&resp), ALLOW, "{resp:?}");
 }
@@ -384,13 +450,29 @@ async fn a_token_beside_another_scheme_is_verified_or_refused() {
                 req = with_cert(req, c);
             }
             let resp = s.check(req).await;
-            assert_eq!(answer(&resp), UNAUTHENTICATED, "{value:.30} cert={}: {resp:?}", cert.is_some());
-            assert!(outcome(&resp).2.unwrap_or_default().contains("invalid_token"));
+            assert_eq!(
+                answer(&resp),
+                UNAUTHENTICATED,
+                "{value:.30} cert={}: {resp:?}",
+                cert.is_some()
+            );
+            assert!(
+                outcome(&resp)
+                    .2
+                    .unwrap_or_default()
+                    .contains("invalid_token")
+            );
         }
     }
     // Two Authorization entries in header_map, with and without the certificate.
     for cert in [None, Some(&m.reader)] {
-        let mut req = with_header_map(get("/internal/x"), &[("authorization", "Basic dXNlcjpwYXNz"), ("authorization", &format!("Bearer {bad}"))]);
+        let mut req = with_header_map(
+            get("/internal/x"),
+            &[
+                ("authorization", "Basic dXNlcjpwYXNz"),
+                ("authorization", &format!("Bearer {bad}")),
+            ],
+        );
         if let Some(c) = cert {
             req = with_cert(req, c);
         }
@@ -412,16 +494,37 @@ async fn a_token_beside_another_scheme_is_verified_or_refused() {
     set_header(&mut req, "cookie", format!("session={}", token("bob")));
     assert_eq!(answer(&s.check(req).await), UNAUTHENTICATED);
     // On the forward-auth door: two headers, and the joined form.
-    let uri = [("x-forwarded-method", "GET"), ("x-forwarded-uri", "/internal/x")];
-    let a = s.http("GET", "/auth", &[uri[0], uri[1], ("authorization", "Basic dXNlcjpwYXNz"), ("authorization", &format!("Bearer {bad}"))], "").await;
+    let uri = [
+        ("x-forwarded-method", "GET"),
+        ("x-forwarded-uri", "/internal/x"),
+    ];
+    let a = s
+        .http(
+            "GET",
+            "/auth",
+            &[
+                uri[0],
+                uri[1],
+                ("authorization", "Basic dXNlcjpwYXNz"),
+                ("authorization", &format!("Bearer {bad}")),
+            ],
+            "",
+        )
+        .await;
     assert_eq!(a.status, 401, "{a:?}");
     // The valid forms still work: the token alone, the cookie alone, both the same.
     let alice = token("alice");
     let resp = s.check(with_token("/api/x", &alice)).await;
-    assert_eq!(ok_header(&resp, PRINCIPAL).as_deref(), Some("User::\"alice\""));
+    assert_eq!(
+        ok_header(&resp, PRINCIPAL).as_deref(),
+        Some("User::\"alice\"")
+    );
     let mut req = get("/api/x");
     set_header(&mut req, "cookie", format!("theme=dark; session={alice}"));
-    assert_eq!(ok_header(&s.check(req).await, PRINCIPAL).as_deref(), Some("User::\"alice\""));
+    assert_eq!(
+        ok_header(&s.check(req).await, PRINCIPAL).as_deref(),
+        Some("User::\"alice\"")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,7 +534,11 @@ async fn pass_schemes_let_only_the_named_scheme_through() {
     set_header(&mut req, "authorization", "Basic dXNlcjpwYXNz");
     assert_eq!(answer(&s.check(req).await), ALLOW);
     let mut req = get("/public/x");
-    set_header(&mut req, "authorization", format!("Basic dXNlcjpwYXNz,Bearer {}", expired()));
+    set_header(
+        &mut req,
+        "authorization",
+        format!("Basic dXNlcjpwYXNz,Bearer {}", expired()),
+    );
     assert_eq!(answer(&s.check(req).await), UNAUTHENTICATED);
     let mut req = get("/public/x");
     set_header(&mut req, "authorization", format!("DPoP {}", expired()));
@@ -446,7 +553,10 @@ impl WithPass for Binary {
     /// A server like this one, with `[token] pass_schemes = ["Basic"]`.
     fn config_with_pass(self) -> Binary {
         drop(self);
-        let config = config("").replace("cookie = \"session\"", "cookie = \"session\"\npass_schemes = [\"Basic\"]");
+        let config = config("").replace(
+            "cookie = \"session\"",
+            "cookie = \"session\"\npass_schemes = [\"Basic\"]",
+        );
         Binary::start(&config, &files())
     }
 }
@@ -466,7 +576,10 @@ async fn claims_of_another_type_and_unenforceable_cnf_are_refused() {
         ("jti", json!(true)),
         ("jti", json!({"v": "abc"})),
         ("jti", json!(null)),
-        ("cnf", json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})),
+        (
+            "cnf",
+            json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+        ),
         ("cnf", json!({"jwk": {"kty": "EC"}})),
         ("cnf", json!({"x5t#s256": thumb})),
         ("cnf", json!({"X5T#S256": thumb})),
@@ -479,27 +592,51 @@ async fn claims_of_another_type_and_unenforceable_cnf_are_refused() {
     ];
     for (claim, value) in refused {
         let t = token_with(claim, value.clone());
-        let resp = s.check(with_cert(with_token("/api/x", &t), &material().reader)).await;
-        assert_eq!(answer(&resp), UNAUTHENTICATED, "{claim} = {value}: {resp:?}");
+        let resp = s
+            .check(with_cert(with_token("/api/x", &t), &material().reader))
+            .await;
+        assert_eq!(
+            answer(&resp),
+            UNAUTHENTICATED,
+            "{claim} = {value}: {resp:?}"
+        );
     }
     // Revoked string jti values are revoked; others pass.
-    let resp = s.check(with_token("/api/x", &token_with("jti", json!("abc")))).await;
+    let resp = s
+        .check(with_token("/api/x", &token_with("jti", json!("abc"))))
+        .await;
     assert_eq!(answer(&resp), UNAUTHENTICATED);
-    let resp = s.check(with_token("/api/x", &token_with("jti", json!("12345")))).await;
+    let resp = s
+        .check(with_token("/api/x", &token_with("jti", json!("12345"))))
+        .await;
     assert_eq!(answer(&resp), UNAUTHENTICATED);
-    let resp = s.check(with_token("/api/x", &token_with("jti", json!("fresh")))).await;
+    let resp = s
+        .check(with_token("/api/x", &token_with("jti", json!("fresh"))))
+        .await;
     assert_eq!(answer(&resp), ALLOW);
     // The enforceable form still binds.
     let t = token_with("cnf", json!({"x5t#S256": thumb}));
-    let resp = s.check(with_cert(with_token("/api/x", &t), &material().reader)).await;
+    let resp = s
+        .check(with_cert(with_token("/api/x", &t), &material().reader))
+        .await;
     assert_eq!(answer(&resp), ALLOW, "{resp:?}");
     // A claim named twice is refused: RFC 7519 lets parsers take either copy.
     let m = material();
     for payload in [
-        format!(r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","sub":"admin","exp":{}}}"#, common::now() + 300),
-        format!(r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","exp":{},"cnf":{{"x5t#S256":"a","x5t#S256":"b"}}}}"#, common::now() + 300),
+        format!(
+            r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","sub":"admin","exp":{}}}"#,
+            common::now() + 300
+        ),
+        format!(
+            r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","exp":{},"cnf":{{"x5t#S256":"a","x5t#S256":"b"}}}}"#,
+            common::now() + 300
+        ),
     ] {
-        let t = sign_raw(&m.signer, r#"{"alg":"ES256","kid":"es","typ":"JWT"}"#, &payload);
+        let t = sign_raw(
+            &m.signer,
+            r#"{"alg":"ES256","kid":"es","typ":"JWT"}"#,
+            &payload,
+        );
         let resp = s.check(with_token("/api/x", &t)).await;
         assert_eq!(answer(&resp), UNAUTHENTICATED, "{payload}: {resp:?}");
     }
@@ -522,7 +659,9 @@ fn sign_raw(signer: &TokenSigner, header: &str, payload: &str) -> String {
 
 fn pem_der(pem: &str) -> Vec<u8> {
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(body).expect("PEM body")
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("PEM body")
 }
 
 // -----------------------------------------------------------------------------------------
@@ -541,25 +680,57 @@ async fn claim_headers_do_not_cross_issuers() {
     set_header(&mut req, "x-user-email", "alice@example.org");
     let resp = s.check(req).await;
     assert_eq!(answer(&resp), ALLOW, "{resp:?}");
-    assert_eq!(ok_header(&resp, PRINCIPAL).as_deref(), Some("User::\"partner/bob\""));
-    assert_eq!(ok_header(&resp, "x-user-email"), None, "the partner vouched for x-user-email");
-    assert_eq!(ok_header(&resp, "x-partner-email").as_deref(), Some("alice@example.org"));
-    assert!(headers_to_remove(&resp).contains(&"x-user-email".to_string()), "the client's copy must go");
+    assert_eq!(
+        ok_header(&resp, PRINCIPAL).as_deref(),
+        Some("User::\"partner/bob\"")
+    );
+    assert_eq!(
+        ok_header(&resp, "x-user-email"),
+        None,
+        "the partner vouched for x-user-email"
+    );
+    assert_eq!(
+        ok_header(&resp, "x-partner-email").as_deref(),
+        Some("alice@example.org")
+    );
+    assert!(
+        headers_to_remove(&resp).contains(&"x-user-email".to_string()),
+        "the client's copy must go"
+    );
     // The first issuer's token fills its own header and clears the partner's.
     let resp = s.check(with_token("/api/x", &token("alice"))).await;
-    assert_eq!(ok_header(&resp, "x-user-email").as_deref(), Some("alice@example.org"));
+    assert_eq!(
+        ok_header(&resp, "x-user-email").as_deref(),
+        Some("alice@example.org")
+    );
     assert!(headers_to_remove(&resp).contains(&"x-partner-email".to_string()));
     // On the forward-auth door as well.
     let a = s
-        .http("GET", "/auth", &[("x-forwarded-method", "GET"), ("x-forwarded-uri", "/api/x"), ("authorization", &format!("Bearer {partner}"))], "")
+        .http(
+            "GET",
+            "/auth",
+            &[
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/api/x"),
+                ("authorization", &format!("Bearer {partner}")),
+            ],
+            "",
+        )
         .await;
     assert_eq!((a.status, a.header("x-user-email")), (200, None), "{a:?}");
     // One [response] claim_headers shared by two issuers is a configuration error.
     let shared = config("[response]\nclaim_headers = { \"x-user-email\" = \"email\" }\n");
     std::fs::write(s.path("shared.toml"), shared).expect("write");
-    let (code, out) = run(&["validate", "--config", "shared.toml"], s.dir.path(), Duration::from_secs(30));
+    let (code, out) = run(
+        &["validate", "--config", "shared.toml"],
+        s.dir.path(),
+        Duration::from_secs(30),
+    );
     assert_ne!(code, Some(0), "{out}");
-    assert!(out.contains("set claim_headers on each [[issuer]]"), "{out}");
+    assert!(
+        out.contains("set claim_headers on each [[issuer]]"),
+        "{out}"
+    );
 }
 
 // -----------------------------------------------------------------------------------------
@@ -583,11 +754,22 @@ async fn paths_an_upstream_could_decode_differently_are_refused() {
     ] {
         let resp = s.check(get(path)).await;
         assert_eq!(answer(&resp), BAD_REQUEST, "{path}: {resp:?}");
-        let a = s.http("GET", "/auth", &[("x-forwarded-method", "GET"), ("x-forwarded-uri", path)], "").await;
+        let a = s
+            .http(
+                "GET",
+                "/auth",
+                &[("x-forwarded-method", "GET"), ("x-forwarded-uri", path)],
+                "",
+            )
+            .await;
         assert_eq!(a.status, 400, "{path} on /auth: {a:?}");
         // The documented switch turns these checks off (RFC 3986 canonical form still holds).
         let resp = lenient.check(get(path)).await;
-        assert_ne!(answer(&resp), BAD_REQUEST, "{path} with strict_paths = false: {resp:?}");
+        assert_ne!(
+            answer(&resp),
+            BAD_REQUEST,
+            "{path} with strict_paths = false: {resp:?}"
+        );
     }
     for path in ["/public/caf%C3%A9", "/public/%E2%82%AC", "/public/100%25"] {
         assert_eq!(answer(&s.check(get(path)).await), ALLOW, "{path}");
@@ -597,8 +779,9 @@ async fn paths_an_upstream_could_decode_differently_are_refused() {
 /// `s` replaced by `n - s` in an ES256 token: the other valid text of the same signature.
 fn high_s(token: &str) -> String {
     const N: [u8; 32] = [
-        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-        0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
     ];
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let (signed, sig) = token.rsplit_once('.').expect("JWS");
@@ -627,24 +810,35 @@ async fn the_two_texts_of_an_ecdsa_signature_are_one_token_and_no_other_text_is(
     }
     // With the header and payload cached, any other signature is still checked.
     let (signed, sig) = t.rsplit_once('.').expect("JWS");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).expect("sig");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(sig)
+        .expect("sig");
     for i in [0usize, 31, 32, 63] {
         let mut forged = bytes.clone();
         forged[i] ^= 1;
-        let forged = format!("{signed}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&forged));
+        let forged = format!(
+            "{signed}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&forged)
+        );
         let resp = s.check(with_token("/api/x", &forged)).await;
         assert_eq!(answer(&resp), UNAUTHENTICATED, "byte {i} flipped: {resp:?}");
     }
     // A revoked jti stays revoked in either text.
     let revoked = token_with("jti", json!("abc"));
     for text in [revoked.clone(), high_s(&revoked)] {
-        assert_eq!(answer(&s.check(with_token("/api/x", &text)).await), UNAUTHENTICATED);
+        assert_eq!(
+            answer(&s.check(with_token("/api/x", &text)).await),
+            UNAUTHENTICATED
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_removes_headers_it_cannot_vouch_for() {
-    let s = Binary::start(&config("").replace("[server]\n", "[server]\nmode = \"dry-run\"\n"), &files());
+    let s = Binary::start(
+        &config("").replace("[server]\n", "[server]\nmode = \"dry-run\"\n"),
+        &files(),
+    );
     // Denied before policy: a refused token. Let through (dry-run), but the client's own
     // principal header is removed, never sent empty, and the refused token goes too.
     let mut req = with_token("/api/x", &expired());
@@ -655,9 +849,15 @@ async fn dry_run_removes_headers_it_cannot_vouch_for() {
     assert!(!set.iter().any(|(k, _)| k == PRINCIPAL), "{set:?}");
     let removed = headers_to_remove(&resp);
     for name in [PRINCIPAL, "authorization", "x-user-email", "cookie"] {
-        assert!(removed.contains(&name.to_string()), "{name} not removed: {removed:?}");
+        assert!(
+            removed.contains(&name.to_string()),
+            "{name} not removed: {removed:?}"
+        );
     }
-    assert_eq!(ok_header(&resp, "x-portcullis-dry-run").as_deref(), Some("would-deny: invalid_token"));
+    assert_eq!(
+        ok_header(&resp, "x-portcullis-dry-run").as_deref(),
+        Some("would-deny: invalid_token")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -670,7 +870,8 @@ async fn headers_and_header_map_must_agree() {
         .and_then(|a| a.request.as_mut())
         .and_then(|r| r.http.as_mut())
         .expect("http");
-    http.headers.insert("authorization".into(), format!("Bearer {}", token("alice")));
+    http.headers
+        .insert("authorization".into(), format!("Bearer {}", token("alice")));
     let resp = s.check(req.clone()).await;
     assert_eq!(answer(&resp), BAD_REQUEST, "{resp:?}");
 }

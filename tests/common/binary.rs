@@ -149,8 +149,15 @@ impl Binary {
 
     /// One HTTP/1.1 request with exactly these header lines (`Host` and
     /// `Connection: close` are added), and its answer.
-    pub async fn http(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> HttpAnswer {
-        let mut text = format!("{method} {target} HTTP/1.1\r\nhost: portcullis\r\nconnection: close\r\n");
+    pub async fn http(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> HttpAnswer {
+        let mut text =
+            format!("{method} {target} HTTP/1.1\r\nhost: portcullis\r\nconnection: close\r\n");
         for (k, v) in headers {
             text.push_str(&format!("{k}: {v}\r\n"));
         }

@@ -1,0 +1,556 @@
+//! The differential oracle of the whole decision (issue 12). A deliberately simple
+//! reference, built with Cedar's public API the obvious way, decides the same requests as
+//! the engine: every static entity plus the request's own entities (merged with a static
+//! entity of the same id as the README says: parents of both, the request's attributes and
+//! tags winning), the documented context, `Authorizer::is_authorized`, and "allow only when
+//! Cedar allows without any error". Random worlds (static entity hierarchies over every
+//! entity type, policies with every scope form, `forbid`, `in`, `is`, `has`, tags, context,
+//! conditions that error) and random requests (token, certificate, both, neither) come
+//! from a byte string, so `tests/oracle.rs` (proptest) and the fuzz target
+//! `decision_oracle` drive the same code. The engine's decision and determining policies
+//! must equal the reference's every time.
+//!
+//! This file is included by path from both; it uses only public APIs.
+#![allow(dead_code)]
+
+use cedar_policy::{Authorizer, Context, Decision, Entities, EntityUid, PolicySet, Request};
+use portcullis::config::Settings;
+use portcullis::demo::{Authority, ClientCert, LeafSpec, TokenSigner};
+use portcullis::engine::Engine;
+use portcullis::facts::RequestFacts;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+pub const ISSUER: &str = "https://oracle.test";
+pub const AUDIENCE: &str = "oracle";
+const GROUPS: [&str; 4] = ["g0", "g1", "g2", "g3"];
+const FOLDERS: [&str; 3] = ["f0", "f1", "f2"];
+const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+const PATHS: [&str; 5] = ["/a", "/a/b", "/b", "/c/d", "/e"];
+const HOSTS: [&str; 2] = ["h1", "static-host"];
+const METHODS: [&str; 3] = ["GET", "POST", "DELETE"];
+const ACTION_GROUPS: [&str; 2] = ["read", "write"];
+const WORKLOADS: [&str; 2] = [
+    "spiffe://example.org/ns/oracle/sa/w0",
+    "spiffe://example.org/ns/oracle/sa/w1",
+];
+
+/// Choices drawn from a byte string; past its end every choice is the first option.
+pub struct Gen<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Gen<'a> {
+    pub fn new(data: &'a [u8]) -> Gen<'a> {
+        Gen { data, at: 0 }
+    }
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+    fn below(&mut self, n: usize) -> usize {
+        usize::from(self.byte()) % n.max(1)
+    }
+    fn pick<T: Copy>(&mut self, options: &[T]) -> T {
+        options[self.below(options.len())]
+    }
+    fn chance(&mut self, in_four: u8) -> bool {
+        self.byte() % 4 < in_four
+    }
+    fn subset<T: Copy>(&mut self, options: &[T]) -> Vec<T> {
+        let mask = self.byte();
+        options
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, o)| *o)
+            .collect()
+    }
+}
+
+fn uid(kind: &str, id: &str) -> Value {
+    json!({ "type": kind, "id": id })
+}
+
+/// A random static entity set: groups and folders in hierarchies (parents only of a
+/// higher index, so no cycles), static users, workloads and paths with attributes, tags
+/// and parents, and action groups.
+fn static_entities(g: &mut Gen<'_>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (i, grp) in GROUPS.iter().enumerate() {
+        if g.chance(3) {
+            let parents: Vec<Value> = g
+                .subset(&GROUPS[i + 1..])
+                .into_iter()
+                .map(|p| uid("Group", p))
+                .collect();
+            out.push(json!({ "uid": uid("Group", grp), "attrs": {}, "parents": parents }));
+        }
+    }
+    for (i, f) in FOLDERS.iter().enumerate() {
+        if g.chance(3) {
+            let parents: Vec<Value> = g
+                .subset(&FOLDERS[i + 1..])
+                .into_iter()
+                .map(|p| uid("Folder", p))
+                .collect();
+            out.push(
+                json!({ "uid": uid("Folder", f), "attrs": { "level": i }, "parents": parents }),
+            );
+        }
+    }
+    for u in USERS {
+        if g.chance(1) {
+            let parents: Vec<Value> = g
+                .subset(&GROUPS)
+                .into_iter()
+                .map(|p| uid("Group", p))
+                .collect();
+            let mut attrs = Map::new();
+            if g.chance(2) {
+                attrs.insert("level".into(), json!(g.below(5)));
+            }
+            if g.chance(1) {
+                // The token's own issuer attribute wins over this one.
+                attrs.insert("issuer".into(), json!("static"));
+            }
+            let mut tags = Map::new();
+            if g.chance(2) {
+                tags.insert("dept".into(), json!(g.pick(&["x", "y"])));
+            }
+            out.push(
+                json!({ "uid": uid("User", u), "attrs": attrs, "parents": parents, "tags": tags }),
+            );
+        }
+    }
+    for w in WORKLOADS {
+        if g.chance(2) {
+            let parents: Vec<Value> = g
+                .subset(&GROUPS)
+                .into_iter()
+                .map(|p| uid("Group", p))
+                .collect();
+            out.push(json!({ "uid": uid("Workload", w), "attrs": {}, "parents": parents }));
+        }
+    }
+    for p in PATHS {
+        if g.chance(2) {
+            let parents: Vec<Value> = g
+                .subset(&FOLDERS)
+                .into_iter()
+                .map(|f| uid("Folder", f))
+                .collect();
+            let mut attrs = Map::new();
+            if g.chance(2) {
+                attrs.insert("owner".into(), json!(g.pick(&USERS)));
+            }
+            if g.chance(1) {
+                // The request's own host attribute wins over this one.
+                attrs.insert("host".into(), json!("static-host"));
+            }
+            out.push(json!({ "uid": uid("Path", p), "attrs": attrs, "parents": parents }));
+        }
+    }
+    for m in METHODS {
+        if g.chance(2) {
+            let parents: Vec<Value> = g
+                .subset(&ACTION_GROUPS)
+                .into_iter()
+                .map(|a| uid("Action", a))
+                .collect();
+            out.push(json!({ "uid": uid("Action", m), "attrs": {}, "parents": parents }));
+        }
+    }
+    if g.chance(1) {
+        out.push(json!({ "uid": uid("Anonymous", "anonymous"), "attrs": {}, "parents": [uid("Group", "g0")] }));
+    }
+    out
+}
+
+fn scope(g: &mut Gen<'_>) -> String {
+    let principal = match g.below(10) {
+        0 | 1 => "principal".to_string(),
+        2 => format!("principal == User::\"{}\"", g.pick(&USERS)),
+        3 => format!("principal in Group::\"{}\"", g.pick(&GROUPS)),
+        4 => "principal is User".to_string(),
+        5 => format!("principal is User in Group::\"{}\"", g.pick(&GROUPS)),
+        6 => format!("principal == Workload::\"{}\"", g.pick(&WORKLOADS)),
+        7 => format!("principal is Workload in Group::\"{}\"", g.pick(&GROUPS)),
+        8 => "principal == Anonymous::\"anonymous\"".to_string(),
+        _ => "principal is Anonymous".to_string(),
+    };
+    let action = match g.below(5) {
+        0 | 1 => "action".to_string(),
+        2 => format!("action == Action::\"{}\"", g.pick(&METHODS)),
+        3 => format!(
+            "action in [Action::\"{}\", Action::\"{}\"]",
+            g.pick(&METHODS),
+            g.pick(&METHODS)
+        ),
+        _ => format!("action in Action::\"{}\"", g.pick(&ACTION_GROUPS)),
+    };
+    let resource = match g.below(6) {
+        0 | 1 => "resource".to_string(),
+        2 => format!("resource == Path::\"{}\"", g.pick(&PATHS)),
+        3 => format!("resource in Folder::\"{}\"", g.pick(&FOLDERS)),
+        4 => "resource is Path".to_string(),
+        _ => format!("resource is Path in Folder::\"{}\"", g.pick(&FOLDERS)),
+    };
+    format!("{principal}, {action}, {resource}")
+}
+
+fn condition(g: &mut Gen<'_>) -> String {
+    let c = match g.below(16) {
+        0..=3 => return String::new(),
+        4 => format!(
+            "when {{ resource.path like \"{}*\" }}",
+            g.pick(&["/a", "/c", "/"])
+        ),
+        5 => "when { context.binding }".to_string(),
+        // Errors when the principal has no `level`: Portcullis must deny, as the reference.
+        6 => format!("when {{ principal.level > {} }}", g.below(4)),
+        7 => "when { principal has level && principal.level >= 2 }".to_string(),
+        8 => format!("when {{ resource.host == \"{}\" }}", g.pick(&HOSTS)),
+        9 => {
+            "when { resource has owner && principal is User && resource.owner == principal.issuer }"
+                .to_string()
+        }
+        10 => format!(
+            "when {{ principal.hasTag(\"dept\") && principal.getTag(\"dept\") == \"{}\" }}",
+            g.pick(&["x", "y"])
+        ),
+        11 => "when { context has token && context.token.scopes.contains(\"read\") }".to_string(),
+        12 => format!(
+            "when {{ context has peer && context.peer.spiffe_id == \"{}\" }}",
+            g.pick(&WORKLOADS)
+        ),
+        13 => format!(
+            "unless {{ resource.path like \"{}*\" }}",
+            g.pick(&["/b", "/e"])
+        ),
+        14 => format!("when {{ principal in Group::\"{}\" }}", g.pick(&GROUPS)),
+        _ => format!("when {{ resource in Folder::\"{}\" }}", g.pick(&FOLDERS)),
+    };
+    c
+}
+
+/// Random policies, each with an `@id`.
+fn policies(g: &mut Gen<'_>) -> String {
+    let n = 1 + g.below(6);
+    (0..n)
+        .map(|i| {
+            let effect = if g.chance(1) { "forbid" } else { "permit" };
+            format!("@id(\"p{i}\")\n{effect} ({}) {};\n", scope(g), condition(g))
+        })
+        .collect()
+}
+
+/// A request as the generator describes it, before any credential is made.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub host: &'static str,
+    /// The token's claims, when the request carries a token.
+    pub claims: Option<Value>,
+    /// Index into the workload certificates, when the request carries one.
+    pub workload: Option<usize>,
+}
+
+fn describe(g: &mut Gen<'_>, now: i64, workload_thumbprints: &[String]) -> Described {
+    let workload = g.chance(2).then(|| g.below(WORKLOADS.len()));
+    let claims = g.chance(2).then(|| {
+        let mut c = json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": g.pick(&USERS), "iat": now, "exp": now + 600,
+            "groups": g.subset(&GROUPS),
+            "scope": g.pick(&["read", "write", "read write"]),
+        });
+        match g.below(4) {
+            0 => c["dept"] = json!(g.pick(&["x", "y"])),
+            // A number is not a string tag: getTag("dept") == "x" must not match it.
+            1 => c["dept"] = json!(7),
+            _ => {}
+        }
+        if let Some(w) = workload
+            && g.chance(2)
+        {
+            c["cnf"] = json!({ "x5t#S256": workload_thumbprints[w] });
+        }
+        c
+    });
+    Described {
+        method: g.pick(&METHODS),
+        path: g.pick(&PATHS),
+        host: g.pick(&HOSTS),
+        claims,
+        workload,
+    }
+}
+
+/// How request-built entities meet static ones of the same id: `Merge` is the documented
+/// rule; `Replace` is what Portcullis did before issue 12 (kept to show the oracle sees it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    Merge,
+    Replace,
+}
+
+/// `own` merged into the static entity with the same uid, as plain JSON.
+fn merged(statics: &[Value], own: Value, rule: Rule) -> Value {
+    let Some(known) = statics.iter().find(|e| e["uid"] == own["uid"]) else {
+        return own;
+    };
+    if rule == Rule::Replace {
+        return own;
+    }
+    let mut attrs = known["attrs"].as_object().cloned().unwrap_or_default();
+    attrs.extend(own["attrs"].as_object().cloned().unwrap_or_default());
+    let mut tags = known["tags"].as_object().cloned().unwrap_or_default();
+    tags.extend(own["tags"].as_object().cloned().unwrap_or_default());
+    let mut parents = known["parents"].as_array().cloned().unwrap_or_default();
+    for p in own["parents"].as_array().cloned().unwrap_or_default() {
+        if !parents.contains(&p) {
+            parents.push(p);
+        }
+    }
+    json!({ "uid": own["uid"], "attrs": attrs, "parents": parents, "tags": tags })
+}
+
+/// The reference decision: (allowed, the `@id`s of the determining policies).
+pub fn reference(
+    statics: &[Value],
+    policies: &PolicySet,
+    req: &Described,
+    rule: Rule,
+) -> (bool, BTreeSet<String>) {
+    let bound = req.claims.as_ref().is_some_and(|c| c.get("cnf").is_some());
+    // The principal: the token's user, else the certificate's workload, else anonymous.
+    let (principal, own_principal) = match (&req.claims, req.workload) {
+        (Some(c), _) => {
+            let sub = c["sub"].as_str().unwrap_or_default();
+            let parents: Vec<Value> = c["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(|g| uid("Group", g))
+                .collect();
+            // Tags: the string claims.
+            let tags: Map<String, Value> = c
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| v.is_string())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (
+                uid("User", sub),
+                json!({ "uid": uid("User", sub), "attrs": { "issuer": ISSUER }, "parents": parents, "tags": tags }),
+            )
+        }
+        (None, Some(w)) => {
+            let u = uid("Workload", WORKLOADS[w]);
+            (u.clone(), json!({ "uid": u, "attrs": {}, "parents": [] }))
+        }
+        (None, None) => {
+            let u = uid("Anonymous", "anonymous");
+            (u.clone(), json!({ "uid": u, "attrs": {}, "parents": [] }))
+        }
+    };
+    let resource = uid("Path", req.path);
+    let own_resource = json!({
+        "uid": resource, "attrs": { "path": req.path, "host": req.host }, "parents": []
+    });
+    let mut all: Vec<Value> = statics
+        .iter()
+        .filter(|e| e["uid"] != principal && e["uid"] != resource)
+        .cloned()
+        .collect();
+    all.push(merged(statics, own_principal, rule));
+    all.push(merged(statics, own_resource, rule));
+    let entities = Entities::from_json_value(Value::Array(all), None).expect("reference entities");
+
+    let mut context = json!({
+        "request": {
+            "method": req.method, "path": req.path, "query": "", "host": req.host,
+            "scheme": "https", "source_address": "", "headers": {},
+        },
+        "binding": bound,
+    });
+    if let Some(w) = req.workload {
+        context["peer"] = json!({ "spiffe_id": WORKLOADS[w], "trust_domain": "example.org" });
+    }
+    if let Some(c) = &req.claims {
+        let scopes: Vec<&str> = c["scope"].as_str().unwrap_or_default().split(' ').collect();
+        context["token"] = json!({
+            "issuer": ISSUER, "subject": c["sub"], "audience": [AUDIENCE], "scopes": scopes,
+            "expires_at": c["exp"], "claims": c,
+        });
+    }
+    let context = Context::from_json_value(context, None).expect("reference context");
+    let to_uid = |v: &Value| EntityUid::from_json(v.clone()).expect("reference uid");
+    let request = Request::new(
+        to_uid(&principal),
+        to_uid(&uid("Action", req.method)),
+        to_uid(&resource),
+        context,
+        None,
+    )
+    .expect("reference request");
+    let response = Authorizer::new().is_authorized(&request, policies, &entities);
+    let errors = response.diagnostics().errors().count();
+    let determining = response
+        .diagnostics()
+        .reason()
+        .filter_map(|id| policies.policy(id))
+        .filter_map(|p| p.annotation("id").map(str::to_string))
+        .collect();
+    (
+        response.decision() == Decision::Allow && errors == 0,
+        determining,
+    )
+}
+
+/// What is fixed for every case: a CA, two workload certificates, the issuer's key.
+pub struct Oracle {
+    root: Authority,
+    workloads: Vec<ClientCert>,
+    thumbprints: Vec<String>,
+    signer: TokenSigner,
+}
+
+/// What one run saw: how many decisions were compared, and of which kinds (so a test can
+/// check that the generator reaches allows, forbids, errors and the static-entity merge).
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    pub compared: usize,
+    pub allowed: usize,
+    pub forbidden: usize,
+    pub errors: usize,
+    /// Requests where the pre-issue-12 rule (replace) decides differently from the merge
+    /// (counted only when `track_replace` is set: it decides every request once more).
+    pub replace_differs: usize,
+    pub track_replace: bool,
+}
+
+impl Oracle {
+    pub fn new() -> Oracle {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let root = Authority::root("oracle test root CA");
+        let workloads: Vec<ClientCert> = WORKLOADS
+            .iter()
+            .map(|w| root.issue(&LeafSpec::spiffe(w)))
+            .collect();
+        let thumbprints = workloads.iter().map(ClientCert::thumbprint).collect();
+        Oracle {
+            root,
+            workloads,
+            thumbprints,
+            signer: TokenSigner::generate(jsonwebtoken::Algorithm::ES256, "oracle"),
+        }
+    }
+
+    /// One world and up to 12 requests from `data`; an error describes the first request
+    /// on which the engine and the reference disagree.
+    pub fn run(&self, data: &[u8], seen: &mut Seen) -> Result<(), String> {
+        let mut g = Gen::new(data);
+        let statics = static_entities(&mut g);
+        let policy_text = policies(&mut g);
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let p = dir.path();
+        let write =
+            |name: &str, text: &str| std::fs::write(p.join(name), text).map_err(|e| e.to_string());
+        std::fs::create_dir(p.join("policies")).map_err(|e| e.to_string())?;
+        write("policies/world.cedar", &policy_text)?;
+        write("entities.json", &Value::Array(statics.clone()).to_string())?;
+        write("ca.pem", &self.root.cert_pem())?;
+        write("idp.jwks.json", &portcullis::demo::jwks(&[&self.signer]))?;
+        let config = format!(
+            r#"
+[peer]
+trust_bundle = "ca.pem"
+trust_domains = ["example.org"]
+
+[[issuer]]
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+jwks_file = "idp.jwks.json"
+algorithms = ["ES256"]
+max_lifetime = "1h"
+
+[policy]
+dir = "policies"
+entities = "entities.json"
+
+[log]
+audit = "stderr"
+"#
+        );
+        let settings = Settings::from_toml(&config, p).map_err(|e| e.join("; "))?;
+        let engine = Engine::load(&settings)
+            .map_err(|e| format!("engine did not load\n{policy_text}\n{}", e.join("\n")))?;
+        let parsed = PolicySet::from_str(&policy_text).map_err(|e| e.to_string())?;
+        let now = portcullis::demo::unix_now();
+        let count = 1 + g.below(12);
+        for _ in 0..count {
+            let req = describe(&mut g, now, &self.thumbprints);
+            let mut facts = RequestFacts {
+                method: req.method.to_string(),
+                path: req.path.to_string(),
+                host: req.host.to_string(),
+                scheme: "https".into(),
+                ..RequestFacts::default()
+            };
+            if let Some(c) = &req.claims {
+                facts.headers.insert(
+                    "authorization".into(),
+                    format!("Bearer {}", self.signer.sign(c)),
+                );
+            }
+            if let Some(w) = req.workload {
+                facts.peer_certificate = Some(self.workloads[w].envoy_encoded());
+            }
+            let decision = engine.decide(&facts, SystemTime::now());
+            let (allowed, determining) = reference(&statics, &parsed, &req, Rule::Merge);
+            let engine_determining: BTreeSet<String> =
+                decision.policies().iter().cloned().collect();
+            if decision.allowed() != allowed || engine_determining != determining {
+                return Err(format!(
+                    "engine and reference disagree\nstatic entities: {}\npolicies:\n{policy_text}\nrequest: {req:?}\nengine: allowed={} policies={engine_determining:?} reasons={:?}\nreference: allowed={allowed} policies={determining:?}",
+                    Value::Array(statics.clone()),
+                    decision.allowed(),
+                    decision.reasons
+                ));
+            }
+            seen.compared += 1;
+            if allowed {
+                seen.allowed += 1;
+            } else if !determining.is_empty() {
+                seen.forbidden += 1;
+            }
+            if decision
+                .reasons
+                .iter()
+                .any(|r| r.starts_with("policy error"))
+            {
+                seen.errors += 1;
+            }
+            if seen.track_replace
+                && reference(&statics, &parsed, &req, Rule::Replace) != (allowed, determining)
+            {
+                seen.replace_differs += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Oracle {
+    fn default() -> Self {
+        Oracle::new()
+    }
+}
