@@ -917,22 +917,17 @@ fn request_headers(request: &CheckRequest) -> Vec<(String, Vec<u8>)> {
     else {
         return Vec::new();
     };
-    match &http.header_map {
-        Some(map) if !map.headers.is_empty() => map
-            .headers
-            .iter()
-            .map(|h| {
-                let mut bytes = h.value.clone().into_bytes();
-                bytes.extend_from_slice(&h.raw_value);
-                (h.key.clone(), bytes)
-            })
-            .collect(),
-        _ => http
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
-            .collect(),
-    }
+    // Both forms count against the caps: a request that carries both is compared.
+    let map = http.header_map.iter().flat_map(|m| &m.headers).map(|h| {
+        let mut bytes = h.value.clone().into_bytes();
+        bytes.extend_from_slice(&h.raw_value);
+        (h.key.clone(), bytes)
+    });
+    let plain = http
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()));
+    map.chain(plain).collect()
 }
 
 fn check_request_properties(request: &CheckRequest) {
@@ -1116,10 +1111,34 @@ pub fn forward_auth(data: &[u8]) {
                 .or_insert(value);
         }
         assert_eq!(f.headers, joined);
-        let present = |names: &[String]| -> Vec<&String> {
+        // Every header the original request is read from arrived once, or as identical
+        // copies; its value is that one copy.
+        let copies = |name: &str| -> Vec<String> {
+            headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        };
+        for list in [
+            &settings.method_headers,
+            &settings.uri_headers,
+            &settings.host_headers,
+            &settings.proto_headers,
+            &settings.source_headers,
+        ] {
+            for name in list {
+                let c = copies(name);
+                assert!(
+                    c.windows(2).all(|p| p[0] == p[1]),
+                    "header {name} accepted with different copies: {c:?}"
+                );
+            }
+        }
+        let present = |names: &[String]| -> Vec<String> {
             names
                 .iter()
-                .filter_map(|n| joined.get(n).filter(|v| !v.is_empty()))
+                .filter_map(|n| copies(n).into_iter().next().filter(|v| !v.is_empty()))
                 .collect()
         };
         for list in [
@@ -1133,9 +1152,9 @@ pub fn forward_auth(data: &[u8]) {
                 "headers {list:?} disagree: {values:?}"
             );
         }
-        let method = present(&settings.method_headers)[0];
+        let method = &present(&settings.method_headers)[0];
         assert_eq!(f.method, method.to_ascii_uppercase());
-        let uri = present(&settings.uri_headers)[0];
+        let uri = &present(&settings.uri_headers)[0];
         if uri.contains('?') {
             assert_eq!(uri, &format!("{}?{}", f.path, f.query));
         } else {

@@ -823,6 +823,30 @@ async fn the_two_texts_of_an_ecdsa_signature_are_one_token_and_no_other_text_is(
         let resp = s.check(with_token("/api/x", &forged)).await;
         assert_eq!(answer(&resp), UNAUTHENTICATED, "byte {i} flipped: {resp:?}");
     }
+    // The cache holds one token for the two texts (in process, over the same files).
+    let settings =
+        portcullis::config::Settings::load(&s.path("portcullis.toml")).expect("settings");
+    let engine = portcullis::engine::Engine::load(&settings).expect("engine");
+    for text in [&t, &twin, &twin] {
+        let mut facts = portcullis::facts::RequestFacts {
+            method: "GET".into(),
+            path: "/api/x".into(),
+            ..Default::default()
+        };
+        facts
+            .headers
+            .insert("authorization".into(), format!("Bearer {text}"));
+        assert!(
+            engine
+                .decide(&facts, std::time::SystemTime::now())
+                .allowed()
+        );
+    }
+    assert_eq!(
+        engine.cached_tokens(),
+        1,
+        "the two texts are one token to the cache"
+    );
     // A revoked jti stays revoked in either text.
     let revoked = token_with("jti", json!("abc"));
     for text in [revoked.clone(), high_s(&revoked)] {

@@ -18,7 +18,20 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+#[path = "oracle/mod.rs"]
+mod oracle;
+
 type Harness = fn(&[u8]);
+
+/// The differential oracle (`tests/oracle/mod.rs`) as a harness: panics on any request
+/// where the engine and the reference decide differently.
+fn decision_oracle(data: &[u8]) {
+    static ORACLE: std::sync::OnceLock<oracle::Oracle> = std::sync::OnceLock::new();
+    let mut seen = oracle::Seen::default();
+    if let Err(e) = ORACLE.get_or_init(oracle::Oracle::new).run(data, &mut seen) {
+        panic!("{e}");
+    }
+}
 
 /// Every fuzz target, by the name of its binary, corpus and regressions directory.
 const TARGETS: &[(&str, Harness)] = &[
@@ -33,6 +46,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("check_request_json", fuzzing::check_request_json),
     ("forward_auth", fuzzing::forward_auth),
     ("config", fuzzing::config),
+    ("decision_oracle", decision_oracle),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -115,6 +129,7 @@ mod replay {
         check_request_json,
         forward_auth,
         config,
+        decision_oracle,
     );
 }
 
@@ -278,6 +293,21 @@ fn write_seed_corpora() {
         c["cnf"] = json!({ "x5t#S256": m.frontend.thumbprint() });
         m.es.sign(&c)
     };
+
+    // decision_oracle: choice strings (any bytes are a world and its requests).
+    let s = Seeds::new("decision_oracle");
+    let mut state: u64 = 12;
+    for i in 0..8 {
+        let seed: Vec<u8> = (0..96 + 32 * i)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                (state >> 33) as u8
+            })
+            .collect();
+        s.put(&format!("world-{i}"), seed);
+    }
 
     // split_path: request targets, canonical or not.
     let s = Seeds::new("split_path");

@@ -439,7 +439,6 @@ pub struct Seen {
 
 impl Oracle {
     pub fn new() -> Oracle {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let root = Authority::root("oracle test root CA");
         let workloads: Vec<ClientCert> = WORKLOADS
             .iter()
