@@ -1222,7 +1222,21 @@ fn settings_properties(s: &Settings) {
         }
     }
     header_name(&s.response.principal_header);
-    for (h, _) in &s.response.claim_headers {
+    for (issuer, headers) in &s.response.claim_headers {
+        // Claim headers belong to a configured issuer: one issuer never fills another's.
+        assert!(
+            s.issuers.iter().any(|i| &i.issuer == issuer),
+            "claim headers of {issuer:?}"
+        );
+        for (h, _) in headers {
+            header_name(h);
+            assert!(s.response.claim_header_names.contains(h));
+        }
+    }
+    if !s.response.claim_headers.is_empty() {
+        assert!(!s.issuers.is_empty());
+    }
+    for h in &s.response.claim_header_names {
         header_name(h);
     }
     if let Some(h) = &s.token.header {

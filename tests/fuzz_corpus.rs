@@ -1078,6 +1078,7 @@ max_size = 4096
 revoked = "revoked.txt"
 header = "x-token"
 cookie = "session"
+pass_schemes = ["Basic"]
 
 [[issuer]]
 issuer = "https://login.example.org"
@@ -1100,6 +1101,7 @@ typ = "at+jwt"
 require_binding = true
 groups_claim = "roles"
 id_prefix = "login|"
+claim_headers = { "x-user" = "sub", "x-tenant" = "tenant" }
 
 [[issuer]]
 issuer = "https://accounts.example.com"
@@ -1113,7 +1115,6 @@ entities = "policies/entities.json"
 
 [response]
 principal_header = "x-principal"
-claim_headers = { "x-user" = "sub", "x-tenant" = "tenant" }
 strip_authorization = true
 
 [log]

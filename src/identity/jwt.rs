@@ -885,6 +885,121 @@ fn check_current(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const ISS: &str = "https://types.test";
+
+    /// A verifier for one issuer whose key `signer` holds, with the revocation list "jti:7".
+    fn verifier(signer: &crate::demo::TokenSigner) -> (TokenVerifier, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("k.json"), crate::demo::jwks(&[signer])).expect("jwks");
+        std::fs::write(dir.path().join("revoked.txt"), "jti:7\njti:abc\n").expect("revoked");
+        let config = format!(
+            "[token]\nrevoked = \"revoked.txt\"\n[[issuer]]\nissuer = \"{ISS}\"\naudiences = [\"api\"]\njwks_file = \"k.json\"\nalgorithms = [\"ES256\"]\nmax_lifetime = \"1h\"\n"
+        );
+        let settings = crate::config::Settings::from_toml(&config, dir.path()).expect("settings");
+        let v = TokenVerifier::load(&settings.issuers, &settings.token, 0).expect("verifier");
+        (v, dir)
+    }
+
+    /// A JSON value of a random type.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-3i64..3).prop_map(|n| json!(1_900_000_000 + n * 100)),
+            Just(json!(1.5)),
+            prop::sample::select(vec!["", "api", "abc", "7", "read write"]).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec!["x5t#S256", "jkt", "a"]).prop_map(String::from),
+                    inner,
+                    0..2
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Whether a claim of this value may be accepted by the rule that reads it.
+    fn acceptable(claim: &str, v: &Value) -> bool {
+        let strings = |v: &Value| match v {
+            Value::String(_) => true,
+            Value::Array(items) => items.iter().all(Value::is_string),
+            _ => false,
+        };
+        match claim {
+            "exp" | "nbf" | "iat" => v.is_number(),
+            "aud" => strings(v),
+            "sub" => v.as_str().is_some_and(|s| !s.is_empty()),
+            "jti" => v.is_string(),
+            // Needs a certificate in any form this test can send: never accepted here.
+            "cnf" => false,
+            "scope" => strings(v),
+            "groups" => v.is_null() || strings(v),
+            _ => true,
+        }
+    }
+
+    proptest! {
+        /// Every claim a rule compares, given a value of a random type: the token is
+        /// accepted only when the value has the type the rule expects, so a value of
+        /// another type is invalid, never "absent" (nor a match in another type).
+        #[test]
+        fn a_claim_of_another_type_is_invalid_not_absent(
+            claim in prop::sample::select(vec!["exp", "nbf", "iat", "aud", "sub", "jti", "cnf", "scope", "groups"]),
+            value in any_json(),
+        ) {
+            static SIGNER: std::sync::OnceLock<crate::demo::TokenSigner> = std::sync::OnceLock::new();
+            let signer = SIGNER.get_or_init(|| crate::demo::TokenSigner::generate(Algorithm::ES256, "k"));
+            let (v, _dir) = verifier(signer);
+            let now = 1_900_000_000;
+            let mut claims = json!({ "iss": ISS, "aud": "api", "sub": "alice", "iat": now, "exp": now + 600 });
+            claims[claim] = value.clone();
+            let result = v.verify(&signer.sign(&claims), None, now);
+            if !acceptable(claim, &value) {
+                prop_assert!(result.is_err(), "{claim} = {value} accepted");
+            }
+            if let Err(e) = &result
+                && acceptable(claim, &value)
+            {
+                // Refused for what the value says (time, audience, revocation), not its type.
+                prop_assert!(!matches!(e, TokenRejection::InvalidClaim(_)), "{claim} = {value}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn ecdsa_signatures_have_one_form() {
+        let n = &P256_N;
+        let mut sig = vec![7u8; 32];
+        let s_low = {
+            let mut s = [0u8; 32];
+            s[31] = 5;
+            s
+        };
+        sig.extend_from_slice(&s_low);
+        let mut twin = vec![7u8; 32];
+        twin.extend_from_slice(&order_minus(n, &s_low));
+        use base64::Engine as _;
+        let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let a = Signature::of(&enc(&sig), Algorithm::ES256).expect("decodes");
+        let b = Signature::of(&enc(&twin), Algorithm::ES256).expect("decodes");
+        assert_eq!(a, b);
+        assert_eq!(a.0, sig, "the low form is kept as it is");
+        // Not for other algorithms, whose signatures are taken as they are.
+        assert_ne!(
+            Signature::of(&enc(&sig), Algorithm::EdDSA),
+            Signature::of(&enc(&twin), Algorithm::EdDSA)
+        );
+        let mut other = twin.clone();
+        other[40] ^= 1;
+        assert_ne!(Signature::of(&enc(&other), Algorithm::ES256), Some(a));
+    }
 
     #[test]
     fn typ_comparison() {
