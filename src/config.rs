@@ -64,6 +64,7 @@ struct RawLimits {
     request_timeout: Option<String>,
     max_http_connections: Option<usize>,
     http_header_timeout: Option<String>,
+    max_file_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -244,6 +245,9 @@ pub struct Limits {
     /// The longest an HTTP client may take to send a request's headers (also the longest an
     /// idle keep-alive connection is kept); past it, the connection is closed.
     pub http_header_timeout: Duration,
+    /// Largest operator file read (policies, schema, entities, keys, trust material, the
+    /// revocation list); a larger one is refused with a clear error.
+    pub max_file_bytes: u64,
 }
 
 impl Default for Limits {
@@ -257,6 +261,7 @@ impl Default for Limits {
             request_timeout: Duration::from_millis(180),
             max_http_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
+            max_file_bytes: crate::files::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -449,8 +454,8 @@ impl Settings {
             file: path.to_path_buf(),
             problems,
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        // The configuration names the cap for every other file; its own read has the default.
+        let text = crate::files::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
         let base = path.parent().unwrap_or(Path::new(""));
         Settings::from_toml(&text, base).map_err(fail)
     }
@@ -819,6 +824,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             defaults.http_header_timeout,
             problems,
         ),
+        max_file_bytes: l.max_file_bytes.unwrap_or(defaults.max_file_bytes),
     };
     let zero = [
         ("max_message_bytes", limits.max_message_bytes == 0),
@@ -832,6 +838,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ("request_timeout", limits.request_timeout.is_zero()),
         ("max_http_connections", limits.max_http_connections == 0),
         ("http_header_timeout", limits.http_header_timeout.is_zero()),
+        ("max_file_bytes", limits.max_file_bytes == 0),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));
