@@ -225,6 +225,8 @@ mod tests {
 
         for n in 0..20 {
             std::fs::write(dir.path().join("audit.log"), format!("line {n}\n")).expect("write");
+            // A log beside the policies is not a policy either.
+            std::fs::write(policies.join("portcullis.log"), format!("line {n}\n")).expect("write");
         }
         std::thread::sleep(QUIET * 4);
         assert_eq!(
