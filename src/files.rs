@@ -42,8 +42,12 @@ pub enum FileError {
     },
     /// The path names a FIFO, socket, device or directory.
     NotRegular { path: PathBuf, kind: &'static str },
-    /// More bytes than the cap.
-    TooLarge { path: PathBuf, max: u64 },
+    /// More bytes than the cap; `configured` when the cap is `[limits] max_file_bytes`.
+    TooLarge {
+        path: PathBuf,
+        max: u64,
+        configured: bool,
+    },
     /// Not UTF-8 text, where text was expected.
     NotText { path: PathBuf },
 }
@@ -59,11 +63,17 @@ impl fmt::Display for FileError {
                 "{}: not a regular file (it is {kind}); only regular files are read",
                 path.display()
             ),
-            FileError::TooLarge { path, max } => write!(
-                f,
-                "{}: larger than {max} bytes (raise [limits] max_file_bytes if it must be)",
-                path.display()
-            ),
+            FileError::TooLarge {
+                path,
+                max,
+                configured,
+            } => {
+                write!(f, "{}: larger than {max} bytes", path.display())?;
+                if *configured {
+                    f.write_str(" (raise [limits] max_file_bytes if it must be)")?;
+                }
+                Ok(())
+            }
             FileError::NotText { path } => write!(f, "{}: not UTF-8 text", path.display()),
         }
     }
@@ -98,7 +108,14 @@ fn kind_of(t: std::fs::FileType) -> &'static str {
 
 /// The bytes of the regular file at `path`, at most [`max_bytes`] of them.
 pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
-    read_capped(path, max_bytes())
+    read_capped(path, max_bytes()).map_err(|e| match e {
+        FileError::TooLarge { path, max, .. } => FileError::TooLarge {
+            path,
+            max,
+            configured: true,
+        },
+        other => other,
+    })
 }
 
 /// The text of the regular file at `path`, at most [`max_bytes`] bytes of UTF-8.
@@ -131,6 +148,7 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     let too_large = || FileError::TooLarge {
         path: path.to_path_buf(),
         max,
+        configured: false,
     };
     if meta.len() > max {
         return Err(too_large());
