@@ -65,6 +65,7 @@ struct RawLimits {
     max_http_connections: Option<usize>,
     http_header_timeout: Option<String>,
     strict_paths: Option<bool>,
+    max_file_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +253,9 @@ pub struct Limits {
     /// Refuse paths an upstream could decode into a different path (double encoding,
     /// overlong UTF-8, encoded NUL, NFKC-unstable or invisible characters).
     pub strict_paths: bool,
+    /// Largest operator file read (policies, schema, entities, keys, trust material, the
+    /// revocation list); a larger one is refused with a clear error.
+    pub max_file_bytes: u64,
 }
 
 impl Default for Limits {
@@ -266,6 +270,7 @@ impl Default for Limits {
             max_http_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
             strict_paths: true,
+            max_file_bytes: crate::files::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -469,8 +474,8 @@ impl Settings {
             file: path.to_path_buf(),
             problems,
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        // The configuration names the cap for every other file; its own read has the default.
+        let text = crate::files::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
         let base = path.parent().unwrap_or(Path::new(""));
         Settings::from_toml(&text, base).map_err(fail)
     }
@@ -895,6 +900,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             problems,
         ),
         strict_paths: l.strict_paths.unwrap_or(defaults.strict_paths),
+        max_file_bytes: l.max_file_bytes.unwrap_or(defaults.max_file_bytes),
     };
     let zero = [
         ("max_message_bytes", limits.max_message_bytes == 0),
@@ -908,6 +914,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ("request_timeout", limits.request_timeout.is_zero()),
         ("max_http_connections", limits.max_http_connections == 0),
         ("http_header_timeout", limits.http_header_timeout.is_zero()),
+        ("max_file_bytes", limits.max_file_bytes == 0),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));

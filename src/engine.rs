@@ -175,6 +175,8 @@ pub struct Engine {
     audit: crate::audit::AuditLog,
     /// The problems of the last failed reload, until a reload succeeds.
     reload_error: Mutex<Option<Vec<String>>>,
+    /// The problem of the last failed revocation list reload, until one succeeds.
+    revocation_error: crate::reload::ReloadProblem,
     /// Requests being decided now, against `limits.max_concurrent`.
     in_flight: AtomicUsize,
 }
@@ -288,6 +290,7 @@ impl Engine {
                     metrics,
                     audit,
                     reload_error: Mutex::new(None),
+                    revocation_error: Default::default(),
                     in_flight: AtomicUsize::new(0),
                 })
             }
@@ -358,6 +361,7 @@ impl Engine {
                 path.clone(),
                 self.verifier.tokens().revocation(),
                 self.metrics.clone(),
+                self.revocation_error.clone(),
             )?);
         }
         let weak = Arc::downgrade(self);
@@ -400,9 +404,19 @@ impl Engine {
         }
     }
 
-    /// The problems of the last reload, if it failed (the previous set is still serving).
+    /// The problems of the last reload, if it failed (the previous set is still serving),
+    /// and of the last revocation list reload, if that failed.
     pub fn last_reload_error(&self) -> Option<Vec<String>> {
-        self.reload_error.lock().ok().and_then(|e| e.clone())
+        let mut problems = self
+            .reload_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_default();
+        if let Some(p) = self.revocation_error.lock().ok().and_then(|e| e.clone()) {
+            problems.push(p);
+        }
+        (!problems.is_empty()).then_some(problems)
     }
 
     pub fn metrics(&self) -> &Metrics {

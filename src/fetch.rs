@@ -46,6 +46,8 @@ struct Remote {
     generation: watch::Sender<u64>,
     kid: Mutex<KidState>,
     metrics: Arc<Metrics>,
+    /// The keys the last fetched document had that were unfit to verify (warned once).
+    refused: Mutex<Vec<String>>,
 }
 
 /// The fetchers of every issuer with remote keys.
@@ -69,8 +71,7 @@ fn client_for(settings: &IssuerSettings) -> Result<reqwest::Client, String> {
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = &settings.fetch.ca_bundle {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let pem = crate::files::read(path).map_err(|e| e.to_string())?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
         if certs.is_empty() {
@@ -110,6 +111,7 @@ impl KeyFetcher {
                             in_flight: false,
                         }),
                         metrics: metrics.clone(),
+                        refused: Mutex::new(Vec::new()),
                     };
                     remotes.insert(s.issuer.clone(), Arc::new(remote));
                 }
@@ -281,9 +283,19 @@ impl Remote {
         };
         let (body, max_age) = self.get(&jwks_uri, self.settings.fetch.max_size).await?;
         let text = String::from_utf8(body).map_err(|_| FetchError::KeySet("not UTF-8".into()))?;
-        let (keys, notes) = KeySet::from_jwks(&text).map_err(FetchError::KeySet)?;
+        let (keys, notes, refused) =
+            KeySet::from_fetched_jwks(&text).map_err(FetchError::KeySet)?;
         for n in notes {
             tracing::debug!(issuer = %self.settings.issuer, "{n}");
+        }
+        // A warning when the left-out keys change, not on every fetch of the same document.
+        if let Ok(mut last) = self.refused.lock()
+            && *last != refused
+        {
+            for r in &refused {
+                tracing::warn!(issuer = %self.settings.issuer, "key left out of the fetched key set: {r}");
+            }
+            *last = refused;
         }
         Ok((keys, max_age))
     }

@@ -1181,8 +1181,11 @@ pub fn config(data: &[u8]) {
             }
         }
     }
-    if let Err(e) = RevocationList::parse(text) {
-        assert_message(&e);
+    if let Err(problems) = RevocationList::parse(text) {
+        assert!(!problems.is_empty(), "refused without a problem");
+        for p in &problems {
+            assert_message(p);
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod explain;
 pub mod facts;
 pub mod fetch;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

@@ -65,6 +65,7 @@ enum Command {
 
 fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
     let settings = Settings::load(config).map_err(|e| e.to_string())?;
+    portcullis::files::set_max_bytes(settings.limits.max_file_bytes);
     let engine = Engine::load(&settings).map_err(|p| problems_message(config, p))?;
     Ok((settings, engine))
 }
@@ -84,10 +85,7 @@ fn main() -> ExitCode {
     // One crypto backend everywhere (aws-lc-rs); an already-installed provider is fine.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -98,6 +96,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `RUST_LOG` (default `info`), with the file-watching libraries held at `info` whatever it
+/// says: they log every file event at `trace`, so a log written into a watched directory
+/// would log its own writes without end.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for target in [
+        "notify=info",
+        "inotify=info",
+        "mio=info",
+        "notify_types=info",
+    ] {
+        if let Ok(directive) = target.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
 }
 
 fn run(command: Command) -> Result<ExitCode, String> {

@@ -1,8 +1,8 @@
 //! Reloading files that change while the server runs: policies, schema, entities, trust
 //! material and key files (through the engine's reload), and the revocation list. A
-//! watched file is re-read after its directory reports a change (debounced); a valid new
-//! version is swapped in whole, an invalid one is logged and counted, and the last good
-//! version keeps serving.
+//! watched file is re-read once its directory has been quiet for a moment after a change;
+//! a valid new version is swapped in whole, an invalid or unreadable one is logged, counted
+//! and reported (`/readyz`), and the last good version keeps serving.
 
 use crate::identity::revocation::RevocationList;
 use crate::metrics::Metrics;
@@ -10,11 +10,25 @@ use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Quiet time after a change before the file is read: editors write in several steps.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Quiet time after a change before the files are read: editors and scripts write in
+/// several steps, and a file is not read while writes to it keep coming.
+const QUIET: Duration = Duration::from_millis(200);
+
+/// The longest a reload waits for quiet: a file written without pause is read anyway
+/// after this, and its own checks decide (a revocation list must end with a newline).
+const MAX_QUIET_WAIT: Duration = Duration::from_secs(5);
+
+/// In a watched directory, only files with this extension are read by a reload (the
+/// policy directory's `*.cedar`); a log or editor file beside them reloads nothing.
+const DIR_FILE_EXTENSION: &str = "cedar";
+
+/// The problem of the last failed reload of one file, until a reload of it succeeds; the
+/// engine shows it in `/readyz` beside its own.
+pub type ReloadProblem = Arc<Mutex<Option<String>>>;
 
 /// Keeps a file watch alive; dropping it stops the watch.
 pub struct WatchGuard {
@@ -44,9 +58,10 @@ fn canonical(dir: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("{}: cannot watch: {e}", dir.display()))
 }
 
-/// Calls `reload` once per burst of changes to any of `files` or to anything directly in
-/// one of `dirs`. Other changes in the same directories (a log file, say) are ignored;
-/// names starting with `..` count, for Kubernetes ConfigMap updates.
+/// Calls `reload` once per burst of changes to any of `files` or to a `*.cedar` file
+/// directly in one of `dirs`. Other changes in the same directories (a log file, say) are
+/// ignored, so a log written beside the watched files cannot feed reloads that log; names
+/// starting with `..` count, for Kubernetes ConfigMap updates.
 pub fn watch(
     files: &[PathBuf],
     dirs: &[PathBuf],
@@ -81,7 +96,10 @@ pub fn watch(
         // (an audit log written on every decision, say) costs no path resolution per write.
         let parent = p.parent().unwrap_or(Path::new(""));
         if !names.contains(&name) {
-            return dir_keys.contains(parent);
+            return Path::new(&name)
+                .extension()
+                .is_some_and(|e| e == DIR_FILE_EXTENSION)
+                && dir_keys.contains(parent);
         }
         let hit = |d: &Path| dir_keys.contains(d) || file_keys.contains(&(d.into(), name.clone()));
         hit(parent) || parent.canonicalize().is_ok_and(|d| hit(&d))
@@ -115,8 +133,14 @@ pub fn watch(
         .spawn(move || {
             // Ends when the watcher (and with it the sender) is dropped.
             while rx.recv().is_ok() {
-                std::thread::sleep(DEBOUNCE);
-                while rx.try_recv().is_ok() {}
+                let burst = Instant::now();
+                while burst.elapsed() < MAX_QUIET_WAIT {
+                    match rx.recv_timeout(QUIET) {
+                        Ok(()) => continue,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
                 reload();
             }
         })
@@ -124,27 +148,40 @@ pub fn watch(
     Ok(WatchGuard { _watcher: watcher })
 }
 
-/// Watches the revocation list and swaps each valid new version into `cell`.
+/// Watches the revocation list and swaps each valid new version into `cell`. A list that
+/// cannot be read or parsed, or looks half-written ([`RevocationList::load`]), is logged,
+/// counted and left in `problem` (for `/readyz`); the last good list keeps serving.
 pub fn watch_revocations(
     path: PathBuf,
     cell: Arc<ArcSwap<RevocationList>>,
     metrics: Arc<Metrics>,
+    problem: ReloadProblem,
 ) -> Result<WatchGuard, String> {
     let watched = path.clone();
     watch_file(&watched, move || {
-        let loaded = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read: {e}"))
-            .and_then(|t| RevocationList::parse(&t));
-        match loaded {
-            Ok(list) if list == **cell.load() => {}
+        let serving = cell.load_full();
+        let report = |p: Option<String>| {
+            if let Ok(mut slot) = problem.lock() {
+                *slot = p;
+            }
+        };
+        match RevocationList::load(&path, Some(&serving)) {
+            Ok(list) if list == *serving => report(None),
             Ok(list) => {
-                tracing::info!(file = %path.display(), entries = list.len(), "revocation list reloaded");
+                tracing::info!(file = %path.display(), entries = list.len(), was = serving.len(), "revocation list reloaded");
                 metrics.revocation_reload(Some(list.len()));
                 cell.store(Arc::new(list));
+                report(None);
             }
-            Err(e) => {
-                tracing::error!(file = %path.display(), "revocation list not reloaded, keeping the last good one: {e}");
+            Err(problems) => {
+                let message = format!(
+                    "revocation list not reloaded, the last good one ({} entries) keeps serving: {}",
+                    serving.len(),
+                    problems.join("; ")
+                );
+                tracing::error!("{message}");
                 metrics.revocation_reload(None);
+                report(Some(message));
             }
         }
     })
@@ -154,7 +191,6 @@ pub fn watch_revocations(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Instant;
 
     fn wait_for(reloads: &AtomicUsize, at_least: usize) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -189,8 +225,10 @@ mod tests {
 
         for n in 0..20 {
             std::fs::write(dir.path().join("audit.log"), format!("line {n}\n")).expect("write");
+            // A log beside the policies is not a policy either.
+            std::fs::write(policies.join("portcullis.log"), format!("line {n}\n")).expect("write");
         }
-        std::thread::sleep(DEBOUNCE * 4);
+        std::thread::sleep(QUIET * 4);
         assert_eq!(
             reloads.load(Ordering::SeqCst),
             0,

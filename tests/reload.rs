@@ -242,3 +242,453 @@ async fn an_idle_server_does_not_reload() {
     assert!(before >= 1, "the change was reloaded");
     assert_eq!(after, before, "reloads without any change");
 }
+
+// ---- Operator files as the real binary reads them: FIFOs, size caps, half-written
+// revocation lists, logs written into a watched directory.
+
+mod binary {
+    use super::common::{check_at, outcome, request};
+    use portcullis::demo::TokenSigner;
+    use serde_json::json;
+    use std::io::{BufRead, BufReader};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::{Arc, Mutex, mpsc};
+    use std::time::{Duration, Instant};
+
+    pub const ISSUER: &str = "https://idp.test";
+
+    /// A configuration directory: one ES256 issuer from a JWKS file, a revocation list, a
+    /// policy allowing every user, and `extra` appended to the configuration.
+    pub struct Setup {
+        pub dir: tempfile::TempDir,
+        pub signer: TokenSigner,
+    }
+
+    impl Setup {
+        pub fn new(revoked: &str, extra: &str) -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path();
+            let signer = TokenSigner::generate(jsonwebtoken::Algorithm::ES256, "k1");
+            std::fs::write(p.join("idp.jwks.json"), portcullis::demo::jwks(&[&signer])).unwrap();
+            std::fs::write(p.join("revoked.txt"), revoked).unwrap();
+            std::fs::create_dir(p.join("policies")).unwrap();
+            std::fs::write(
+                p.join("policies/main.cedar"),
+                "permit (principal is User, action, resource);\n",
+            )
+            .unwrap();
+            std::fs::write(p.join("entities.json"), "[]").unwrap();
+            let config = format!(
+                "[server]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\n\
+                 [token]\nrevoked = \"revoked.txt\"\n\n\
+                 [[issuer]]\nissuer = \"{ISSUER}\"\naudiences = [\"orders\"]\n\
+                 jwks_file = \"idp.jwks.json\"\nalgorithms = [\"ES256\"]\n\n\
+                 [policy]\ndir = \"policies\"\nentities = \"entities.json\"\n\n{extra}\n"
+            );
+            std::fs::write(p.join("portcullis.toml"), config).unwrap();
+            Setup { dir, signer }
+        }
+
+        pub fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        pub fn token(&self, jti: &str) -> String {
+            let now = portcullis::demo::unix_now();
+            self.signer.sign(&json!({
+                "iss": ISSUER, "aud": "orders", "sub": "alice", "iat": now,
+                "exp": now + 600, "jti": jti,
+            }))
+        }
+
+        /// Replaces `name` by a FIFO, as an attacker with write access to the directory, or
+        /// a confused deployment tool, could.
+        pub fn make_fifo(&self, name: &str) {
+            let path = self.path(name);
+            let _ = std::fs::remove_file(&path);
+            let ok = Command::new("mkfifo")
+                .arg(&path)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mkfifo {}", path.display());
+        }
+
+        /// Writes `text` to `name` the safe way: a temporary file renamed into place.
+        pub fn replace(&self, name: &str, text: &str) {
+            let tmp = self.path(&format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, self.path(name)).unwrap();
+        }
+
+        /// Runs `portcullis <command> --config portcullis.toml`; it must exit within 20 s
+        /// (a hang is killed and fails the test). Returns its status and standard error.
+        pub fn run(&self, command: &str) -> (ExitStatus, String) {
+            let log = self.dir.path().join(format!("{command}.stderr"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .arg(command)
+                .arg("--config")
+                .arg(self.path("portcullis.toml"))
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return (status, std::fs::read_to_string(&log).unwrap_or_default());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "portcullis {command} hung; its log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+
+        /// Starts `portcullis serve` and waits until it is ready.
+        pub fn serve(&self) -> Served {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .arg("serve")
+                .arg("--config")
+                .arg(self.path("portcullis.toml"))
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let log = Arc::new(Mutex::new(String::new()));
+            let writer = log.clone();
+            let (tx, rx) = mpsc::channel::<(&'static str, String)>();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    for (what, marker) in [
+                        ("grpc", "gRPC listening on "),
+                        ("http", "HTTP listening on "),
+                    ] {
+                        if let Some(rest) = line.split(marker).nth(1) {
+                            let addr = rest.split_whitespace().next().unwrap_or_default();
+                            let _ = tx.send((what, addr.to_string()));
+                        }
+                    }
+                    if line.trim_end().ends_with(": ready") {
+                        let _ = tx.send(("ready", String::new()));
+                    }
+                    let mut log = writer.lock().unwrap();
+                    if log.len() < 1 << 20 {
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                }
+            });
+            let (mut grpc, mut http, mut ready) = (None, None, false);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while grpc.is_none() || http.is_none() || !ready {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(("grpc", a)) => grpc = Some(a.parse().unwrap()),
+                    Ok(("http", a)) => http = Some(a.parse().unwrap()),
+                    Ok(_) => ready = true,
+                    Err(_) => {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            panic!("portcullis exited ({status}):\n{}", log.lock().unwrap());
+                        }
+                        assert!(
+                            Instant::now() < deadline,
+                            "portcullis did not start:\n{}",
+                            log.lock().unwrap()
+                        );
+                    }
+                }
+            }
+            Served {
+                child,
+                grpc: grpc.unwrap(),
+                http: http.unwrap(),
+                log,
+            }
+        }
+    }
+
+    pub struct Served {
+        child: Child,
+        pub grpc: SocketAddr,
+        pub http: SocketAddr,
+        pub log: Arc<Mutex<String>>,
+    }
+
+    impl Drop for Served {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Served {
+        pub async fn allowed(&self, token: &str) -> bool {
+            let resp = check_at(self.grpc, request("GET", "/x", None, Some(token))).await;
+            outcome(&resp).0 == 0
+        }
+
+        pub async fn get(&self, path: &str) -> String {
+            reqwest::get(format!("http://{}{path}", self.http))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+
+        /// `portcullis_revocation_reloads_total{result="failure"}`.
+        pub async fn revocation_failures(&self) -> u64 {
+            self.get("/metrics")
+                .await
+                .lines()
+                .find(|l| l.starts_with("portcullis_revocation_reloads_total{result=\"failure\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        }
+
+        pub fn log(&self) -> String {
+            self.log.lock().unwrap().clone()
+        }
+    }
+}
+
+/// `validate` and `serve` on a configuration naming a FIFO (the revocation list, one of
+/// several policy files, the entities file) exit non-zero at once with a message naming
+/// the file; they used to hang opening it, or drop the policy file in silence.
+#[test]
+fn a_fifo_in_place_of_an_operator_file_fails_start_up_promptly() {
+    for name in ["revoked.txt", "policies/extra.cedar", "entities.json"] {
+        let setup = binary::Setup::new("# none\n", "");
+        setup.make_fifo(name);
+        for command in ["validate", "serve"] {
+            let started = std::time::Instant::now();
+            let (status, stderr) = setup.run(command);
+            assert!(!status.success(), "{command} with {name} a FIFO: {stderr}");
+            assert!(
+                stderr.contains(name) && stderr.contains("not a regular file (it is a FIFO)"),
+                "{command} with {name} a FIFO: {stderr}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(15));
+        }
+    }
+}
+
+/// While serving, the revocation list replaced by a FIFO: the reload fails visibly (log,
+/// counter, `/readyz`), the last good list keeps serving, and a proper file written again
+/// is applied (the reload thread did not hang on the FIFO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_list_replaced_by_a_fifo_fails_visibly_and_recovers() {
+    let setup = binary::Setup::new("jti:old-token\n", "");
+    let served = setup.serve();
+    let token = setup.token("tok-1");
+    assert!(served.allowed(&token).await);
+    assert!(!served.allowed(&setup.token("old-token")).await);
+    setup.make_fifo("revoked.txt");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            served.revocation_failures().await >= 1
+        })
+        .await,
+        "no failure counted; log:\n{}",
+        served.log()
+    );
+    let readyz = served.get("/readyz").await;
+    assert!(
+        readyz.contains("revocation list not reloaded") && readyz.contains("it is a FIFO"),
+        "{readyz}"
+    );
+    assert!(
+        served.log().contains("revocation list not reloaded"),
+        "{}",
+        served.log()
+    );
+    assert!(
+        !served.allowed(&setup.token("old-token")).await,
+        "the last good list serves"
+    );
+    setup.replace("revoked.txt", "jti:old-token\njti:tok-1\n");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !served.allowed(&token).await
+        })
+        .await,
+        "the revocation written after the FIFO was never applied; log:\n{}",
+        served.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !served.get("/readyz").await.contains("revocation list")
+        })
+        .await,
+        "a good reload clears the problem"
+    );
+    // The engine's own reload (policies, schema, entities, keys, trust material) says so too.
+    setup.make_fifo("entities.json");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            served
+                .get("/readyz")
+                .await
+                .contains("entities.json: not a regular file")
+        })
+        .await,
+        "a FIFO entities file was not reported; log:\n{}",
+        served.log()
+    );
+    assert!(!served.allowed(&token).await && served.allowed(&setup.token("tok-9")).await);
+}
+
+/// A revoked token stays refused while its list is truncated to zero bytes and written
+/// again in several slow steps (each step a state a reload may read); the server used to
+/// take the empty file as "nothing revoked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_then_slowly_rewritten_revocation_list_keeps_refusing() {
+    use std::io::Write;
+    let setup = binary::Setup::new("# incident 42\njti:tok-1\n", "");
+    let served = setup.serve();
+    let revoked = setup.token("tok-1");
+    let other = setup.token("tok-2");
+    assert!(!served.allowed(&revoked).await);
+    assert!(served.allowed(&other).await);
+    let mut file = std::fs::File::create(setup.path("revoked.txt")).unwrap();
+    let mut checks = 0;
+    let mut let_through = 0;
+    for step in ["", "# incident 42\njti:to", "k-1\njti:tok", "-3\n"] {
+        file.write_all(step.as_bytes()).unwrap();
+        file.flush().unwrap();
+        // Each state lasts well past the quiet time a reload waits for.
+        let until = std::time::Instant::now() + Duration::from_millis(700);
+        while std::time::Instant::now() < until {
+            checks += 1;
+            if served.allowed(&revoked).await {
+                let_through += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    drop(file);
+    assert_eq!(
+        let_through, 0,
+        "{let_through} of {checks} checks let the revoked token through"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !served.allowed(&setup.token("tok-3")).await
+        })
+        .await,
+        "the completed list was not applied"
+    );
+    assert!(
+        served.revocation_failures().await >= 1,
+        "the half-written states were not counted"
+    );
+    // Clearing the list on purpose: a comment line.
+    setup.replace("revoked.txt", "# cleared after the incident\n");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            served.allowed(&revoked).await
+        })
+        .await,
+        "a list cleared on purpose was not applied"
+    );
+}
+
+/// A revocation list over `[limits] max_file_bytes` is refused with a clear error at
+/// start-up; on reload, the last good list keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_list_over_the_size_cap_is_refused() {
+    let huge = format!("# {}\njti:other\n", "x".repeat(8000));
+    let setup = binary::Setup::new(&huge, "[limits]\nmax_file_bytes = 4096\n");
+    let (status, stderr) = setup.run("validate");
+    assert!(!status.success());
+    assert!(
+        stderr.contains("revoked.txt: larger than 4096 bytes"),
+        "{stderr}"
+    );
+    setup.replace("revoked.txt", "jti:tok-1\n");
+    let served = setup.serve();
+    let revoked = setup.token("tok-1");
+    assert!(!served.allowed(&revoked).await);
+    setup.replace("revoked.txt", &huge);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            served.revocation_failures().await >= 1
+        })
+        .await
+    );
+    assert!(
+        served
+            .get("/readyz")
+            .await
+            .contains("larger than 4096 bytes")
+    );
+    assert!(!served.allowed(&revoked).await, "the last good list serves");
+}
+
+/// `RUST_LOG=trace` with standard error written into the watched policy directory: the
+/// log must not feed on itself (file events logged, each log line a file event).
+#[test]
+fn trace_logs_written_into_the_watched_directory_stay_small() {
+    let setup = binary::Setup::new("# none\n", "");
+    let log = setup.path("policies/portcullis.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("serve")
+        .arg("--config")
+        .arg(setup.path("portcullis.toml"))
+        .env("RUST_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let size = std::fs::metadata(&log).unwrap().len();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        alive,
+        "the server exited: {}",
+        &text[..text.len().min(4000)]
+    );
+    assert!(
+        size < 1024 * 1024,
+        "{size} bytes of log in 3 s; it begins:\n{}",
+        &text[..text.len().min(4000)]
+    );
+}
+
+/// A JWKS file with a 1024-bit RSA key fails the configuration, naming the key.
+#[test]
+fn a_weak_rsa_key_in_a_jwks_file_fails_the_load() {
+    use base64::Engine;
+    let setup = binary::Setup::new("# none\n", "");
+    let weak = portcullis::demo::TokenSigner::generate(jsonwebtoken::Algorithm::RS256, "weak");
+    let mut jwk = weak.jwk();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(jwk["n"].as_str().unwrap()).unwrap();
+    jwk["n"] = serde_json::json!(b64.encode(&n[..128]));
+    let doc = serde_json::json!({ "keys": [jwk, setup.signer.jwk()] }).to_string();
+    std::fs::write(setup.path("idp.jwks.json"), doc).unwrap();
+    let (status, stderr) = setup.run("validate");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("idp.jwks.json")
+            && stderr.contains("kid \"weak\"")
+            && stderr.contains("RSA modulus of 1024 bits"),
+        "{stderr}"
+    );
+}

@@ -558,3 +558,42 @@ async fn keys_named_or_carried_by_the_token_are_never_used() {
         "a URL from a token header was fetched"
     );
 }
+
+/// A fetched key set with a key unfit to verify (RSA under 2048 bits, `key_ops` without
+/// `verify`) leaves that key out and keeps the rest: a token naming it is refused as signed
+/// by an unknown key, a token of a good key of the same document still verifies.
+#[tokio::test]
+async fn a_fetched_key_unfit_to_verify_is_left_out() {
+    let ks = KeyServer::start();
+    let a = es("a");
+    let weak = TokenSigner::generate(Algorithm::RS256, "weak");
+    let no_verify = es("no-verify");
+    let mut weak_jwk = weak.jwk();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(weak_jwk["n"].as_str().unwrap()).unwrap();
+    // The first 1,024 bits of a real modulus: a 1024-bit RSA public key.
+    weak_jwk["n"] = json!(b64.encode(&n[..128]));
+    let mut no_verify_jwk = no_verify.jwk();
+    no_verify_jwk["key_ops"] = json!(["sign"]);
+    let doc = json!({ "keys": [weak_jwk, no_verify_jwk, a.jwk()] }).to_string();
+    ks.set_jwks(&doc);
+    let issuer = ks.base_url();
+    let r = rig(ks, &issuer, "jwks_uri = \"{jwks}\"", "").await;
+    r.wait_ready().await;
+    assert!(r.allowed(&r.token(&a, json!({}))).await);
+    for (signer, kid) in [(&weak, "weak"), (&no_verify, "no-verify")] {
+        let token = r.token(signer, json!({}));
+        assert!(
+            !r.allowed(&token).await,
+            "a token of key \"{kid}\" verified"
+        );
+        assert_eq!(
+            r.reason(&token),
+            Some(DenyReason::Token(TokenRejection::UnknownKey {
+                issuer: issuer.clone(),
+                kid: kid.to_string()
+            }))
+        );
+    }
+}

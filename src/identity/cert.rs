@@ -208,7 +208,7 @@ fn validity(der: &[u8]) -> Option<(i64, i64)> {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let bytes = crate::files::read(path).map_err(|e| e.to_string())?;
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
     let certs = certs.map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
     if certs.is_empty() {
@@ -222,7 +222,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// `i64::MIN` when it cannot be read, so that nothing verified against it is remembered).
 fn read_crls(path: &Path) -> Result<Vec<(webpki::CertRevocationList<'static>, i64)>, String> {
     use rustls_pki_types::CertificateRevocationListDer;
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let bytes = crate::files::read(path).map_err(|e| e.to_string())?;
     let ders: Vec<Vec<u8>> = if bytes.starts_with(b"-----") {
         CertificateRevocationListDer::pem_slice_iter(&bytes)
             .map(|c| c.map(|d| d.to_vec()))

@@ -360,16 +360,10 @@ impl TokenVerifier {
         }
         let revoked = match &token.revoked {
             None => RevocationList::default(),
-            Some(path) => match std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read: {e}"))
-                .and_then(|t| RevocationList::parse(&t))
-            {
-                Ok(list) => list,
-                Err(e) => {
-                    problems.push(format!("{}: {e}", path.display()));
-                    RevocationList::default()
-                }
-            },
+            Some(path) => RevocationList::load(path, None).unwrap_or_else(|e| {
+                problems.extend(e);
+                RevocationList::default()
+            }),
         };
         if problems.is_empty() {
             Ok(TokenVerifier {

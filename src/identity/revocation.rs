@@ -1,12 +1,15 @@
 //! The revocation list: a text file of revoked token ids (`jti`) and subjects in; a
-//! [`RevocationList`] to look tokens up in out. Reloading is the caller's job; this is
-//! only the format.
+//! [`RevocationList`] to look tokens up in out. Watching is the caller's job; this is the
+//! format and the rules for reading the file while someone may be writing it.
 //!
-//! Format: one entry per line; `#` starts a comment; blank lines are ignored.
-//! `jti:<value>` (or a bare value) revokes a token id; `sub:<value>` revokes every token
-//! whose subject is `<value>`, from any issuer.
+//! Format: one entry per line, each line ending with a newline; `#` starts a comment;
+//! blank lines are ignored. `jti:<value>` revokes a token id; `sub:<value>` revokes every
+//! token whose subject is `<value>`, from any issuer. Anything else (a bare value, `sub
+//! alice`, `subject:alice`, `JTI:x`) is an error naming its line: a typo must not revoke
+//! the wrong thing, or nothing, in silence.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 /// Revoked token ids and subjects.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -18,30 +21,108 @@ pub struct RevocationList {
 /// Most entries a revocation list may hold; larger files are refused.
 pub const MAX_ENTRIES: usize = 1_000_000;
 
+/// Longest line of a revocation list, in bytes: no token id or subject is near this long.
+pub const MAX_LINE_BYTES: usize = 4096;
+
+/// Most line problems reported for one file (the count of the rest follows).
+const MAX_REPORTED: usize = 20;
+
 impl RevocationList {
-    /// Parses the file format; a problem names its line.
-    pub fn parse(text: &str) -> Result<RevocationList, String> {
+    /// Parses the file format. Every bad line is reported, each as `line N: problem`.
+    pub fn parse(text: &str) -> Result<RevocationList, Vec<String>> {
         let mut list = RevocationList::default();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or_default().trim();
+        let mut problems = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let n = i + 1;
+            if raw.len() > MAX_LINE_BYTES {
+                problems.push(format!("line {n}: longer than {MAX_LINE_BYTES} bytes"));
+                continue;
+            }
+            let line = raw.split('#').next().unwrap_or_default().trim();
             if line.is_empty() {
                 continue;
             }
             let (set, value) = match line.split_once(':') {
-                Some(("sub", v)) => (&mut list.subjects, v),
-                Some(("jti", v)) => (&mut list.jtis, v),
-                _ => (&mut list.jtis, line),
+                Some(("sub", v)) => (&mut list.subjects, v.trim()),
+                Some(("jti", v)) => (&mut list.jtis, v.trim()),
+                Some((prefix, _)) => {
+                    let prefix: String = prefix.chars().take(32).collect();
+                    problems.push(format!(
+                        "line {n}: unknown prefix \"{prefix}\"; write \"jti:<token id>\" or \"sub:<subject>\""
+                    ));
+                    continue;
+                }
+                None => {
+                    // SECURITY: a bare value was once taken as a jti, so `sub alice` revoked
+                    // a token id nobody has and left alice's tokens working.
+                    problems.push(format!(
+                        "line {n}: no \"jti:\" or \"sub:\" prefix; write \"jti:<token id>\" or \"sub:<subject>\""
+                    ));
+                    continue;
+                }
             };
-            let value = value.trim();
             if value.is_empty() {
-                return Err(format!("line {}: empty entry", i + 1));
+                problems.push(format!("line {n}: empty entry"));
+                continue;
             }
             set.insert(value.to_string());
             if list.len() > MAX_ENTRIES {
-                return Err(format!("more than {MAX_ENTRIES} entries"));
+                problems.push(format!("more than {MAX_ENTRIES} entries"));
+                break;
             }
         }
-        Ok(list)
+        if problems.len() > MAX_REPORTED {
+            let more = problems.len() - MAX_REPORTED;
+            problems.truncate(MAX_REPORTED);
+            problems.push(format!("and {more} more bad line(s)"));
+        }
+        if problems.is_empty() {
+            Ok(list)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Reads and parses the list at `path`. `previous` is the list serving now (`None` at
+    /// start-up). Every problem names the file, and the line when it has one.
+    ///
+    /// SECURITY: a revocation list is the one file whose half-written state fails open (a
+    /// truncated list revokes less), so two states are taken as a write in progress and
+    /// refused, keeping the list that serves: an empty file replacing a non-empty list, and
+    /// text whose last line does not end with a newline. To clear the list on purpose,
+    /// write a comment line. The safe way to update it is to write a temporary file in the
+    /// same directory and rename it over the list.
+    pub fn load(
+        path: &Path,
+        previous: Option<&RevocationList>,
+    ) -> Result<RevocationList, Vec<String>> {
+        let at = path.display();
+        let text = crate::files::read_to_string(path).map_err(|e| vec![e.to_string()])?;
+        if text.is_empty() {
+            return match previous {
+                Some(p) if !p.is_empty() => Err(vec![format!(
+                    "{at}: empty, replacing a list of {} entries: taken as a write in progress \
+                     (to clear the list, write a comment line such as \"# none\")",
+                    p.len()
+                )]),
+                _ => Ok(RevocationList::default()),
+            };
+        }
+        if !text.ends_with('\n') {
+            return Err(vec![format!(
+                "{at}: the last line does not end with a newline: taken as a write in progress \
+                 (write the list to a temporary file and rename it into place)"
+            )]);
+        }
+        RevocationList::parse(&text).map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|p| match p.strip_prefix("line ") {
+                    Some(rest) => format!("{at}:{rest}"),
+                    None => format!("{at}: {p}"),
+                })
+                .collect()
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -64,18 +145,88 @@ impl RevocationList {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn parses_the_format() {
-        let l =
-            RevocationList::parse("# revoked\nabc\njti: def  # stolen\nsub:mallory\n\n").unwrap();
+        let l = RevocationList::parse("# revoked\njti:abc\njti: def  # stolen\nsub:mallory\n\n")
+            .unwrap();
         assert!(l.revokes_jti("abc") && l.revokes_jti("def"));
         assert!(l.revokes_subject("mallory"));
         assert!(!l.revokes_jti("mallory") && !l.revokes_subject("abc"));
         assert_eq!(l.len(), 3);
         assert_eq!(
             RevocationList::parse("jti:\n").unwrap_err(),
-            "line 1: empty entry"
+            vec!["line 1: empty entry"]
         );
+    }
+
+    /// Typos are refused, every one with its line, instead of becoming a jti nobody has.
+    #[test]
+    fn typos_are_refused_with_their_lines() {
+        let errs = RevocationList::parse(
+            "jti:ok\nsub alice\nsubject:alice\nJTI:x\nbare-id\n#fine\nsub:\n",
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(errs[0].starts_with("line 2: no \"jti:\" or \"sub:\" prefix"));
+        assert!(errs[1].starts_with("line 3: unknown prefix \"subject\""));
+        assert!(errs[2].starts_with("line 4: unknown prefix \"JTI\""));
+        assert!(errs[3].starts_with("line 5: no \"jti:\""));
+        assert_eq!(errs[4], "line 7: empty entry");
+        let long = format!("jti:{}\n", "x".repeat(MAX_LINE_BYTES));
+        assert!(RevocationList::parse(&long).unwrap_err()[0].contains("longer than"));
+    }
+
+    #[test]
+    fn a_write_in_progress_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("revoked.txt");
+        let serving = RevocationList::parse("jti:a\n").unwrap();
+        std::fs::write(&p, "").unwrap();
+        // At start-up an empty file is an empty list; replacing a list, a write in progress.
+        assert!(RevocationList::load(&p, None).unwrap().is_empty());
+        assert!(RevocationList::load(&p, Some(&RevocationList::default())).is_ok());
+        let e = RevocationList::load(&p, Some(&serving)).unwrap_err();
+        assert!(e[0].contains("write in progress"), "{e:?}");
+        std::fs::write(&p, "jti:a\njti:b").unwrap();
+        let e = RevocationList::load(&p, None).unwrap_err();
+        assert!(e[0].contains("does not end with a newline"), "{e:?}");
+        std::fs::write(&p, "# cleared on purpose\n").unwrap();
+        assert!(RevocationList::load(&p, Some(&serving)).unwrap().is_empty());
+        std::fs::write(&p, "jti:a\nsub x\n").unwrap();
+        let e = RevocationList::load(&p, None).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(&format!("{}:2: no", p.display())), "{e:?}");
+    }
+
+    proptest! {
+        /// Any line is either a well-formed entry that revokes exactly its value, a blank or
+        /// comment line, or an error naming that line: never a silent misreading.
+        #[test]
+        fn every_line_is_an_entry_a_comment_or_an_error(
+            lines in proptest::collection::vec("[a-zA-Z: #\t_-]{0,12}", 1..8)
+        ) {
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            let parsed = RevocationList::parse(&text);
+            for (i, l) in lines.iter().enumerate() {
+                let body = l.split('#').next().unwrap_or_default().trim();
+                let entry = body
+                    .strip_prefix("jti:")
+                    .map(|v| (true, v.trim()))
+                    .or_else(|| body.strip_prefix("sub:").map(|v| (false, v.trim())));
+                match (&parsed, entry) {
+                    (_, _) if body.is_empty() => {}
+                    (Ok(list), Some((true, v))) => prop_assert!(list.revokes_jti(v)),
+                    (Ok(list), Some((false, v))) => prop_assert!(list.revokes_subject(v)),
+                    (Ok(_), None) => prop_assert!(false, "line {:?} accepted", l),
+                    (Err(errs), e) => {
+                        let named = errs.iter().any(|m| m.starts_with(&format!("line {}:", i + 1)));
+                        let bad = e.is_none_or(|(_, v)| v.is_empty());
+                        prop_assert_eq!(named, bad, "line {:?}: {:?}", l, errs);
+                    }
+                }
+            }
+        }
     }
 }

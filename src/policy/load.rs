@@ -47,8 +47,8 @@ fn located(file: &Path, text: &str, d: &dyn Diagnostic, message: String) -> Stri
 }
 
 fn read(path: &Path, problems: &mut Vec<String>) -> Option<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| problems.push(format!("{}: cannot read: {e}", path.display())))
+    crate::files::read_to_string(path)
+        .map_err(|e| problems.push(e.to_string()))
         .ok()
 }
 
@@ -82,7 +82,10 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "cedar"))
+            // SECURITY: every `*.cedar` entry is read (and refused if it is not a regular
+            // file): a policy replaced by a FIFO or a directory must fail the load, not
+            // silently drop out of the set.
+            .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
             .collect(),
         Err(e) => {
             problems.push(format!(

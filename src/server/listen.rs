@@ -11,7 +11,7 @@ use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -603,15 +603,8 @@ fn parse_certs(at: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Str
 }
 
 fn read_capped(what: &str, path: &Path) -> Result<Vec<u8>, String> {
-    let at = || format!("{what} \"{}\"", path.display());
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("{}: cannot read: {e}", at()))?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(format!("{}: larger than {MAX_PEM_BYTES} bytes", at()));
-    }
-    Ok(bytes)
+    // Not a FIFO or device (it would hang the reload), and capped.
+    crate::files::read_capped(path, MAX_PEM_BYTES).map_err(|e| format!("{what}: {e}"))
 }
 
 #[cfg(unix)]
