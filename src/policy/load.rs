@@ -12,7 +12,10 @@ use std::str::FromStr;
 #[derive(Debug)]
 pub struct PolicySnapshot {
     pub(crate) policies: PolicySet,
-    pub(crate) entities: Entities,
+    /// The policies by scope: a request evaluates only those that can match it.
+    pub(crate) index: super::index::PolicyIndex,
+    /// The static entities, closed once per load.
+    pub(crate) store: super::store::EntityStore,
     pub(crate) schema: Option<Schema>,
     /// Request headers kept out of the Cedar context (see `PolicySettings::hidden_headers`).
     pub(crate) hidden_headers: Vec<String>,
@@ -203,8 +206,9 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
 
     if problems.is_empty() {
         Ok(PolicySnapshot {
+            index: super::index::PolicyIndex::new(&policies),
             policies,
-            entities,
+            store: super::store::EntityStore::new(entities),
             schema,
             hidden_headers: settings.hidden_headers.clone(),
         })
