@@ -64,6 +64,9 @@ struct RawLimits {
     request_timeout: Option<String>,
     max_http_connections: Option<usize>,
     http_header_timeout: Option<String>,
+    http_body_timeout: Option<String>,
+    tls_handshake_timeout: Option<String>,
+    max_tls_handshakes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -244,6 +247,15 @@ pub struct Limits {
     /// The longest an HTTP client may take to send a request's headers (also the longest an
     /// idle keep-alive connection is kept); past it, the connection is closed.
     pub http_header_timeout: Duration,
+    /// The longest an HTTP client may take to send a request's body, once its headers are
+    /// in; past it, 408 and the connection is closed.
+    pub http_body_timeout: Duration,
+    /// The longest a client of the TLS gRPC listener may take to finish its handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Most TLS handshakes in progress at once on the gRPC listener, apart from the
+    /// established connections; when all are taken, a new connection takes the place of the
+    /// handshake stalled the longest.
+    pub max_tls_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -257,6 +269,9 @@ impl Default for Limits {
             request_timeout: Duration::from_millis(180),
             max_http_connections: 1024,
             http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(5),
+            max_tls_handshakes: 256,
         }
     }
 }
@@ -819,6 +834,19 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             defaults.http_header_timeout,
             problems,
         ),
+        http_body_timeout: duration(
+            "limits.http_body_timeout",
+            l.http_body_timeout,
+            defaults.http_body_timeout,
+            problems,
+        ),
+        tls_handshake_timeout: duration(
+            "limits.tls_handshake_timeout",
+            l.tls_handshake_timeout,
+            defaults.tls_handshake_timeout,
+            problems,
+        ),
+        max_tls_handshakes: l.max_tls_handshakes.unwrap_or(defaults.max_tls_handshakes),
     };
     let zero = [
         ("max_message_bytes", limits.max_message_bytes == 0),
@@ -832,6 +860,12 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ("request_timeout", limits.request_timeout.is_zero()),
         ("max_http_connections", limits.max_http_connections == 0),
         ("http_header_timeout", limits.http_header_timeout.is_zero()),
+        ("http_body_timeout", limits.http_body_timeout.is_zero()),
+        (
+            "tls_handshake_timeout",
+            limits.tls_handshake_timeout.is_zero(),
+        ),
+        ("max_tls_handshakes", limits.max_tls_handshakes == 0),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));
