@@ -66,6 +66,9 @@ struct RawLimits {
     http_header_timeout: Option<String>,
     strict_paths: Option<bool>,
     max_file_bytes: Option<u64>,
+    http_body_timeout: Option<String>,
+    tls_handshake_timeout: Option<String>,
+    max_tls_handshakes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,6 +259,15 @@ pub struct Limits {
     /// Largest operator file read (policies, schema, entities, keys, trust material, the
     /// revocation list); a larger one is refused with a clear error.
     pub max_file_bytes: u64,
+    /// The longest an HTTP client may take to send a request's body, once its headers are
+    /// in; past it, 408 and the connection is closed.
+    pub http_body_timeout: Duration,
+    /// The longest a client of the TLS gRPC listener may take to finish its handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Most TLS handshakes in progress at once on the gRPC listener, apart from the
+    /// established connections; when all are taken, a new connection takes the place of the
+    /// handshake stalled the longest.
+    pub max_tls_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -271,6 +283,9 @@ impl Default for Limits {
             http_header_timeout: Duration::from_secs(10),
             strict_paths: true,
             max_file_bytes: crate::files::DEFAULT_MAX_BYTES,
+            http_body_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(5),
+            max_tls_handshakes: 256,
         }
     }
 }
@@ -901,6 +916,19 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ),
         strict_paths: l.strict_paths.unwrap_or(defaults.strict_paths),
         max_file_bytes: l.max_file_bytes.unwrap_or(defaults.max_file_bytes),
+        http_body_timeout: duration(
+            "limits.http_body_timeout",
+            l.http_body_timeout,
+            defaults.http_body_timeout,
+            problems,
+        ),
+        tls_handshake_timeout: duration(
+            "limits.tls_handshake_timeout",
+            l.tls_handshake_timeout,
+            defaults.tls_handshake_timeout,
+            problems,
+        ),
+        max_tls_handshakes: l.max_tls_handshakes.unwrap_or(defaults.max_tls_handshakes),
     };
     let zero = [
         ("max_message_bytes", limits.max_message_bytes == 0),
@@ -915,6 +943,12 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ("max_http_connections", limits.max_http_connections == 0),
         ("http_header_timeout", limits.http_header_timeout.is_zero()),
         ("max_file_bytes", limits.max_file_bytes == 0),
+        ("http_body_timeout", limits.http_body_timeout.is_zero()),
+        (
+            "tls_handshake_timeout",
+            limits.tls_handshake_timeout.is_zero(),
+        ),
+        ("max_tls_handshakes", limits.max_tls_handshakes == 0),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));

@@ -28,5 +28,6 @@ pub mod metrics;
 pub mod policy;
 pub mod policytest;
 pub mod proto;
+pub mod ratelog;
 pub mod reload;
 pub mod server;

@@ -30,6 +30,12 @@ pub struct IssuerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -46,6 +52,7 @@ pub struct Metrics {
     revocation_entries: Gauge,
     revocation_reloads: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    listener_events: Family<ListenerLabels, Counter>,
     latency: Histogram,
     /// Last successful fetch per issuer, seconds since the epoch; ages are computed at scrape.
     last_success: Mutex<BTreeMap<String, f64>>,
@@ -114,6 +121,12 @@ impl Metrics {
             "Reloads of policies and trust material by result",
             reloads.clone(),
         );
+        let listener_events = Family::default();
+        registry.register(
+            "listener_events",
+            "Connections the listeners dropped or evicted, by listener and event",
+            listener_events.clone(),
+        );
         // 10 us to ~80 ms: decisions are fast; the tail matters against Envoy's 200 ms budget.
         let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
             0.00001, 2.0, 14,
@@ -125,6 +138,7 @@ impl Metrics {
         );
         Metrics {
             reloads,
+            listener_events,
             latency,
             registry,
             decisions,
@@ -189,6 +203,17 @@ impl Metrics {
         self.reloads
             .get_or_create(&ResultLabels {
                 result: result.into(),
+            })
+            .inc();
+    }
+
+    /// A listener dropped or evicted a connection: `listener` is "grpc" or "http", `event`
+    /// what happened ("evicted", "handshake_failed", "handshake_timeout", "body_timeout").
+    pub fn listener_event(&self, listener: &str, event: &str) {
+        self.listener_events
+            .get_or_create(&ListenerLabels {
+                listener: listener.into(),
+                event: event.into(),
             })
             .inc();
     }

@@ -313,7 +313,7 @@ async fn traefik_style_certificate_headers_are_read_too() {
 }
 
 /// A client that never finishes its headers is cut off after `http_header_timeout`, and
-/// clients holding every one of `max_http_connections` keep others waiting only that long:
+/// clients holding every one of `max_http_connections` are evicted for new ones:
 /// the HTTP listener cannot be taken by slow or stalled clients (slowloris).
 #[tokio::test]
 async fn stalled_http_clients_are_cut_off_and_cannot_take_the_listener() {
@@ -374,17 +374,15 @@ audit = "audit.log"
         );
     }
 
-    // Stalled clients in every slot: others wait, but only until the stalls are cut off.
+    // Stalled clients in every slot: a new client takes the place of the one stalled the
+    // longest (`slots.rs`), without waiting for the stalls to be cut off.
     let stalled = vec![
         stall(PARTIAL).await,
         stall(PARTIAL).await,
         stall(PARTIAL).await,
     ];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        healthz(Duration::from_millis(500)).await.is_err(),
-        "answered past max_http_connections"
-    );
-    assert_eq!(healthz(Duration::from_secs(5)).await.ok(), Some(200));
+    assert_eq!(healthz(Duration::from_millis(800)).await.ok(), Some(200));
+    assert_eq!(healthz(Duration::from_millis(800)).await.ok(), Some(200));
     drop(stalled);
 }

@@ -499,3 +499,397 @@ async fn unreadable_tls_files_fail_at_bind_and_leave_no_socket() {
     );
     assert!(!path.exists());
 }
+
+// ---------------------------------------------------------------------------------------
+// The real binary under connection floods (GitHub issue 12, findings 7, 10a and 10e).
+// ---------------------------------------------------------------------------------------
+
+/// The real `portcullis serve` process, killed when dropped, its stderr kept.
+struct Binary {
+    child: std::process::Child,
+    grpc: std::net::SocketAddr,
+    http: Option<std::net::SocketAddr>,
+    log: Arc<std::sync::Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    /// Serves `config` from `dir` (with an allow-all policy); returns once the listeners
+    /// are bound and the server is ready.
+    fn start(dir: tempfile::TempDir, config: &str) -> Binary {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).expect("mkdir policies");
+        std::fs::write(
+            policies.join("allow.cedar"),
+            "permit (principal, action, resource);\n",
+        )
+        .expect("write policy");
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portcullis");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<(&'static str, String)>();
+        let writer = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                for (what, marker) in [
+                    ("grpc", "gRPC listening on "),
+                    ("http", "HTTP listening on "),
+                ] {
+                    if let Some(rest) = line.split(marker).nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        let _ = tx.send((what, addr.to_string()));
+                    }
+                }
+                if line.trim_end().ends_with(": ready") {
+                    let _ = tx.send(("ready", String::new()));
+                }
+                let mut log = writer.lock().expect("log");
+                if log.len() < 1 << 20 {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        let wants_http = config.contains("\nhttp = ");
+        let (mut grpc, mut http, mut ready) = (None, None, false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while grpc.is_none() || (wants_http && http.is_none()) || !ready {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(("grpc", a)) => grpc = Some(a.parse().expect("gRPC address")),
+                Ok(("http", a)) => http = Some(a.parse().expect("HTTP address")),
+                Ok(_) => ready = true,
+                Err(_) => {
+                    let exited = child.try_wait().expect("try_wait");
+                    assert!(
+                        exited.is_none() && std::time::Instant::now() < deadline,
+                        "portcullis did not start ({exited:?}):\n{}",
+                        log.lock().expect("log")
+                    );
+                }
+            }
+        }
+        Binary {
+            child,
+            grpc: grpc.expect("gRPC address"),
+            http,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn http(&self) -> std::net::SocketAddr {
+        self.http.expect("the HTTP listener is configured")
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// The value of the `portcullis_listener_events_total` counter for `listener` and
+    /// `event` (0 when absent).
+    async fn listener_events(&self, listener: &str, event: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.http()))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let wanted = format!(
+            "portcullis_listener_events_total{{listener=\"{listener}\",event=\"{event}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&wanted))
+            .map_or(0, |v| v.trim().parse().expect("a counter"))
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long a good client may take to be answered while the listener is under attack
+/// (generous: a loaded 2-core machine).
+const UNDER_ATTACK: Duration = Duration::from_secs(3);
+
+/// An attacker's connection: `head` sent, then one byte of body every `every`, until the
+/// server closes it or `give_up` passes. Returns how long the server kept it open.
+async fn trickle(
+    addr: std::net::SocketAddr,
+    head: &'static [u8],
+    every: Duration,
+    give_up: Duration,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(head).await.ok()?;
+    let mut buf = [0u8; 1024];
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            read = s.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return Some(started.elapsed()),
+                // The reply (a 408): the close follows.
+                Ok(_) => {}
+            },
+            _ = tick.tick() => {
+                if started.elapsed() > give_up {
+                    return None;
+                }
+                if s.write_all(b" ").await.is_err() {
+                    return Some(started.elapsed());
+                }
+            }
+        }
+    }
+}
+
+/// Finding 7: twice `max_http_connections` clients send the headers of a JSON check with a
+/// large `Content-Length`, then trickle its body a byte at a time. Before, each held its
+/// slot for as long as it kept trickling (only header reads were timed), and the doors
+/// stopped answering. Now a body must arrive within `http_body_timeout` (408, then the
+/// connection closes), and a full listener evicts the connection that has waited on its
+/// client the longest, so a forward-auth request and a JSON check from good clients are
+/// answered at once, and every trickling connection is closed within the body timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trickled_body_cannot_take_the_http_listener() {
+    const SLOTS: usize = 64;
+    const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"
+[server]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+[limits]
+max_http_connections = {SLOTS}
+http_body_timeout = "2s"
+[forward_auth]
+path = "/auth"
+[policy]
+dir = "policies"
+[log]
+audit = "audit.log"
+"#
+    );
+    let server = Binary::start(dir, &config);
+    let addr = server.http();
+    const HEAD: &[u8] = b"POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{";
+    let attackers: Vec<_> = (0..2 * SLOTS)
+        .map(|_| {
+            tokio::spawn(trickle(
+                addr,
+                HEAD,
+                Duration::from_millis(300),
+                Duration::from_secs(20),
+            ))
+        })
+        .collect();
+    // Every slot taken, the rest of the attackers waiting to get in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let client = reqwest::Client::builder()
+        .timeout(UNDER_ATTACK)
+        .build()
+        .expect("client");
+    let started = std::time::Instant::now();
+    let forward = client
+        .get(format!("http://{addr}/auth"))
+        .header("x-forwarded-method", "GET")
+        .header("x-forwarded-uri", "/x")
+        .header("x-forwarded-host", "app.example.org")
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(
+        forward.as_ref().ok(),
+        Some(&200),
+        "forward-auth under attack: {forward:?} after {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let body =
+        portcullis::proto::to_json("envoy.service.auth.v3.CheckRequest", &request()).expect("JSON");
+    let check = client
+        .post(format!("http://{addr}/v1/check"))
+        .body(body.to_string())
+        .send()
+        .await;
+    let check = match check {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => panic!(
+            "JSON check under attack failed after {:?}: {e}",
+            started.elapsed()
+        ),
+    };
+    assert_eq!(check.0, 200, "{check:?}");
+    let reply: serde_json::Value = serde_json::from_str(&check.1).expect("a CheckResponse");
+    assert!(reply.get("okResponse").is_some(), "not an allow: {reply}");
+
+    // The forward-auth door does not wait for a body it does not need.
+    let started = std::time::Instant::now();
+    let declared = trickle(
+        addr,
+        b"GET /auth HTTP/1.1\r\nhost: x\r\nx-forwarded-method: GET\r\nx-forwarded-uri: /x\r\ncontent-length: 100000\r\n\r\n",
+        Duration::from_secs(60),
+        UNDER_ATTACK,
+    )
+    .await;
+    assert!(
+        declared.is_some(),
+        "forward-auth with a declared body was kept open for {:?}",
+        started.elapsed()
+    );
+
+    // Every trickling connection was closed: evicted, or cut off at the body timeout.
+    for attacker in attackers {
+        let held = attacker.await.expect("attacker task");
+        let held = held.expect("a trickling connection was kept open for 20 s");
+        assert!(
+            held < BODY_TIMEOUT + Duration::from_secs(2),
+            "a trickling connection was kept for {held:?}"
+        );
+    }
+    assert!(server.listener_events("http", "evicted").await >= SLOTS as u64);
+    assert!(server.listener_events("http", "body_timeout").await >= 1);
+}
+
+/// Writes a server certificate for localhost and a client CA under `dir`; returns the
+/// server's CA (to trust) and a client certificate from the client CA.
+fn mtls_files(dir: &Path) -> (String, ClientCert) {
+    let server_ca = Authority::root("binary test server CA");
+    let proxy_ca = Authority::root("binary test proxy CA");
+    write_tls(
+        dir,
+        &server_ca.issue(&LeafSpec::loopback_server()),
+        Some(&proxy_ca),
+    );
+    (
+        server_ca.cert_pem(),
+        proxy_ca.issue(&LeafSpec::spiffe("spiffe://example.org/envoy")),
+    )
+}
+
+const MTLS_CONFIG: &str = r#"
+[server]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+[server.tls]
+cert = "tls/server.pem"
+key = "tls/server.key"
+client_ca = "tls/client-ca.pem"
+[limits]
+max_tls_handshakes = 32
+[policy]
+dir = "policies"
+[log]
+audit = "audit.log"
+"#;
+
+/// Finding 10a: clients that connect to the mutual-TLS gRPC listener and send nothing,
+/// more of them than there are handshake slots. Before, they held every slot until their
+/// handshake timed out, and a good client (a new or recycled Envoy connection) waited as
+/// long. Now a new connection takes the place of the handshake stalled the longest, and
+/// the good client's Check is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_clients_cannot_starve_tls_handshakes() {
+    install_provider();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (trust, proxy) = mtls_files(dir.path());
+    let server = Binary::start(dir, MTLS_CONFIG);
+    let addr = server.grpc.to_string();
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("raw connect"),
+        );
+    }
+    // Let them fill every handshake slot.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(2),
+        check_tls(&addr, &trust, Some(&proxy)),
+    )
+    .await;
+    assert_eq!(
+        got,
+        Ok(Ok(0)),
+        "a good client behind 100 silent ones, after {:?}",
+        started.elapsed()
+    );
+    assert!(server.listener_events("grpc", "evicted").await >= 1);
+    drop(silent);
+}
+
+/// Finding 10e: 200 failed TLS handshakes (a client speaking plain HTTP to the TLS port)
+/// make a handful of WARN lines, not 200; the metrics still count every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_handshakes_are_logged_at_a_bounded_rate_and_all_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    install_provider();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (trust, proxy) = mtls_files(dir.path());
+    let server = Binary::start(dir, MTLS_CONFIG);
+    const FAILED: u64 = 200;
+    for _ in 0..FAILED {
+        let mut s = tokio::net::TcpStream::connect(server.grpc)
+            .await
+            .expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a failed handshake was not closed");
+    }
+    // Every failure is counted, once the last one has been.
+    let counted = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let n = server.listener_events("grpc", "handshake_failed").await;
+            if n >= FAILED {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every failed handshake counted");
+    assert_eq!(counted, FAILED);
+    let log = server.log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("TLS handshake"))
+        .count();
+    assert!(
+        (1..=6).contains(&warned),
+        "{warned} WARN lines for {FAILED} failed handshakes:\n{log}"
+    );
+    // The server still serves.
+    assert_eq!(
+        check_tls(&server.grpc.to_string(), &trust, Some(&proxy)).await,
+        Ok(0)
+    );
+}

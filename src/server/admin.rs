@@ -3,9 +3,12 @@
 //! HTTP doors of `http.rs` (JSON check API, forward-auth).
 
 use super::linger::Lingering;
+use super::slots::{Activity, Slots, Tracked};
 use crate::engine::Engine;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use crate::ratelog::RateLog;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::{any, get, post};
 use axum::{Extension, Router};
@@ -17,7 +20,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// The HTTP listener's routes over a shared engine: admin endpoints, the JSON check API,
 /// and the forward-auth door when configured.
@@ -26,14 +28,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route(
-            "/v1/check",
-            post(super::http::json_check).layer(DefaultBodyLimit::max(super::http::MAX_JSON_BYTES)),
-        );
+        .route("/v1/check", post(super::http::json_check));
     if let Some(fa) = engine.forward_auth() {
         router = router.route(&fa.path, any(super::http::forward_auth));
     }
-    router.with_state(engine)
+    router
+        .layer(axum::middleware::from_fn(server_turn))
+        .with_state(engine)
 }
 
 async fn readyz(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
@@ -93,20 +94,39 @@ async fn sent_enough(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
 /// How long shutdown waits for open HTTP connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// Serves the admin routes on a bound listener until `shutdown` completes. At most
-/// `[limits] max_http_connections` connections are open at once (more wait in the kernel's
-/// backlog), and a client gets `[limits] http_header_timeout` to send each request's headers
-/// (an idle keep-alive connection is closed after as long), and a closing connection drains
-/// what the client still sends for at most as long again: a slow or stalled client holds
-/// one connection for a bounded time and never the listener.
+/// The shortest wait on its client that lets a connection be evicted when every slot is
+/// taken. A good client sends its request (and its body) at once, well within this; and
+/// it bounds how fast a full listener turns connections over (at most
+/// `max_http_connections` per this time), so an idle keep-alive connection is not
+/// dropped the moment another arrives.
+pub const MIN_STALL: Duration = Duration::from_millis(250);
+
+/// Outsider-triggered log lines on the HTTP listener, each kind with its own budget.
+static ACCEPT_FAILED: RateLog = RateLog::new("HTTP accept failures", 5, LOG_INTERVAL);
+static EVICTED: RateLog = RateLog::new("HTTP connections evicted", 5, LOG_INTERVAL);
+static ENDED: RateLog = RateLog::new("HTTP connection errors", 5, LOG_INTERVAL);
+const LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Serves the admin routes on a bound listener until `shutdown` completes.
+///
+/// Every read is bounded in time: a client gets `[limits] http_header_timeout` to send
+/// each request's headers (an idle keep-alive connection is closed after as long),
+/// `http_body_timeout` to send a body the JSON door reads (`http.rs`), and a closing
+/// connection drains what the client still sends for at most `http_header_timeout`.
+///
+/// At most `[limits] max_http_connections` connections are open at once; when all are
+/// taken, a new connection takes the place of the one that has waited on its client the
+/// longest (at least [`MIN_STALL`]; see `slots.rs`), so stalled clients, not new ones,
+/// are dropped. Only when every connection is being served, or has just arrived, does a
+/// new one wait (in the kernel's backlog).
 pub async fn serve_admin(
     listener: TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = engine.limits().clone();
-    let router = router(engine);
-    let slots = Arc::new(Semaphore::new(limits.max_http_connections));
+    let router = router(engine.clone());
+    let slots = Slots::new(limits.max_http_connections, MIN_STALL);
     let wait = limits.http_header_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -122,35 +142,60 @@ pub async fn serve_admin(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of file descriptors, say: wait rather than spin.
-                    tracing::warn!("HTTP listener: accept failed: {e}");
+                    ACCEPT_FAILED.event(|| tracing::warn!("HTTP listener: accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(router.clone().layer(Extension(ConnectInfo(peer))));
+        // Holding this one accepted connection, the listener makes room for it; the next
+        // ones wait in the backlog meanwhile.
+        let admitted = tokio::select! {
+            admitted = slots.admit() => admitted,
+            () = &mut shutdown => break,
+        };
+        if let Some(stalled) = admitted.evicted {
+            engine.metrics().listener_event("http", "evicted");
+            EVICTED.event(|| {
+                tracing::info!(
+                    "HTTP listener full: closed a connection that had waited {} on its client",
+                    humantime::format_duration(stalled)
+                );
+            });
+        }
+        let slot = admitted.slot;
+        let activity = slot.activity();
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(Extension(ConnectInfo(peer)))
+                .layer(Extension(activity.clone())),
+        );
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if !sent_enough(&stream, wait).await {
-                return;
-            }
-            // Lingering, so that a reply sent before the request's body was read (a 413)
-            // is not lost to a reset when the connection closes.
-            let stream = Lingering::new(stream, wait);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!("HTTP connection from {peer} ended: {e}");
+            let serve = async move {
+                if !sent_enough(&stream, wait).await {
+                    return;
+                }
+                // Lingering, so that a reply sent before the request's body was read (a
+                // 413) is not lost to a reset when the connection closes.
+                let stream = Tracked::new(Lingering::new(stream, wait), activity);
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(connection).await {
+                    ENDED.event(|| tracing::debug!("HTTP connection from {peer} ended: {e}"));
+                }
+            };
+            // Evicted: dropping the connection closes it.
+            tokio::select! {
+                () = serve => {}
+                () = slot.evicted() => {}
             }
             drop(slot);
         });
@@ -162,4 +207,12 @@ pub async fn serve_admin(
         tracing::warn!("HTTP listener: connections still open after {DRAIN:?}; closing them");
     }
     Ok(())
+}
+
+/// Marks the connection busy while a request is being handled: from its headers until
+/// its reply is ready, the server has the turn (the JSON door hands it back to the client
+/// while it reads the body). No mark outside [`serve_admin`], which provides the handle.
+async fn server_turn(request: axum::extract::Request, next: Next) -> axum::response::Response {
+    let _busy = request.extensions().get::<Activity>().map(Activity::busy);
+    next.run(request).await
 }

@@ -129,6 +129,12 @@ pub async fn serve(
         Arc::new(move |ok| reload_engine.metrics().reload(ok)),
     )
     .await?;
+    let event_engine = engine.clone();
+    let incoming = incoming
+        .with_limits(&settings.limits)
+        .on_event(Arc::new(move |event| {
+            event_engine.metrics().listener_event("grpc", event);
+        }));
     let security = match &settings.tls {
         Some(tls) if tls.client_ca.is_some() => " (mTLS)",
         Some(_) => " (TLS)",

@@ -4,31 +4,52 @@
 //! when their files change; connections already open keep the configuration they began with.
 
 use crate::config::{Listen, TlsSettings};
+use crate::ratelog::RateLog;
 use crate::reload::{WatchGuard, watch_file};
 use arc_swap::ArcSwap;
 use rustls::RootCertStore;
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Longest a client may take to finish its TLS handshake before it is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most TLS handshakes in progress at once; further connections wait in the kernel backlog.
-pub const MAX_PENDING_HANDSHAKES: usize = 512;
+/// Longest a client may take to finish its TLS handshake before it is dropped (the
+/// default of `[limits] tls_handshake_timeout`).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most TLS handshakes in progress at once, apart from established connections (the
+/// default of `[limits] max_tls_handshakes`); past it, a new connection takes the place of
+/// the handshake that has waited the longest.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// The shortest time a handshake must have waited to be evicted for a new connection. A
+/// good client's handshake takes a few round trips, far less; the bound keeps a flood of
+/// new connections from evicting every handshake before it can finish (a full listener
+/// turns over at most `max_tls_handshakes` per this time).
+pub const MIN_HANDSHAKE_STALL: Duration = Duration::from_millis(100);
+/// Log budget for what an outsider can make the listener log, per kind.
+const LOG_INTERVAL: Duration = Duration::from_secs(30);
+static HANDSHAKE_FAILED: RateLog = RateLog::new("TLS handshake failures", 5, LOG_INTERVAL);
+static HANDSHAKE_TIMED_OUT: RateLog = RateLog::new("TLS handshake timeouts", 5, LOG_INTERVAL);
+static HANDSHAKE_CLOSED: RateLog = RateLog::new(
+    "connections closed during the TLS handshake",
+    5,
+    LOG_INTERVAL,
+);
+static HANDSHAKE_EVICTED: RateLog = RateLog::new("TLS handshakes evicted", 5, LOG_INTERVAL);
+static ACCEPT_FAILED: RateLog = RateLog::new("gRPC accept failures", 5, LOG_INTERVAL);
 /// Pause after an accept error that is not about one connection (e.g. out of file
 /// descriptors), so a persistent one cannot spin the accept loop.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -42,6 +63,10 @@ const SOCKET_MODE: u32 = 0o660;
 /// `true` when the new configuration is in use, `false` when it was refused and the last
 /// good one kept.
 pub type ReloadHook = Arc<dyn Fn(bool) + Send + Sync>;
+
+/// Called for each connection the listener drops on its own (for metrics), with what
+/// happened: "handshake_failed", "handshake_timeout" or "evicted".
+pub type EventHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// Binds the gRPC listener. Returns the connections to serve and the bound address for
 /// display (`127.0.0.1:41234`, `unix:/run/portcullis.sock`). With `tls`, the certificate,
@@ -103,8 +128,13 @@ pub async fn bind_with_hook(
         listener,
         tls,
         handshakes: JoinSet::new(),
+        started: VecDeque::new(),
         max_handshakes: MAX_PENDING_HANDSHAKES,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        waiting: None,
+        recheck: None,
         backoff: None,
+        on_event: Arc::new(|_| {}),
         _watches: watches,
     };
     Ok((incoming, shown))
@@ -113,15 +143,32 @@ pub async fn bind_with_hook(
 /// The accepted connections, ready to serve: pass it to tonic's
 /// `serve_with_incoming_shutdown`. It never yields an error: a failed accept is logged
 /// (and, if it is not about one connection, followed by a pause), and a failed or slow
-/// TLS handshake drops only that connection. Handshakes run concurrently, each bounded by
-/// [`HANDSHAKE_TIMEOUT`]. Dropping it closes the listener, aborts handshakes in progress,
-/// stops watching the TLS files and removes the Unix socket file.
+/// TLS handshake drops only that connection.
+///
+/// Handshakes run concurrently, apart from established connections, each bounded in time
+/// (`[limits] tls_handshake_timeout`) and together in number (`max_tls_handshakes`). When
+/// every handshake slot is taken, a new connection takes the place of the handshake that
+/// has waited the longest (at least [`MIN_HANDSHAKE_STALL`]): clients that connect and
+/// send nothing, or trickle their handshake, are the ones dropped, and a good client
+/// finishes its handshake at once instead of waiting for their timeouts. Only one accepted
+/// connection waits for a slot; the next ones wait in the kernel's backlog.
+///
+/// Dropping it closes the listener, aborts handshakes in progress, stops watching the
+/// TLS files and removes the Unix socket file.
 pub struct Incoming {
     listener: Listener,
     tls: Option<Arc<TlsReloader>>,
-    handshakes: JoinSet<Option<Connection>>,
+    handshakes: JoinSet<Result<Connection, Dropped>>,
+    /// The handshakes in progress (and some finished ones), oldest first: when each began.
+    started: VecDeque<(Instant, AbortHandle)>,
     max_handshakes: usize,
+    handshake_timeout: Duration,
+    /// An accepted connection waiting for a handshake slot.
+    waiting: Option<Plain>,
+    /// When the oldest handshake becomes evictable, while `waiting` waits for it.
+    recheck: Option<Pin<Box<tokio::time::Sleep>>>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+    on_event: EventHook,
     _watches: Vec<WatchGuard>,
 }
 
@@ -136,6 +183,62 @@ impl Incoming {
     pub fn max_pending_handshakes(mut self, max: usize) -> Incoming {
         self.max_handshakes = max.max(1);
         self
+    }
+
+    /// Takes the handshake bounds of `[limits]`: `max_tls_handshakes` and
+    /// `tls_handshake_timeout`.
+    pub fn with_limits(mut self, limits: &crate::config::Limits) -> Incoming {
+        self.handshake_timeout = limits.tls_handshake_timeout;
+        self.max_pending_handshakes(limits.max_tls_handshakes)
+    }
+
+    /// Reports each connection the listener drops on its own to `hook` (for metrics).
+    pub fn on_event(mut self, hook: EventHook) -> Incoming {
+        self.on_event = hook;
+        self
+    }
+
+    /// Starts the handshake of `plain` if a slot is free or can be freed by evicting the
+    /// handshake that has waited the longest (at least [`MIN_HANDSHAKE_STALL`]); gives
+    /// `plain` back otherwise.
+    fn start_handshake(&mut self, tls: &TlsReloader, plain: Plain, now: Instant) -> Option<Plain> {
+        // Forget handshakes that ended; the front is then the oldest in progress.
+        while self
+            .started
+            .front()
+            .is_some_and(|(_, task)| task.is_finished())
+        {
+            self.started.pop_front();
+        }
+        if self.handshakes.len() >= self.max_handshakes {
+            match self.started.front() {
+                Some((began, _))
+                    if now.saturating_duration_since(*began) >= MIN_HANDSHAKE_STALL =>
+                {
+                    if let Some((began, task)) = self.started.pop_front() {
+                        // Its join reports the cancellation (counted and logged there).
+                        task.abort();
+                        HANDSHAKE_EVICTED.event(|| {
+                            tracing::info!(
+                                "TLS handshake slots full: dropped a handshake unfinished after {}",
+                                humantime::format_duration(now.saturating_duration_since(began))
+                            );
+                        });
+                    }
+                }
+                _ => return Some(plain),
+            }
+        }
+        let acceptor = TlsAcceptor::from(tls.current.load_full());
+        let task = self
+            .handshakes
+            .spawn(handshake(acceptor, plain, self.handshake_timeout));
+        self.started.push_back((now, task));
+        // Finished handshakes in the middle are forgotten now and then, keeping it bounded.
+        if self.started.len() > 2 * self.max_handshakes {
+            self.started.retain(|(_, task)| !task.is_finished());
+        }
+        None
     }
 }
 
@@ -154,12 +257,22 @@ impl Stream for Incoming {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         // Every `Pending` below leaves a waker with each source that can make progress:
-        // the handshakes (polled first, each time round), the pause or the listener.
+        // the handshakes (polled first, each time round), the pause, the wait for a slot
+        // or the listener.
         loop {
             match this.handshakes.poll_join_next(cx) {
-                Poll::Ready(Some(Ok(Some(conn)))) => return Poll::Ready(Some(Ok(conn))),
+                Poll::Ready(Some(Ok(Ok(conn)))) => return Poll::Ready(Some(Ok(conn))),
                 // Failed (already logged): its slot is free, so accept again.
-                Poll::Ready(Some(Ok(None))) => continue,
+                Poll::Ready(Some(Ok(Err(dropped)))) => {
+                    if let Some(event) = dropped.event() {
+                        (this.on_event)(event);
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) if e.is_cancelled() => {
+                    (this.on_event)("evicted");
+                    continue;
+                }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::error!("TLS handshake task failed: {e}");
                     continue;
@@ -173,25 +286,50 @@ impl Stream for Incoming {
                 }
                 this.backoff = None;
             }
-            if this.handshakes.len() >= this.max_handshakes {
-                return Poll::Pending;
+            if let Some(plain) = this.waiting.take() {
+                let Some(tls) = this.tls.clone() else {
+                    return Poll::Ready(Some(Ok(Connection(Inner::Plain(plain)))));
+                };
+                let now = Instant::now();
+                match this.start_handshake(&tls, plain, now) {
+                    None => {
+                        this.recheck = None;
+                        continue;
+                    }
+                    Some(plain) => {
+                        this.waiting = Some(plain);
+                        // Full, and the oldest handshake is too recent to evict: look again
+                        // when it is old enough (or when a handshake ends, whose waker is
+                        // registered above).
+                        let at = this
+                            .started
+                            .front()
+                            .map_or(now, |(began, _)| *began + MIN_HANDSHAKE_STALL);
+                        let recheck = this
+                            .recheck
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+                        recheck.as_mut().reset(at.into());
+                        if recheck.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        continue;
+                    }
+                }
             }
             match this.listener.poll_accept(cx) {
-                Poll::Ready(Ok(plain)) => match &this.tls {
-                    None => return Poll::Ready(Some(Ok(Connection(Inner::Plain(plain))))),
-                    Some(tls) => {
-                        let acceptor = TlsAcceptor::from(tls.current.load_full());
-                        this.handshakes.spawn(handshake(acceptor, plain));
-                    }
-                },
+                Poll::Ready(Ok(plain)) => this.waiting = Some(plain),
                 Poll::Ready(Err(e)) if is_connection_error(&e) => {
-                    tracing::debug!("connection lost before it was accepted: {e}");
+                    ACCEPT_FAILED.event(|| {
+                        tracing::debug!("connection lost before it was accepted: {e}");
+                    });
                 }
                 Poll::Ready(Err(e)) => {
-                    tracing::error!(
-                        "cannot accept connections, pausing for {}: {e}",
-                        humantime::format_duration(ACCEPT_ERROR_BACKOFF)
-                    );
+                    ACCEPT_FAILED.event(|| {
+                        tracing::error!(
+                            "cannot accept connections, pausing for {}: {e}",
+                            humantime::format_duration(ACCEPT_ERROR_BACKOFF)
+                        );
+                    });
                     this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_BACKOFF)));
                 }
                 Poll::Pending => return Poll::Pending,
@@ -211,26 +349,55 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-async fn handshake(acceptor: TlsAcceptor, io: Plain) -> Option<Connection> {
+/// Why a handshake ended without a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// The client closed before a word (load balancer and orchestrator probes do).
+    Closed,
+    Failed,
+    TimedOut,
+}
+
+impl Dropped {
+    /// The event reported to the [`EventHook`], if any.
+    fn event(self) -> Option<&'static str> {
+        match self {
+            Dropped::Closed => None,
+            Dropped::Failed => Some("handshake_failed"),
+            Dropped::TimedOut => Some("handshake_timeout"),
+        }
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    io: Plain,
+    limit: Duration,
+) -> Result<Connection, Dropped> {
     let peer = io.describe_peer();
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-        Ok(Ok(tls)) => Some(Connection(Inner::Tls(Box::new(tls)))),
-        // Load balancer and orchestrator probes connect and close without a word.
+    match tokio::time::timeout(limit, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => Ok(Connection(Inner::Tls(Box::new(tls)))),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            tracing::debug!(peer = %peer, "connection closed during the TLS handshake: {e}");
-            None
+            HANDSHAKE_CLOSED.event(|| {
+                tracing::debug!(peer = %peer, "connection closed during the TLS handshake: {e}");
+            });
+            Err(Dropped::Closed)
         }
         Ok(Err(e)) => {
-            tracing::warn!(peer = %peer, "TLS handshake failed, connection dropped: {e}");
-            None
+            HANDSHAKE_FAILED.event(|| {
+                tracing::warn!(peer = %peer, "TLS handshake failed, connection dropped: {e}");
+            });
+            Err(Dropped::Failed)
         }
         Err(_) => {
-            tracing::warn!(
-                peer = %peer,
-                "TLS handshake not finished within {}, connection dropped",
-                humantime::format_duration(HANDSHAKE_TIMEOUT)
-            );
-            None
+            HANDSHAKE_TIMED_OUT.event(|| {
+                tracing::warn!(
+                    peer = %peer,
+                    "TLS handshake not finished within {}, connection dropped",
+                    humantime::format_duration(limit)
+                );
+            });
+            Err(Dropped::TimedOut)
         }
     }
 }

@@ -6,5 +6,6 @@ pub mod grpc;
 pub mod http;
 mod linger;
 pub mod listen;
+mod slots;
 
 pub use grpc::{AuthorizationService, serve, serve_on};
