@@ -180,6 +180,19 @@ impl Verifier {
         facts: &RequestFacts,
         now: SystemTime,
     ) -> Identity {
+        let peer = self.verify_peer(peer_verifier, facts, now);
+        let token = self.verify_token(facts, &peer, now);
+        Identity { peer, token }
+    }
+
+    /// The certificate stage of [`Verifier::verify`]: the request's certificate verified
+    /// with `peer_verifier`.
+    pub fn verify_peer(
+        &self,
+        peer_verifier: Option<&PeerVerifier>,
+        facts: &RequestFacts,
+        now: SystemTime,
+    ) -> PeerOutcome {
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
@@ -198,7 +211,7 @@ impl Verifier {
         let xfcc = (presented.is_none() && self.certs.xfcc == crate::config::XfccMode::Nearest)
             .then(|| facts.headers.get("x-forwarded-client-cert"))
             .flatten();
-        let peer = match (presented, xfcc, peer_verifier) {
+        match (presented, xfcc, peer_verifier) {
             (None, None, _) => PeerOutcome::NotPresented,
             (_, _, None) => PeerOutcome::NotConfigured,
             (Some(pem), _, Some(v)) => match v.verify_url_encoded_pem(pem, now_unix) {
@@ -214,12 +227,25 @@ impl Verifier {
                     Err(e) => PeerOutcome::Rejected(e),
                 },
             },
-        };
-        let verified_peer = match &peer {
+        }
+    }
+
+    /// The token stage of [`Verifier::verify`]: the request's token, verified after `peer`
+    /// (the token may be bound to the certificate).
+    pub fn verify_token(
+        &self,
+        facts: &RequestFacts,
+        peer: &PeerOutcome,
+        now: SystemTime,
+    ) -> TokenOutcome {
+        let since_epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let verified_peer = match peer {
             PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         };
-        let token = match bearer_from_headers(facts, &self.sources) {
+        match bearer_from_headers(facts, &self.sources) {
             Bearer::None => TokenOutcome::NotPresented,
             Bearer::Malformed => TokenOutcome::Rejected(TokenRejection::Malformed(
                 "empty or invalid bearer value".into(),
@@ -233,8 +259,7 @@ impl Verifier {
                     Err(e) => TokenOutcome::Rejected(e),
                 }
             }
-        };
-        Identity { peer, token }
+        }
     }
 }
 
