@@ -123,6 +123,7 @@ struct RawPeer {
     #[serde(default)]
     require: bool,
     max_size: Option<usize>,
+    max_request_intermediates: Option<usize>,
     #[serde(default)]
     crls: Vec<PathBuf>,
     header: Option<String>,
@@ -232,11 +233,13 @@ pub struct Settings {
 }
 
 /// Bounds on what one request, one connection and the whole server may take (`[limits]`).
-/// Past a bound a request is denied (or, for the message size, refused as a gRPC error,
-/// since no CheckRequest could be read); nothing queues without bound.
+/// Past a bound a request is denied (only a message over the transport's hard cap of
+/// four times `max_message_bytes` is refused as a gRPC error, since no CheckRequest could
+/// be read); nothing queues without bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest gRPC message (CheckRequest) decoded.
+    /// Largest CheckRequest decided; a larger one (up to four times this, the transport's
+    /// hard cap) is denied as `request_too_large`.
     pub max_message_bytes: usize,
     /// Most request headers in one request.
     pub max_headers: usize,
@@ -246,7 +249,8 @@ pub struct Limits {
     pub max_concurrent: usize,
     /// Most concurrent HTTP/2 streams on one gRPC connection.
     pub max_streams_per_connection: u32,
-    /// The longest a decision may take (only a key refresh waits); past it, `deadline`.
+    /// The longest a decision may take, reading the request included: checked between its
+    /// stages and while a key refresh is awaited; past it, `deadline`.
     pub request_timeout: Duration,
     /// Most open connections on the HTTP listener; more wait in the kernel's backlog.
     pub max_http_connections: usize,
@@ -404,6 +408,10 @@ pub struct PeerSettings {
     pub require: bool,
     /// Cap on the URL-encoded PEM as received, checked before decoding.
     pub max_size: usize,
+    /// Most intermediates one request may bring with its certificate (Traefik's chain,
+    /// XFCC `Chain`; a copy of the leaf does not count); more is refused before any path
+    /// building.
+    pub max_request_intermediates: usize,
     /// Certificate revocation lists (PEM or DER), checked for every certificate in the path.
     pub crls: Vec<PathBuf>,
     /// A header carrying the client certificate as URL-encoded PEM (nginx's
@@ -469,6 +477,11 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9191";
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_TOKEN_MAX_SIZE: usize = 8 * 1024;
 pub const DEFAULT_CERT_MAX_SIZE: usize = 32 * 1024;
+/// `[peer] max_request_intermediates` by default.
+pub const DEFAULT_MAX_REQUEST_INTERMEDIATES: usize = 4;
+/// The largest `[peer] max_request_intermediates`: webpki builds paths of at most six
+/// intermediates, so more could never help a path and would only widen its search.
+pub const MAX_REQUEST_INTERMEDIATES: usize = 6;
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -597,12 +610,21 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                 problems.push(format!("peer.trust_domains: {e}"));
             }
         }
+        let max_request_intermediates = p
+            .max_request_intermediates
+            .unwrap_or(DEFAULT_MAX_REQUEST_INTERMEDIATES);
+        if max_request_intermediates > MAX_REQUEST_INTERMEDIATES {
+            problems.push(format!(
+                "peer.max_request_intermediates: {max_request_intermediates} is more than {MAX_REQUEST_INTERMEDIATES}, the longest path webpki builds"
+            ));
+        }
         PeerSettings {
             trust_bundle: resolve(base, p.trust_bundle),
             intermediates: p.intermediates.map(|i| resolve(base, i)),
             trust_domains: p.trust_domains,
             require: p.require,
             max_size: p.max_size.unwrap_or(DEFAULT_CERT_MAX_SIZE),
+            max_request_intermediates,
             crls: p.crls.into_iter().map(|c| resolve(base, c)).collect(),
             header: p.header.map(|h| header_name("peer.header", h, problems)),
             xfcc: match p.xfcc.as_deref() {
@@ -953,8 +975,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
         problems.push(format!("limits.{name}: must be positive"));
     }
+    // Only an issuer whose keys are fetched ever waits for a refresh.
     for i in issuers
         .iter()
+        .filter(|i| i.source != KeySource::Files)
         .filter(|i| i.fetch.unknown_kid_wait >= limits.request_timeout)
     {
         problems.push(format!(
@@ -1061,6 +1085,32 @@ mod tests {
         assert_eq!(
             u.grpc_listen,
             Listen::Unix(PathBuf::from("/srv/run/p.sock"))
+        );
+    }
+
+    #[test]
+    fn request_intermediates_and_deadline_limits() {
+        let peer = |extra: &str| format!("[peer]\ntrust_bundle = \"ca.pem\"\n{extra}");
+        let s = Settings::from_toml(&peer(""), Path::new("")).unwrap();
+        assert_eq!(s.peer.unwrap().max_request_intermediates, 4);
+        let s = Settings::from_toml(&peer("max_request_intermediates = 0"), Path::new("")).unwrap();
+        assert_eq!(s.peer.unwrap().max_request_intermediates, 0);
+        let err = Settings::from_toml(&peer("max_request_intermediates = 7"), Path::new(""))
+            .unwrap_err()
+            .join("\n");
+        assert!(err.contains("peer.max_request_intermediates: 7"), "{err}");
+        // A file issuer never waits for keys, so a short request_timeout is fine with it;
+        // a fetched one must be given longer than its unknown_kid_wait.
+        let files = "[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\n[limits]\nrequest_timeout = \"2ms\"\n";
+        let s = Settings::from_toml(files, Path::new("")).unwrap();
+        assert_eq!(s.limits.request_timeout, Duration::from_millis(2));
+        let fetched = files.replace("jwks_file = \"k.json\"", "jwks_uri = \"https://i/k\"");
+        let err = Settings::from_toml(&fetched, Path::new(""))
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            err.contains("must be longer than the unknown_kid_wait"),
+            "{err}"
         );
     }
 

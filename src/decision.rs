@@ -52,7 +52,7 @@ pub fn deny_reply(reason: &DenyReason) -> DenyReply {
         body: "forbidden\n",
     };
     match reason {
-        DenyReason::UnreadableRequest(_) => DenyReply {
+        DenyReason::UnreadableRequest(_) | DenyReason::RequestTooLarge => DenyReply {
             grpc_code: code::INVALID_ARGUMENT,
             http_status: 400,
             www_authenticate: None,

@@ -39,8 +39,12 @@ pub enum DenyReason {
     PolicyError,
     /// `limits.max_concurrent` requests were already being decided.
     Overloaded,
-    /// The decision took longer than `limits.request_timeout` (a key refresh was slow).
+    /// The decision was not made within `limits.request_timeout`: a stage of it, or a key
+    /// refresh it waited for, ran past the request's deadline.
     Deadline,
+    /// The CheckRequest encoded to more than `limits.max_message_bytes` (but was under the
+    /// transport's hard cap, so it could be answered with a deny).
+    RequestTooLarge,
 }
 
 impl DenyReason {
@@ -56,6 +60,7 @@ impl DenyReason {
             DenyReason::PolicyError => "policy_error",
             DenyReason::Overloaded => "overloaded",
             DenyReason::Deadline => "deadline",
+            DenyReason::RequestTooLarge => "request_too_large",
         }
     }
 }
@@ -468,10 +473,7 @@ impl Engine {
                 "overloaded: {} requests already being decided",
                 self.settings.limits.max_concurrent
             ),
-            _ => format!(
-                "no decision within the request timeout of {:?}",
-                self.settings.limits.request_timeout
-            ),
+            _ => self.past_deadline("while waiting"),
         };
         self.finish(
             Instant::now(),
@@ -483,20 +485,58 @@ impl Engine {
         )
     }
 
+    /// The audit reason of a `deadline` denial, saying where the decision stood.
+    fn past_deadline(&self, stage: &str) -> String {
+        format!(
+            "deadline: no decision within the request timeout of {}, past it {stage}",
+            humantime::format_duration(self.settings.limits.request_timeout)
+        )
+    }
+
+    /// The `deadline` denial of a decision that ran past `deadline` in a stage.
+    fn late(&self, started: Instant, facts: &RequestFacts, stage: &str) -> Decision {
+        self.finish(
+            started,
+            facts.request_id.clone(),
+            Some(DenyReason::Deadline),
+            None,
+            None,
+            vec![self.past_deadline(stage)],
+        )
+    }
+
+    /// A decision for a CheckRequest that encoded to `size` bytes, over
+    /// `limits.max_message_bytes`: denied without reading it.
+    pub fn too_large(&self, size: usize) -> Decision {
+        self.finish(
+            Instant::now(),
+            String::new(),
+            Some(DenyReason::RequestTooLarge),
+            None,
+            None,
+            vec![format!(
+                "request of {size} bytes is larger than max_message_bytes ({})",
+                self.settings.limits.max_message_bytes
+            )],
+        )
+    }
+
     /// Decides a CheckRequest; when the only problem is a token signed with a `kid` the
     /// issuer's key set lacks, asks for one early key refresh (bounded wait, rate-limited)
     /// and decides again. `now` is read for each attempt.
     ///
     /// This is the entry point of the server's doors: it also applies `[limits]`. Past
     /// `max_concurrent` requests in flight it denies at once (`overloaded`), and a decision
-    /// that takes longer than `request_timeout` is denied (`deadline`).
+    /// not made within `request_timeout` of its start (reading the request included) is
+    /// denied (`deadline`).
     pub async fn check_with_refresh(
         &self,
         request: &CheckRequest,
         now: impl Fn() -> SystemTime,
     ) -> Decision {
+        let deadline = Instant::now() + self.settings.limits.request_timeout;
         match RequestFacts::from_check(request, &self.settings.limits) {
-            Ok(facts) => self.decide_with_refresh(&facts, now).await,
+            Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
             Err(e) => self.unreadable(e),
         }
     }
@@ -508,28 +548,36 @@ impl Engine {
         facts: &RequestFacts,
         now: impl Fn() -> SystemTime,
     ) -> Decision {
-        let Some(_admitted) = self.admit() else {
-            return self.refused(facts.request_id.clone(), DenyReason::Overloaded);
-        };
-        let decide = self.decide_refreshing(facts, now);
-        match tokio::time::timeout(self.settings.limits.request_timeout, decide).await {
-            Ok(decision) => decision,
-            Err(_) => self.refused(facts.request_id.clone(), DenyReason::Deadline),
-        }
+        let deadline = Instant::now() + self.settings.limits.request_timeout;
+        self.decide_refreshing_by(facts, now, deadline).await
     }
 
-    async fn decide_refreshing(
+    /// SECURITY: the deadline holds two ways. The synchronous stages check it between
+    /// them (`decide_by`), since a timer cannot interrupt work that never yields; the
+    /// timer covers the one wait, a key refresh. Either way the answer is `deadline`.
+    async fn decide_refreshing_by(
         &self,
         facts: &RequestFacts,
         now: impl Fn() -> SystemTime,
+        deadline: Instant,
     ) -> Decision {
-        let first = self.decide(facts, now());
-        if let Some(DenyReason::Token(TokenRejection::UnknownKey { issuer, .. })) = &first.denial
-            && self.fetcher.refresh_for_unknown_kid(issuer).await
-        {
-            return self.decide(facts, now());
+        let Some(_admitted) = self.admit() else {
+            return self.refused(facts.request_id.clone(), DenyReason::Overloaded);
+        };
+        let decide = async {
+            let first = self.decide_by(facts, now(), deadline);
+            if let Some(DenyReason::Token(TokenRejection::UnknownKey { issuer, .. })) =
+                &first.denial
+                && self.fetcher.refresh_for_unknown_kid(issuer).await
+            {
+                return self.decide_by(facts, now(), deadline);
+            }
+            first
+        };
+        match tokio::time::timeout_at(deadline.into(), decide).await {
+            Ok(decision) => decision,
+            Err(_) => self.refused(facts.request_id.clone(), DenyReason::Deadline),
         }
-        first
     }
 
     /// A decision for a request whose facts could not be read.
@@ -557,20 +605,45 @@ impl Engine {
         self.audit.write(&decision.audit_json());
     }
 
-    /// Decides an Envoy CheckRequest.
+    /// Decides an Envoy CheckRequest, within `limits.request_timeout` of the call.
     pub fn check(&self, request: &CheckRequest, now: SystemTime) -> Decision {
+        let deadline = Instant::now() + self.settings.limits.request_timeout;
         match RequestFacts::from_check(request, &self.settings.limits) {
-            Ok(facts) => self.decide(&facts, now),
+            Ok(facts) => self.decide_by(&facts, now, deadline),
             Err(e) => self.unreadable(e),
         }
     }
 
-    /// Decides one request from its facts.
+    /// Decides one request from its facts, within `limits.request_timeout` of the call:
+    /// past it, the decision is the `deadline` denial.
     pub fn decide(&self, facts: &RequestFacts, now: SystemTime) -> Decision {
+        self.decide_by(
+            facts,
+            now,
+            Instant::now() + self.settings.limits.request_timeout,
+        )
+    }
+
+    /// Decides one request, checking `deadline` between the stages (after the
+    /// certificate, after the token, after policy).
+    ///
+    /// SECURITY: a decision finished after its deadline is not given, whatever it says:
+    /// the caller was promised an answer within `request_timeout`, and work an attacker can
+    /// make slow must not decide late (the stages themselves are bounded: certificate
+    /// sizes and intermediates, token size, policy count).
+    fn decide_by(&self, facts: &RequestFacts, now: SystemTime, deadline: Instant) -> Decision {
         let started = Instant::now();
         // One snapshot for the whole decision: never half of a reload.
         let loaded = self.loaded.load();
-        let identity = self.verifier.verify(loaded.peer.as_ref(), facts, now);
+        let peer = self.verifier.verify_peer(loaded.peer.as_ref(), facts, now);
+        if Instant::now() >= deadline {
+            return self.late(started, facts, "after the certificate");
+        }
+        let token = self.verifier.verify_token(facts, &peer, now);
+        if Instant::now() >= deadline {
+            return self.late(started, facts, "after the token");
+        }
+        let identity = Identity { peer, token };
         let mut reasons = Vec::new();
         let mut denial = None;
         match &identity.peer {
@@ -608,6 +681,9 @@ impl Engine {
             );
         }
         let outcome = loaded.policy.evaluate(facts, &identity);
+        if Instant::now() >= deadline {
+            return self.late(started, facts, "after policy");
+        }
         let anonymous = identity.peer().is_none() && identity.token().is_none();
         let denial = if !outcome.errors.is_empty() {
             reasons.extend(outcome.errors.iter().map(|e| format!("policy error: {e}")));

@@ -404,6 +404,11 @@ async fn try_check(
 /// A server over the shared material, with `extra` appended to its configuration and
 /// `files` written next to it.
 fn server_with(extra: &str, files: &[(&str, String)]) -> Binary {
+    server_with_peer("", extra, files)
+}
+
+/// [`server_with`], with `peer_extra` added to its `[peer]` table.
+fn server_with_peer(peer_extra: &str, extra: &str, files: &[(&str, String)]) -> Binary {
     let m = material();
     let dir = tempfile::tempdir().expect("temp dir");
     let p = dir.path();
@@ -429,6 +434,7 @@ http = "127.0.0.1:0"
 trust_bundle = "ca.pem"
 intermediates = "intermediate.pem"
 trust_domains = ["example.org"]
+{peer_extra}
 
 [[issuer]]
 issuer = "{ISSUER}"
@@ -505,16 +511,36 @@ fn request_of_size(size: usize) -> CheckRequest {
     panic!("cannot pad a request to {size} bytes");
 }
 
+// Issue 12, finding 9: a CheckRequest over max_message_bytes was an RPC error, which Envoy
+// turns into an allow under `failure_mode_allow: true`. Up to the transport's hard cap (four
+// times max_message_bytes) it is now a deny reply (`request_too_large`, 400); only beyond
+// the hard cap, where nothing could be read, is it still an RPC error (documented next to
+// failure_mode_allow).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_messages_are_rpc_errors_and_header_limits_deny_400() {
+async fn oversized_messages_are_denied_up_to_the_hard_cap_and_header_limits_deny_400() {
     let server = server("");
     let mut client = server.client().await;
 
-    // Over max_message_bytes (default 1 MiB): no CheckRequest could be read, so the RPC fails.
-    for size in [MIB + 1, MIB + 4096, 3 * MIB] {
+    // Over max_message_bytes (default 1 MiB), up to the hard cap (4 MiB): a deny reply.
+    for size in [MIB + 1, MIB + 4096, 3 * MIB, 4 * MIB] {
+        let resp = try_check(&mut client, request_of_size(size))
+            .await
+            .unwrap_or_else(|e| panic!("{size} bytes: an RPC error: {e:?}"));
+        assert_denied_400(&resp, &format!("a {size}-byte message"));
+        assert_eq!(
+            resp.status.as_ref().map(|s| s.message.as_str()),
+            Some("request_too_large"),
+            "{size} bytes"
+        );
+        server
+            .assert_serves(&format!("a {size}-byte message"))
+            .await;
+    }
+    // Beyond the hard cap no CheckRequest could be read, so the RPC fails.
+    for size in [4 * MIB + 1, 6 * MIB] {
         let err = try_check(&mut client, request_of_size(size))
             .await
-            .expect_err("a CheckRequest over max_message_bytes was read");
+            .expect_err("a CheckRequest over the hard cap was read");
         assert!(
             matches!(
                 err.code(),
@@ -605,6 +631,11 @@ async fn oversized_messages_are_rpc_errors_and_header_limits_deny_400() {
         server.audit_count("unreadable_request", 7).await,
         7,
         "audit lines with reason unreadable_request"
+    );
+    assert_eq!(
+        server.audit_count("request_too_large", 4).await,
+        4,
+        "audit lines with reason request_too_large"
     );
 }
 
@@ -2353,4 +2384,430 @@ async fn a_bearer_credential_after_other_whitespace_is_not_ignored() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Work per request and the request deadline (issue 12, finding 8).
+// ---------------------------------------------------------------------------------------
+
+/// The CA parameters a certificate named `name` is issued under (same encoding as the
+/// demo authorities', so names compare equal byte for byte).
+fn junk_params(name: &str) -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(30);
+    params
+}
+
+fn junk_key() -> rcgen::KeyPair {
+    rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key")
+}
+
+/// A CA certificate with subject `subject`, "issued" by `issuer` with a key of its own that
+/// nobody trusts: with `subject == issuer`, every such certificate issues every other by
+/// name, and path building searches every ordering of them.
+fn junk_ca(subject: &str, issuer: &str) -> String {
+    let issuer = rcgen::Issuer::new(junk_params(issuer), junk_key());
+    junk_params(subject)
+        .signed_by(&junk_key(), &issuer)
+        .expect("sign a junk CA")
+        .pem()
+}
+
+/// A client certificate for the reader's SPIFFE ID whose issuer is named `issuer`, signed
+/// by a key nobody trusts.
+fn junk_leaf(issuer: &str) -> String {
+    let issuer = rcgen::Issuer::new(junk_params(issuer), junk_key());
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "reader");
+    params.subject_alt_names = vec![rcgen::SanType::URI(READER.try_into().expect("ASCII URI"))];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params
+        .signed_by(&junk_key(), &issuer)
+        .expect("sign a junk leaf")
+        .pem()
+}
+
+/// PEM blocks as Envoy (and Traefik's PEM form) put a chain in `source.certificate`.
+fn pem_chain(certs: &[&str]) -> String {
+    portcullis::demo::envoy_url_encode(&certs.concat())
+}
+
+/// The chain as Traefik's passTLSClientCert sends it: base64 DER joined by ','.
+fn traefik_chain(certs: &[&str]) -> String {
+    certs
+        .iter()
+        .map(|pem| {
+            use rustls_pki_types::pem::PemObject as _;
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .expect("one PEM certificate");
+            base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An `x-forwarded-client-cert` element carrying `leaf` and the chain `leaf` + `rest`.
+fn xfcc_chain(leaf: &str, rest: &[&str]) -> String {
+    let mut chain = vec![leaf];
+    chain.extend_from_slice(rest);
+    format!(
+        "By=spiffe://example.org/edge;Cert=\"{}\";Chain=\"{}\"",
+        pem_chain(&[leaf]),
+        pem_chain(&chain)
+    )
+}
+
+/// A request for /internal/status presenting `leaf` and `rest` in one of three forms.
+fn chain_request(form: &str, leaf: &str, rest: &[&str]) -> CheckRequest {
+    let mut all = vec![leaf];
+    all.extend_from_slice(rest);
+    match form {
+        "pem" => request("GET", WORKLOAD_PATH, Some(&pem_chain(&all)), None),
+        "traefik" => request("GET", WORKLOAD_PATH, Some(&traefik_chain(&all)), None),
+        "xfcc" => {
+            let mut req = request("GET", WORKLOAD_PATH, None, None);
+            set_header(&mut req, "x-forwarded-client-cert", xfcc_chain(leaf, rest));
+            req
+        }
+        other => panic!("no form {other}"),
+    }
+}
+
+impl Binary {
+    /// Every audit line so far.
+    fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
+    /// How many audit lines have a `reasons` entry containing `text`, once there are
+    /// `expected` (audit lines are written by a background thread) or after 5 s.
+    async fn audit_reasons(&self, text: &str, expected: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self
+                .audit_lines()
+                .iter()
+                .filter(|l| {
+                    l["reasons"].as_array().is_some_and(|r| {
+                        r.iter()
+                            .any(|r| r.as_str().is_some_and(|r| r.contains(text)))
+                    })
+                })
+                .count();
+            if n >= expected || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+const JUNK: &str = "junk CA";
+const UNAUTHENTICATED: (i32, i32) = (16, 401);
+
+fn code_and_status(resp: &CheckResponse) -> (i32, i32) {
+    let (code, status, _) = outcome(resp);
+    (code, status)
+}
+
+// Finding 8: a leaf with 16 junk "intermediates" that issue each other (same name, keys of
+// their own) made path building search every ordering: 120-180 ms of CPU per request,
+// ending in MaximumPathBuildCallsExceeded, and legitimate requests waited behind it. Now a
+// request may bring at most `max_request_intermediates` (4) besides copies of its leaf,
+// refused before any path building, in every form a chain arrives in; within the cap,
+// duplicates and certificates that cannot be on the leaf's path are dropped, and the worst
+// orderings left finish far inside the deadline (a `deadline` answer would show otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_chain_is_refused_before_path_building_and_others_stay_prompt() {
+    let m = material();
+    let server = server_with_peer("xfcc = \"nearest\"", "", &[]);
+    let mut client = server.client().await;
+    let leaf = junk_leaf(JUNK);
+    let junk: Vec<String> = (0..16).map(|_| junk_ca(JUNK, JUNK)).collect();
+    let junk: Vec<&str> = junk.iter().map(String::as_str).collect();
+
+    // Over the cap, in all three forms: refused at once, with its own reason.
+    let mut refused = 0;
+    for form in ["pem", "traefik", "xfcc"] {
+        for n in [16, 5] {
+            let started = Instant::now();
+            let resp = try_check(&mut client, chain_request(form, &leaf, &junk[..n]))
+                .await
+                .expect("RPC");
+            let took = started.elapsed();
+            assert_eq!(code_and_status(&resp), UNAUTHENTICATED, "{form}, {n} junk");
+            assert!(took < ANSWER_BOUND, "{form}, {n} junk: took {took:?}");
+            refused += 1;
+        }
+    }
+    // Copies of the leaf (XFCC's Chain starts with it) do not count; duplicates do.
+    let resp = try_check(
+        &mut client,
+        chain_request(
+            "pem",
+            &leaf,
+            &[&leaf, &leaf, junk[0], junk[0], junk[1], junk[1], junk[2]],
+        ),
+    )
+    .await
+    .expect("RPC");
+    assert_eq!(code_and_status(&resp), UNAUTHENTICATED, "duplicates count");
+    refused += 1;
+    // The duplicates' request counts as 5: its two leaf copies do not count.
+    for (n, lines) in [(16, 3), (5, 4)] {
+        assert_eq!(
+            server
+                .audit_reasons(
+                    &format!(
+                        "the request brought {n} intermediate certificates, more than the 4 allowed"
+                    ),
+                    lines
+                )
+                .await,
+            lines,
+            "audit lines for {n} junk intermediates"
+        );
+    }
+    assert_eq!(
+        server.audit_count("invalid_certificate", refused).await,
+        refused
+    );
+
+    // Within the cap, the worst shapes: orderings of same-name certificates, some reaching
+    // the trust anchor's name or the configured intermediate's (so signatures are checked).
+    let root = "hostile test root CA";
+    let inter = "hostile test intermediate CA";
+    let shapes: Vec<(&str, String, Vec<String>)> = vec![
+        (
+            "4 same-name, issuing each other",
+            junk_leaf(JUNK),
+            (0..4).map(|_| junk_ca(JUNK, JUNK)).collect(),
+        ),
+        (
+            "3 same-name + 1 under the root's name",
+            junk_leaf(JUNK),
+            (0..3)
+                .map(|_| junk_ca(JUNK, JUNK))
+                .chain([junk_ca(JUNK, root)])
+                .collect(),
+        ),
+        (
+            "3 same-name + 1 under the intermediate's name",
+            junk_leaf(JUNK),
+            (0..3)
+                .map(|_| junk_ca(JUNK, JUNK))
+                .chain([junk_ca(JUNK, inter)])
+                .collect(),
+        ),
+        (
+            "4 impostors of the configured intermediate",
+            junk_leaf(inter),
+            (0..2)
+                .map(|_| junk_ca(inter, inter))
+                .chain((0..2).map(|_| junk_ca(inter, root)))
+                .collect(),
+        ),
+    ];
+    let mut timings = Vec::new();
+    for (what, leaf, rest) in &shapes {
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        let mut worst = Duration::ZERO;
+        for form in ["pem", "traefik", "xfcc"] {
+            for _ in 0..5 {
+                let started = Instant::now();
+                let resp = try_check(&mut client, chain_request(form, leaf, &rest))
+                    .await
+                    .expect("RPC");
+                worst = worst.max(started.elapsed());
+                // Not `deadline` (4, 503): the search ended well within request_timeout.
+                assert_eq!(code_and_status(&resp), UNAUTHENTICATED, "{what} ({form})");
+            }
+        }
+        timings.push(format!("{what}: worst {worst:?}"));
+    }
+    println!("within the cap: {timings:#?}");
+
+    // The cap and the filter keep what a chain is for: a leaf from an intermediate the
+    // server was not configured with verifies when the request brings that intermediate,
+    // with unrelated certificates beside it, in every form.
+    let extra_inter = m.root.intermediate("request-supplied intermediate CA");
+    let leaf2 = extra_inter.issue(&LeafSpec::spiffe(READER)).pem;
+    let unrelated = [junk_ca(JUNK, JUNK), junk_ca(JUNK, root), m.inter.cert_pem()];
+    let inter_pem = extra_inter.cert_pem();
+    for form in ["pem", "traefik", "xfcc"] {
+        for rest in [
+            vec![inter_pem.as_str()],
+            vec![
+                unrelated[0].as_str(),
+                inter_pem.as_str(),
+                unrelated[1].as_str(),
+                unrelated[2].as_str(),
+            ],
+        ] {
+            let resp = try_check(&mut client, chain_request(form, &leaf2, &rest))
+                .await
+                .expect("RPC");
+            assert_eq!(
+                outcome(&resp).0,
+                0,
+                "{form} with {} certificates: {:?}",
+                rest.len(),
+                outcome(&resp)
+            );
+            assert_eq!(
+                ok_header(&resp, PRINCIPAL_HEADER).as_deref(),
+                Some(format!("Workload::\"{READER}\"").as_str())
+            );
+        }
+        // Without its intermediate it does not verify.
+        let resp = try_check(&mut client, chain_request(form, &leaf2, &[]))
+            .await
+            .expect("RPC");
+        assert_eq!(code_and_status(&resp), UNAUTHENTICATED, "{form} alone");
+    }
+
+    // Six clients send the 16-junk chain in a loop; valid requests from another client are
+    // still answered correctly and in time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attack = Arc::new(chain_request("pem", &leaf, &junk));
+    let mut attackers = Vec::new();
+    for _ in 0..6 {
+        let (stop, attack) = (stop.clone(), attack.clone());
+        let mut client = server.client().await;
+        attackers.push(tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let resp = try_check(&mut client, (*attack).clone())
+                    .await
+                    .expect("RPC");
+                assert_eq!(code_and_status(&resp), UNAUTHENTICATED, "an attack request");
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut latencies = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let started = Instant::now();
+        server.assert_serves("junk chains from six clients").await;
+        latencies.push(started.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut attacks = 0;
+    for a in attackers {
+        attacks += a.await.expect("an attacker");
+    }
+    latencies.sort();
+    println!(
+        "{attacks} junk-chain requests from 6 clients; {} valid requests meanwhile, median {:?}, worst {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    assert!(attacks > 0);
+}
+
+// Finding 8: `request_timeout` was never enforced, because the decision is synchronous
+// inside the timed future and the timer could only fire while a key refresh was awaited.
+// Now the engine checks the deadline between its stages. A valid 8 MB token takes far more
+// than 2 ms to decode and verify, so with request_timeout = 2ms its decision is the
+// `deadline` denial (DEADLINE_EXCEEDED in a successful RPC), counted and audited; the same
+// request is allowed when the timeout is the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_past_request_timeout_is_denied_deadline() {
+    let m = material();
+    let mut claims = common::claims();
+    claims["pad"] = json!("p".repeat(8 * MIB));
+    let big = m.signer.sign(&claims);
+    let limits = |timeout: &str| {
+        format!(
+            r#"
+[limits]
+request_timeout = "{timeout}"
+max_message_bytes = 67108864
+max_header_bytes = 67108864
+
+[token]
+max_size = 67108864
+"#
+        )
+    };
+
+    let patient = server(&limits("30s"));
+    let resp = try_check(
+        &mut patient.client().await,
+        request("GET", VALID_PATH, None, Some(&big)),
+    )
+    .await
+    .expect("RPC");
+    assert_eq!(
+        outcome(&resp).0,
+        0,
+        "the 8 MB token is valid: {:?}",
+        outcome(&resp)
+    );
+    drop(patient);
+
+    let server = server(&limits("2ms"));
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        let resp = try_check(&mut client, request("GET", VALID_PATH, None, Some(&big)))
+            .await
+            .expect("a deadline is a successful RPC");
+        assert_eq!(outcome(&resp), (4, 503, None), "past request_timeout");
+        assert_eq!(
+            resp.status.as_ref().map(|s| s.message.as_str()),
+            Some("deadline")
+        );
+    }
+    assert_eq!(
+        server.audit_count("deadline", 3).await,
+        3,
+        "audit: deadline"
+    );
+    assert_eq!(
+        server
+            .audit_reasons("no decision within the request timeout of 2ms", 3)
+            .await,
+        3,
+        "audit: the reason says where the decision stood"
+    );
+    let metrics = reqwest_metrics(server.http).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("reason=\"deadline\"") && l.trim_end().ends_with(" 3")),
+        "the deadline denials are counted:\n{metrics}"
+    );
+}
+
+/// The admin listener's `/metrics` text.
+async fn reqwest_metrics(http: SocketAddr) -> String {
+    let mut s = TcpStream::connect(http).await.expect("connect to admin");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
 }

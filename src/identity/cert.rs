@@ -16,6 +16,11 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 /// Most intermediates accepted from configuration; webpki itself bounds path building.
 const MAX_INTERMEDIATES: usize = 16;
 
+/// Most certificates (leaf copies included) decoded from one request's certificate text,
+/// before anything counts them as intermediates. `[peer] max_size` already bounds the
+/// text; this bounds the list built from it.
+const MAX_DECODED: usize = 64;
+
 /// Why a presented certificate was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CertRejection {
@@ -25,6 +30,10 @@ pub enum CertRejection {
     Encoding,
     #[error("expected exactly one PEM certificate, found {0}")]
     Count(usize),
+    #[error(
+        "the request brought {found} intermediate certificates, more than the {max} allowed (peer.max_request_intermediates)"
+    )]
+    TooManyIntermediates { found: usize, max: usize },
     #[error("certificate does not chain to a trusted CA: {0}")]
     UnknownIssuer(String),
     #[error("certificate has expired")]
@@ -167,6 +176,8 @@ pub struct PeerVerifier {
     crls: Vec<webpki::CertRevocationList<'static>>,
     trust_domains: Vec<TrustDomain>,
     max_size: usize,
+    /// `[peer] max_request_intermediates`: most intermediates one request may bring.
+    max_request_intermediates: usize,
     /// The window of the configured material: configured intermediates and CRLs.
     material_from: i64,
     material_until: i64,
@@ -313,6 +324,7 @@ impl PeerVerifier {
                 crls,
                 trust_domains,
                 max_size: settings.max_size,
+                max_request_intermediates: settings.max_request_intermediates,
                 material_from,
                 material_until,
                 cache: (cache > 0).then(|| quick_cache::sync::Cache::new(cache)),
@@ -345,9 +357,6 @@ impl PeerVerifier {
         let leaf = certs.next().ok_or(CertRejection::Count(0))?;
         // Any further certificates (Traefik sends the chain) may only serve as intermediates.
         let rest: Vec<_> = certs.collect();
-        if rest.len() > MAX_INTERMEDIATES {
-            return Err(CertRejection::Count(rest.len() + 1));
-        }
         let verified = self.verify_der_entry(&leaf, &rest, now)?;
         if let Some(key) = key {
             self.remember(key, &verified);
@@ -364,11 +373,19 @@ impl PeerVerifier {
         let pem = percent_encoding::percent_decode_str(encoded)
             .decode_utf8()
             .map_err(|_| CertRejection::Encoding)?;
+        // SECURITY: the list is bounded while it is built, whatever the text holds.
+        let too_many = |found| CertRejection::TooManyIntermediates {
+            found,
+            max: self.max_request_intermediates,
+        };
         if !pem.contains("-----BEGIN") && !pem.trim().is_empty() {
             // Traefik's passTLSClientCert: base64 DER certificates (no PEM armour) joined by ','.
             use base64::Engine as _;
-            return pem
-                .split(',')
+            let parts = pem.split(',');
+            if parts.clone().nth(MAX_DECODED).is_some() {
+                return Err(too_many(pem.split(',').count() - 1));
+            }
+            return parts
                 .map(|b64| {
                     base64::engine::general_purpose::STANDARD
                         .decode(b64.trim())
@@ -377,9 +394,14 @@ impl PeerVerifier {
                 })
                 .collect();
         }
-        CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|_| CertRejection::Encoding)
+        let mut certs = Vec::new();
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            if certs.len() == MAX_DECODED {
+                return Err(too_many(MAX_DECODED));
+            }
+            certs.push(cert.map_err(|_| CertRejection::Encoding)?);
+        }
+        Ok(certs)
     }
 
     fn decode_one(&self, encoded: &str) -> Result<CertificateDer<'static>, CertRejection> {
@@ -405,12 +427,7 @@ impl PeerVerifier {
             Some(chain) => self.decode(chain)?,
             None => Vec::new(),
         };
-        if chain.len() > MAX_INTERMEDIATES {
-            return Err(CertRejection::Xfcc(format!(
-                "chain longer than {MAX_INTERMEDIATES}"
-            )));
-        }
-        // The chain usually starts with the leaf itself; path building ignores it there.
+        // The chain usually starts with the leaf itself: that copy is not an intermediate.
         self.verify_der(&der, &chain, now).map(Some)
     }
 
@@ -424,7 +441,9 @@ impl PeerVerifier {
         now: UnixTime,
     ) -> Result<Arc<PeerIdentity>, CertRejection> {
         if self.cache.is_none() {
-            return self.verify_uncached(der, extra, now).map(Arc::new);
+            return self
+                .verify_der_entry(der, extra, now)
+                .map(|v| v.identity.clone());
         }
         let key = digest(std::iter::once(der.as_ref()).chain(extra.iter().map(|c| c.as_ref())));
         if let Some(hit) = self.remembered(&key, now) {
@@ -455,16 +474,102 @@ impl PeerVerifier {
         }
     }
 
+    /// The certificates a request brought that may serve as intermediates for `leaf`.
+    ///
+    /// SECURITY: path building is a search over every candidate, so what a request brings
+    /// is bounded before webpki sees any of it (issue 12, finding 8: a leaf with 16 junk
+    /// "intermediates" issuing each other cost 120-180 ms of CPU per request). Copies of
+    /// the leaf do not count; more than `max_request_intermediates` others are refused
+    /// outright. Then duplicates (of each other or of a configured intermediate) are dropped,
+    /// and so is every certificate that cannot be on the leaf's path: one whose subject is
+    /// neither the leaf's issuer nor the issuer of another certificate that can be. Dropping
+    /// a candidate only removes paths that could not have verified.
+    fn candidates(
+        &self,
+        leaf: &CertificateDer<'_>,
+        brought: &[CertificateDer<'static>],
+    ) -> Result<Vec<CertificateDer<'static>>, CertRejection> {
+        let others: Vec<&CertificateDer<'static>> = brought
+            .iter()
+            .filter(|c| c.as_ref() != leaf.as_ref())
+            .collect();
+        if others.len() > self.max_request_intermediates {
+            return Err(CertRejection::TooManyIntermediates {
+                found: others.len(),
+                max: self.max_request_intermediates,
+            });
+        }
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut unique: Vec<&CertificateDer<'static>> = Vec::with_capacity(others.len());
+        for c in others {
+            let known = unique.iter().any(|u| u.as_ref() == c.as_ref())
+                || self.intermediates.iter().any(|i| i.as_ref() == c.as_ref());
+            if !known {
+                unique.push(c);
+            }
+        }
+        // (subject, issuer) as raw DER names, compared byte for byte as webpki does.
+        // A certificate that does not parse could never be on a path: dropped.
+        let names = |der: &[u8]| -> Option<(Vec<u8>, Vec<u8>)> {
+            let (_, cert) = X509Certificate::from_der(der).ok()?;
+            Some((
+                cert.subject().as_raw().to_vec(),
+                cert.issuer().as_raw().to_vec(),
+            ))
+        };
+        let Some((_, leaf_issuer)) = names(leaf) else {
+            // webpki refuses a leaf it cannot read; it needs no intermediates to do so.
+            return Ok(Vec::new());
+        };
+        let mut pending: Vec<(&CertificateDer<'static>, Vec<u8>, Vec<u8>)> = unique
+            .into_iter()
+            .filter_map(|c| names(c).map(|(s, i)| (c, s, i)))
+            .collect();
+        // Configured intermediates extend the names a path may pass through (a request's
+        // certificate may sit above one of them), but are never candidates here.
+        let configured: Vec<(Vec<u8>, Vec<u8>)> =
+            self.intermediates.iter().filter_map(|c| names(c)).collect();
+        let mut wanted = vec![leaf_issuer];
+        let mut kept = Vec::new();
+        let mut seen_configured = vec![false; configured.len()];
+        loop {
+            let before = wanted.len();
+            for (i, (subject, issuer)) in configured.iter().enumerate() {
+                if !seen_configured[i] && wanted.contains(subject) {
+                    seen_configured[i] = true;
+                    wanted.push(issuer.clone());
+                }
+            }
+            let mut rest = Vec::with_capacity(pending.len());
+            for (cert, subject, issuer) in pending {
+                if wanted.contains(&subject) {
+                    wanted.push(issuer);
+                    kept.push(cert.clone());
+                } else {
+                    rest.push((cert, subject, issuer));
+                }
+            }
+            pending = rest;
+            if wanted.len() == before {
+                return Ok(kept);
+            }
+        }
+    }
+
     /// Verifies the path and works out the window in which the verdict holds: the latest
-    /// `notBefore` and earliest `notAfter` of the leaf, `extra` and the configured
-    /// intermediates, and the earliest CRL `nextUpdate`. A certificate whose dates cannot
-    /// be read gives an empty window (nothing is remembered).
+    /// `notBefore` and earliest `notAfter` of the leaf, the request's intermediates that
+    /// can be on its path and the configured intermediates, and the earliest CRL
+    /// `nextUpdate`. A certificate whose dates cannot be read gives an empty window
+    /// (nothing is remembered).
     fn verify_der_entry(
         &self,
         der: &CertificateDer<'_>,
         extra: &[CertificateDer<'static>],
         now: UnixTime,
     ) -> Result<Arc<CachedPeer>, CertRejection> {
+        let extra = &self.candidates(der, extra)?;
         let identity = Arc::new(self.verify_uncached(der, extra, now)?);
         let (mut valid_from, mut valid_until) = (
             identity.not_before.max(self.material_from),

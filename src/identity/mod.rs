@@ -246,6 +246,19 @@ impl Verifier {
         facts: &RequestFacts,
         now: SystemTime,
     ) -> Identity {
+        let peer = self.verify_peer(peer_verifier, facts, now);
+        let token = self.verify_token(facts, &peer, now);
+        Identity { peer, token }
+    }
+
+    /// The certificate stage of [`Verifier::verify`]: the request's certificate verified
+    /// with `peer_verifier`.
+    pub fn verify_peer(
+        &self,
+        peer_verifier: Option<&PeerVerifier>,
+        facts: &RequestFacts,
+        now: SystemTime,
+    ) -> PeerOutcome {
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
@@ -276,7 +289,7 @@ impl Verifier {
             }
             _ => Ok(None),
         };
-        let peer = match (presented, xfcc, peer_verifier) {
+        match (presented, xfcc, peer_verifier) {
             (Err(e), _, _) | (_, Err(e), _) => PeerOutcome::Rejected(e),
             (Ok(None), Ok(None), _) => PeerOutcome::NotPresented,
             (_, _, None) => PeerOutcome::NotConfigured,
@@ -293,14 +306,27 @@ impl Verifier {
                     Err(e) => PeerOutcome::Rejected(e),
                 },
             },
-        };
-        let verified_peer = match &peer {
+        }
+    }
+
+    /// The token stage of [`Verifier::verify`]: the request's token, verified after `peer`
+    /// (the token may be bound to the certificate).
+    pub fn verify_token(
+        &self,
+        facts: &RequestFacts,
+        peer: &PeerOutcome,
+        now: SystemTime,
+    ) -> TokenOutcome {
+        let since_epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let verified_peer = match peer {
             PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         };
-        let token = match bearer_from_headers(facts, &self.sources) {
+        match bearer_from_headers(facts, &self.sources) {
             Bearer::None => TokenOutcome::NotPresented,
-            Bearer::Malformed(why) => TokenOutcome::Rejected(TokenRejection::Malformed(why)),
+            Bearer::Malformed(why) => TokenOutcome::Rejected(TokenRejection::Unusable(why)),
             Bearer::Token(t) => {
                 match self
                     .tokens
@@ -310,8 +336,7 @@ impl Verifier {
                     Err(e) => TokenOutcome::Rejected(e),
                 }
             }
-        };
-        Identity { peer, token }
+        }
     }
 }
 

@@ -1,6 +1,11 @@
 //! The Envoy ext_authz v3 gRPC door (`/envoy.service.auth.v3.Authorization/Check`) and
 //! `grpc.health.v1`. A CheckRequest in, the engine's decision as a CheckResponse out,
 //! one audit line per decision.
+//!
+//! Message sizes: the transport decodes CheckRequests up to [`HARD_CAP_FACTOR`] times
+//! `limits.max_message_bytes`, and the service answers one over `max_message_bytes` with a
+//! deny (`request_too_large`). Only beyond the hard cap is the call an RPC error, because
+//! nothing was read to answer; Envoy turns that into an allow under `failure_mode_allow`.
 
 use crate::decision::check_response;
 use crate::engine::Engine;
@@ -8,11 +13,22 @@ use crate::proto::envoy::service::auth::v3::authorization_server::{
     Authorization, AuthorizationServer,
 };
 use crate::proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use prost::Message as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+
+/// The transport decodes messages up to this many times `limits.max_message_bytes`, so that
+/// a CheckRequest over `max_message_bytes` can still be answered with a deny.
+pub const HARD_CAP_FACTOR: usize = 4;
+
+/// The largest gRPC message the transport decodes: [`HARD_CAP_FACTOR`] times
+/// `max_message_bytes`. A larger one is an RPC error (`OUT_OF_RANGE`).
+pub fn hard_cap(limits: &crate::config::Limits) -> usize {
+    limits.max_message_bytes.saturating_mul(HARD_CAP_FACTOR)
+}
 
 /// The Authorization service over a shared engine.
 #[derive(Debug, Clone)]
@@ -32,10 +48,17 @@ impl Authorization for AuthorizationService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        let decision = self
-            .engine
-            .check_with_refresh(request.get_ref(), SystemTime::now)
-            .await;
+        // SECURITY: a message over max_message_bytes gets a deny reply, not an RPC error,
+        // which Envoy would turn into an allow under `failure_mode_allow: true`. The size
+        // is of what was decoded (prost drops unknown fields): what the decision would read.
+        let size = request.get_ref().encoded_len();
+        let decision = if size > self.engine.limits().max_message_bytes {
+            self.engine.too_large(size)
+        } else {
+            self.engine
+                .check_with_refresh(request.get_ref(), SystemTime::now)
+                .await
+        };
         self.engine.observe(&decision);
         // SECURITY: always a successful RPC; a denial travels in the response status.
         Ok(tonic::Response::new(check_response(
@@ -95,7 +118,7 @@ where
     });
     let limits = engine.limits().clone();
     let authz = AuthorizationServer::new(AuthorizationService::new(engine))
-        .max_decoding_message_size(limits.max_message_bytes);
+        .max_decoding_message_size(hard_cap(&limits));
     transport(&limits)
         .add_service(health_service)
         .add_service(authz)
