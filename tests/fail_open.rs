@@ -440,7 +440,7 @@ async fn a_token_beside_another_scheme_is_verified_or_refused() {
         format!("Bearer {bad},Basic dXNlcjpwYXNz"),
         format!("DPoP {bad}"),
         format!("Negotiate {bad}"),
-        format!("Basic dXNlcjpwYXNz"),
+        "Basic dXNlcjpwYXNz".to_string(),
     ];
     for value in &joined {
         for cert in [None, Some(&m.reader)] {

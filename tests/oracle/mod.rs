@@ -221,8 +221,8 @@ fn scope(g: &mut Gen<'_>) -> String {
 }
 
 fn condition(g: &mut Gen<'_>) -> String {
-    let c = match g.below(30) {
-        0..=3 => return String::new(),
+    match g.below(30) {
+        0..=3 => String::new(),
         4 => format!(
             "when {{ resource.path like \"{}*\" }}",
             g.pick(&["/a", "/c", "/"])
@@ -276,8 +276,7 @@ fn condition(g: &mut Gen<'_>) -> String {
             g.pick(&USERS),
             g.pick(&USERS)
         ),
-    };
-    c
+    }
 }
 
 /// Random policies, each with an `@id`.
