@@ -2327,7 +2327,8 @@ async fn garbage_in_every_field_is_denied_unless_valid_and_memory_stays_bounded(
         &wrong[..wrong.len().min(30)]
     );
     assert!(
-        allowed > 100 && denied > 1000 && errors > 0,
+        // No RPC errors: every readable request under the hard cap gets a reply.
+        allowed > 100 && denied > 1000 && errors == 0,
         "the mix is off"
     );
     server.assert_serves("garbage in every field").await;
