@@ -194,8 +194,8 @@ pub fn check_response(decision: &Decision, settings: &ResponseSettings) -> Check
                 .and_then(|t| settings.claim_headers.get(t.issuer()))
                 .map_or(&[][..], Vec::as_slice);
             for (name, claim) in own {
-                let value = match token.and_then(|t| t.claims().get(claim)) {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                let value = match token.and_then(|t| t.claim(claim)) {
+                    Some(serde_json::Value::String(s)) => Some(s),
                     Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
                         Some(v.to_string())
                     }

@@ -755,7 +755,7 @@ fn check_accepted_token(
     assert!(header.get("crit").is_none_or(Value::is_null), "crit");
     let p: Map<String, Value> =
         serde_json::from_slice(payload).expect("an accepted payload is a JSON object");
-    assert_eq!(claims.claims(), &p);
+    assert_eq!(&claims.claims(), &p);
     let s = w.issuer(key.issuer);
     assert_eq!(p.get("iss").and_then(Value::as_str), Some(key.issuer));
     assert_eq!(claims.issuer(), key.issuer);
@@ -772,7 +772,10 @@ fn check_accepted_token(
     };
     let audience = strings(p.get("aud").expect("accepted without aud"));
     assert!(s.audiences.iter().any(|a| audience.contains(a)), "audience");
-    assert_eq!(claims.audience(), &audience);
+    assert_eq!(
+        claims.audience(),
+        audience.iter().cloned().collect::<Vec<_>>()
+    );
 
     let leeway = s.leeway.as_secs() as i64;
     let date = |name: &str| p.get(name).map(|v| numeric_date(v).expect("a NumericDate"));
@@ -809,7 +812,10 @@ fn check_accepted_token(
         .iter()
         .map(|g| format!("{}{g}", s.id_prefix))
         .collect();
-    assert_eq!(claims.groups(), &prefixed);
+    assert_eq!(
+        claims.groups(),
+        prefixed.iter().cloned().collect::<Vec<_>>()
+    );
 
     match p.get("cnf").and_then(|c| c.get("x5t#S256")) {
         Some(x5t) => {

@@ -86,9 +86,11 @@ struct Parsed {
     issuer: String,
     subject: String,
     principal_id: String,
-    audience: BTreeSet<String>,
-    scopes: BTreeSet<String>,
-    groups: BTreeSet<String>,
+    /// Sorted, without duplicates (as sets; kept as slices, which cost a tenth of a set's
+    /// memory: every cached token holds these).
+    audience: Box<[String]>,
+    scopes: Box<[String]>,
+    groups: Box<[String]>,
     expires_at: i64,
     /// The algorithm the signature verified with.
     alg: Algorithm,
@@ -98,9 +100,12 @@ struct Parsed {
     x5t: Option<String>,
     /// `jti`, which must be a string when present (the revocation list holds strings).
     jti: Option<String>,
-    claims: Map<String, Value>,
+    /// Every claim, as compact JSON text: a parsed map costs several times its text, and
+    /// the claims are read whole only to build the token's Cedar form or to show it.
+    claims: Box<str>,
     /// The token's Cedar form, built by the policy mapping on first use.
-    cedar: std::sync::OnceLock<Arc<crate::policy::mapping::TokenForm>>,
+    /// Replaced when policies that read a different part of tokens are loaded.
+    cedar: arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm>,
 }
 
 /// Claims of a token whose signature and claims verified. Only the verifier builds one.
@@ -121,13 +126,16 @@ impl TokenClaims {
     pub fn principal_id(&self) -> &str {
         &self.parsed.principal_id
     }
-    pub fn audience(&self) -> &BTreeSet<String> {
+    /// The audiences, sorted, without duplicates.
+    pub fn audience(&self) -> &[String] {
         &self.parsed.audience
     }
-    pub fn scopes(&self) -> &BTreeSet<String> {
+    /// The scopes, sorted, without duplicates.
+    pub fn scopes(&self) -> &[String] {
         &self.parsed.scopes
     }
-    pub fn groups(&self) -> &BTreeSet<String> {
+    /// The groups (with the issuer's id prefix), sorted, without duplicates.
+    pub fn groups(&self) -> &[String] {
         &self.parsed.groups
     }
     pub fn expires_at(&self) -> i64 {
@@ -137,12 +145,15 @@ impl TokenClaims {
     pub fn bound(&self) -> bool {
         self.bound
     }
-    pub fn claims(&self) -> &Map<String, Value> {
-        &self.parsed.claims
+    /// Every claim of the token (parsed anew on each call).
+    pub fn claims(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.parsed.claims).unwrap_or_default()
     }
-    pub(crate) fn cedar_form(
-        &self,
-    ) -> &std::sync::OnceLock<Arc<crate::policy::mapping::TokenForm>> {
+    /// One claim of the token.
+    pub fn claim(&self, name: &str) -> Option<Value> {
+        self.claims().remove(name)
+    }
+    pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm> {
         &self.parsed.cedar
     }
 }
@@ -168,9 +179,9 @@ impl TokenClaims {
                 issuer: issuer.to_string(),
                 subject: subject.to_string(),
                 principal_id: subject.to_string(),
-                audience: set("aud"),
-                scopes,
-                groups: set(groups_claim),
+                audience: slice(set("aud")),
+                scopes: slice(scopes),
+                groups: slice(set(groups_claim)),
                 expires_at: claims
                     .get("exp")
                     .and_then(Value::as_i64)
@@ -180,8 +191,8 @@ impl TokenClaims {
                 issued_at: None,
                 x5t: None,
                 jti: None,
-                claims,
-                cedar: std::sync::OnceLock::new(),
+                claims: Value::Object(claims).to_string().into(),
+                cedar: arc_swap::ArcSwapOption::empty(),
             }),
             bound,
         }
@@ -738,18 +749,23 @@ fn parse_claims(
         issuer: s.issuer.clone(),
         principal_id: format!("{}{}", s.id_prefix, subject),
         subject,
-        audience,
-        scopes,
-        groups,
+        audience: slice(audience),
+        scopes: slice(scopes),
+        groups: slice(groups),
         expires_at: exp,
         not_before,
         issued_at,
         x5t,
         jti,
         alg,
-        claims,
-        cedar: std::sync::OnceLock::new(),
+        claims: Value::Object(claims).to_string().into(),
+        cedar: arc_swap::ArcSwapOption::empty(),
     })
+}
+
+/// A set as the sorted slice a cached token keeps.
+fn slice(set: BTreeSet<String>) -> Box<[String]> {
+    set.into_iter().collect()
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {

@@ -7,6 +7,7 @@ use miette::Diagnostic;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// An immutable, validated set of policies with the static entities they use.
 #[derive(Debug)]
@@ -19,6 +20,8 @@ pub struct PolicySnapshot {
     pub(crate) schema: Option<Schema>,
     /// Request headers kept out of the Cedar context (see `PolicySettings::hidden_headers`).
     pub(crate) hidden_headers: Vec<String>,
+    /// What the policies can read of the context and of a token's user.
+    pub(crate) demand: std::sync::Arc<super::demand::Demand>,
 }
 
 impl PolicySnapshot {
@@ -77,7 +80,9 @@ fn load_schema(path: &Path, problems: &mut Vec<String>) -> Option<Schema> {
 }
 
 /// Where each policy came from, to point validation errors at file and line.
-type Sources = HashMap<PolicyId, (PathBuf, String)>;
+/// Each policy's file and text; a file's text is shared by its policies (10,000 policies in
+/// one file must not make 10,000 copies of it).
+type Sources = HashMap<PolicyId, (Arc<PathBuf>, Arc<str>)>;
 
 fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Sources) {
     let mut set = PolicySet::new();
@@ -134,6 +139,7 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
                 .parse::<usize>()
                 .unwrap_or(usize::MAX)
         });
+        let (shared_file, shared_text) = (Arc::new(file.clone()), Arc::<str>::from(text.as_str()));
         for (i, policy) in policies.into_iter().enumerate() {
             let id = match policy.annotation("id") {
                 Some(id) if id.trim().is_empty() => {
@@ -158,7 +164,7 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
             }
             match set.add(policy.new_id(pid.clone())) {
                 Ok(()) => {
-                    sources.insert(pid, (file.clone(), text.clone()));
+                    sources.insert(pid, (shared_file.clone(), shared_text.clone()));
                 }
                 Err(e) => problems.push(format!("{}: {e}", file.display())),
             }
@@ -207,6 +213,7 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
     if problems.is_empty() {
         Ok(PolicySnapshot {
             index: super::index::PolicyIndex::new(&policies),
+            demand: std::sync::Arc::new(super::demand::Demand::of(&policies)),
             policies,
             store: super::store::EntityStore::new(entities),
             schema,

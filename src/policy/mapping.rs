@@ -5,6 +5,7 @@
 //! expression evaluator; the records of a certificate and a token are turned once and
 //! shared by every request that carries them.
 
+use super::demand::{Demand, Fields};
 use crate::facts::RequestFacts;
 use crate::identity::{Identity, PeerIdentity, TokenClaims};
 use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
@@ -112,11 +113,15 @@ impl PeerForm {
 }
 
 /// A verified token as Cedar sees it: `context.token` and the `User` principal with the
-/// token's groups, attributes and tags. Built once per token and kept with its claims (so
-/// in the token cache too): a warm request reuses it. Only the binding, which depends on
-/// the request's certificate, is worked out per request. It takes about 10 KB per token
-/// (docs/PERFORMANCE.md); its JSON form is not kept, only rebuilt for display.
+/// token's groups, attributes and tags, holding only what the policies can read (their
+/// [`Demand`]). Built once per token and kept with its claims (so in the token cache too):
+/// a warm request reuses it while the policies demand the same. Only the binding, which
+/// depends on the request's certificate, is worked out per request. Its JSON form is not
+/// kept, only rebuilt for display.
 pub struct TokenForm {
+    /// What it was built for.
+    demand: Arc<Demand>,
+    /// `context.token`; `None` when no policy reads it.
     record: Option<CedarValue>,
     principal: Uid,
     parents: Vec<Uid>,
@@ -125,11 +130,19 @@ pub struct TokenForm {
 }
 
 impl TokenForm {
-    fn of(t: &TokenClaims) -> Arc<TokenForm> {
-        t.cedar_form().get_or_init(|| TokenForm::build(t)).clone()
+    fn of(t: &TokenClaims, demand: &Arc<Demand>) -> Arc<TokenForm> {
+        let cell = t.cedar_form();
+        if let Some(form) = cell.load_full() {
+            if Arc::ptr_eq(&form.demand, demand) || *form.demand == **demand {
+                return form;
+            }
+        }
+        let form = TokenForm::build(t, demand);
+        cell.store(Some(form.clone()));
+        form
     }
 
-    fn build(t: &TokenClaims) -> Arc<TokenForm> {
+    fn build(t: &TokenClaims, demand: &Arc<Demand>) -> Arc<TokenForm> {
         let principal = Uid::new("User", t.principal_id());
         let parents: Vec<Uid> = t
             .groups()
@@ -142,11 +155,15 @@ impl TokenForm {
             .collect::<Result<Vec<_>, _>>();
         let entity = principal.to_cedar().and_then(|uid| {
             let parents = parent_uids?;
-            Entity::new_with_tags(uid, user_attrs(t), parents, user_tags(t))
+            Entity::new_with_tags(uid, user_attrs(t, demand), parents, user_tags(t, demand))
                 .map_err(|e| format!("principal entity: {e}"))
         });
         Arc::new(TokenForm {
-            record: to_value(&token_record(t), 1),
+            demand: demand.clone(),
+            record: demand
+                .context
+                .field("token")
+                .and_then(|fields| to_value_read(&token_record(t), fields, 1)),
             principal,
             parents,
             entity,
@@ -184,23 +201,28 @@ pub(crate) fn merge_entities(static_entity: &Entity, own: Entity) -> Entity {
     ))
 }
 
-/// A token's user's attributes: its issuer.
-fn user_attrs(t: &TokenClaims) -> Vec<(String, RestrictedExpression)> {
-    vec![(
+/// A token's user's attributes: its issuer, when a policy reads it.
+fn user_attrs(t: &TokenClaims, demand: &Demand) -> Vec<(String, RestrictedExpression)> {
+    [(
         "issuer".to_string(),
         RestrictedExpression::new_string(t.issuer().to_string()),
     )]
+    .into_iter()
+    .filter(|(name, _)| demand.reads_attribute(name))
+    .collect()
 }
 
 /// A token's user's tags: its string claims. SECURITY: a claim is compared only in its
 /// own type: a number or boolean claim is not turned into a string tag, where
 /// `getTag("level") == "5"` would match the number 5 as well as the string "5". Claims of
 /// other types stay reachable, typed, in `context.token.claims`.
-fn user_tags(t: &TokenClaims) -> Vec<(String, RestrictedExpression)> {
+/// Only the tags a policy reads are kept.
+fn user_tags(t: &TokenClaims, demand: &Demand) -> Vec<(String, RestrictedExpression)> {
     t.claims()
-        .iter()
+        .into_iter()
+        .filter(|(k, _)| demand.reads_tag(k))
         .filter_map(|(k, v)| match v {
-            Value::String(s) => Some((k.clone(), RestrictedExpression::new_string(s.clone()))),
+            Value::String(s) => Some((k, RestrictedExpression::new_string(s))),
             _ => None,
         })
         .collect()
@@ -218,18 +240,24 @@ impl std::fmt::Debug for TokenForm {
     }
 }
 
-/// The Cedar request for `facts` and `identity`, with the credential headers hidden.
+/// The Cedar request for `facts` and `identity`, with the credential headers hidden, for
+/// policies that read everything.
 pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
-    map_request_hiding(facts, identity, &[])
+    static EVERYTHING: LazyLock<Arc<Demand>> = LazyLock::new(|| Arc::new(Demand::everything()));
+    map_request_hiding(facts, identity, &[], &EVERYTHING)
 }
 
-/// [`map_request`], hiding `hidden` headers besides the usual credential headers.
-pub fn map_request_hiding(
+/// [`map_request`], hiding `hidden` headers besides the usual credential headers, with
+/// forms that hold what `demand` reads.
+pub(crate) fn map_request_hiding(
     facts: &RequestFacts,
     identity: &Identity,
     hidden: &[String],
+    demand: &Arc<Demand>,
 ) -> CedarRequest {
-    let token = identity.token().map(|t| (t.clone(), TokenForm::of(t)));
+    let token = identity
+        .token()
+        .map(|t| (t.clone(), TokenForm::of(t, demand)));
     let peer = identity.peer();
     let principal = match (&token, peer) {
         (Some((_, t)), _) => t.principal.clone(),
@@ -330,6 +358,25 @@ fn to_value(v: &Value, depth: usize) -> Option<CedarValue> {
     }
 }
 
+/// [`to_value`] of only the fields policies read: what [`Fields::prune`] keeps.
+fn to_value_read(v: &Value, fields: &Fields, depth: usize) -> Option<CedarValue> {
+    match v {
+        Value::Object(m) if !fields.whole() => {
+            if depth > MAX_DEPTH {
+                return None;
+            }
+            Some(CedarValue::record(
+                m.iter().filter_map(|(k, v)| {
+                    let read = fields.named(k)?;
+                    to_value_read(v, read, depth + 1).map(|e| (k.as_str(), e))
+                }),
+                None,
+            ))
+        }
+        other => to_value(other, depth),
+    }
+}
+
 impl CedarRequest {
     /// The principal's parents (a token's groups).
     pub fn principal_parents(&self) -> &[Uid] {
@@ -355,9 +402,16 @@ impl CedarRequest {
 
     /// The context as Cedar takes it, already evaluated; the certificate's and the token's
     /// parts are shared from their forms (a clone of a Cedar value is a reference count).
-    pub(crate) fn cedar_context(&self) -> Context {
+    /// Of the request's own record, only the fields `demand` reads are built.
+    pub(crate) fn cedar_context(&self, demand: &Demand) -> Context {
         let pairs = [
-            ("request", to_value(&self.request, 1)),
+            (
+                "request",
+                demand
+                    .context
+                    .field("request")
+                    .and_then(|fields| to_value_read(&self.request, fields, 1)),
+            ),
             ("peer", self.peer.as_ref().and_then(|p| p.record.clone())),
             (
                 "token",

@@ -3,6 +3,7 @@
 //! permit means deny, and any evaluation error means deny, even though Cedar itself
 //! would merely skip the erroring policy.
 
+mod demand;
 mod index;
 pub mod load;
 pub mod mapping;
@@ -29,7 +30,8 @@ pub struct PolicyOutcome {
 impl PolicySnapshot {
     /// Evaluates the request against this snapshot.
     pub fn evaluate(&self, facts: &RequestFacts, identity: &Identity) -> PolicyOutcome {
-        let request = mapping::map_request_hiding(facts, identity, &self.hidden_headers);
+        let request =
+            mapping::map_request_hiding(facts, identity, &self.hidden_headers, &self.demand);
         let deny = |request, error: String| PolicyOutcome {
             allowed: false,
             determining: Vec::new(),
@@ -97,7 +99,7 @@ impl PolicySnapshot {
             Ok(e) => e,
             Err(e) => return deny(request, e),
         };
-        let context = request.cedar_context();
+        let context = request.cedar_context(&self.demand);
         let cedar_request = match Request::new(principal, action, resource, context, None) {
             Ok(r) => r,
             Err(e) => return deny(request, format!("request: {e}")),
@@ -122,5 +124,65 @@ impl PolicySnapshot {
             errors,
             request,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PolicySettings;
+    use crate::identity::{PeerOutcome, TokenClaims, TokenOutcome};
+    use serde_json::json;
+
+    fn snapshot(dir: &std::path::Path, policies: &str) -> PolicySnapshot {
+        std::fs::write(dir.join("p.cedar"), policies).expect("write policies");
+        load(&PolicySettings {
+            dir: dir.to_path_buf(),
+            schema: None,
+            entities: None,
+            hidden_headers: Vec::new(),
+        })
+        .expect("policies load")
+    }
+
+    /// A token's Cedar form is kept with the token and holds only what the policies of its
+    /// time read. SECURITY: policies loaded later that read more (here a `forbid` on a
+    /// claim the old policies never read) must see it, not the form built for the old
+    /// ones, which would let the request through.
+    #[test]
+    fn a_token_form_built_for_other_policies_is_not_reused() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let claims = json!({ "dept": "x", "level": 3 });
+        let token = TokenClaims::for_policy_test(
+            "https://issuer.test",
+            "alice",
+            claims.as_object().cloned().unwrap_or_default(),
+            "groups",
+            false,
+        );
+        let identity = Identity {
+            peer: PeerOutcome::NotPresented,
+            token: TokenOutcome::Verified(token),
+        };
+        let facts = RequestFacts {
+            method: "GET".into(),
+            path: "/a".into(),
+            ..RequestFacts::default()
+        };
+        let permit_all = r#"@id("all") permit (principal, action, resource);"#;
+        let before = snapshot(dir.path(), permit_all);
+        assert!(before.evaluate(&facts, &identity).allowed);
+        let after = snapshot(
+            dir.path(),
+            &format!(
+                "{permit_all}\n@id(\"no-x\") forbid (principal, action, resource) \
+                 when {{ context has token.claims.dept && principal.getTag(\"dept\") == \"x\" }};"
+            ),
+        );
+        let outcome = after.evaluate(&facts, &identity);
+        assert!(!outcome.allowed, "{outcome:?}");
+        assert_eq!(outcome.determining, ["no-x"]);
+        // And back: the old policies with the newer form decide as before.
+        assert!(before.evaluate(&facts, &identity).allowed);
     }
 }

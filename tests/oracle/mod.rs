@@ -221,7 +221,7 @@ fn scope(g: &mut Gen<'_>) -> String {
 }
 
 fn condition(g: &mut Gen<'_>) -> String {
-    match g.below(30) {
+    match g.below(38) {
         0..=3 => String::new(),
         4 => format!(
             "when {{ resource.path like \"{}*\" }}",
@@ -271,11 +271,35 @@ fn condition(g: &mut Gen<'_>) -> String {
         28 => "when { principal has manager && principal.manager has level && principal.manager.level > 1 }"
             .to_string(),
         21 => format!("when {{ User::\"{}\".level > 1 }}", g.pick(&USERS)),
-        _ => format!(
+        29 => format!(
             "when {{ User::\"{}\" has manager && User::\"{}\".manager == principal }}",
             g.pick(&USERS),
             g.pick(&USERS)
         ),
+        // What policies read of the context and of the token's user decides what the
+        // engine builds (src/policy/demand.rs): fields by name, by presence, records used
+        // whole, computed tag names, attributes.
+        30 => "when { context has token.claims.dept }".to_string(),
+        31 => format!(
+            "when {{ context has token && context.token.claims has dept && context.token.claims.dept == \"{}\" }}",
+            g.pick(&["x", "y"])
+        ),
+        32 => format!(
+            "when {{ context has token && context.token.claims.groups.contains(\"{}\") }}",
+            g.pick(&GROUPS)
+        ),
+        33 => format!(
+            "when {{ (if context has token then context.token else {{\"issuer\": \"none\"}}).issuer == \"{ISSUER}\" }}"
+        ),
+        34 => format!(
+            "when {{ context.request has method && context.request.method == \"{}\" }}",
+            g.pick(&METHODS)
+        ),
+        35 => "when { principal.hasTag(if context.binding then \"dept\" else \"scope\") }"
+            .to_string(),
+        36 => "when { context has token.claims.cnf && context.token.claims.cnf has \"x5t#S256\" }"
+            .to_string(),
+        _ => "when { principal has issuer }".to_string(),
     }
 }
 

@@ -1,0 +1,277 @@
+//! What the loaded policies can observe of the context and of a token's `User` entity, found
+//! once per load, so that the Cedar forms built for a request or kept with a cached token
+//! hold only that.
+//!
+//! Cedar reads inside a record only by naming a field (`r.f`, `r has f`, `r has f.g`), and
+//! inside an entity only by naming an attribute or a tag (`e.a`, `e has a`, `e.getTag(t)`,
+//! `e.hasTag(t)`). Everything else that can be done with a record (compare it, put it in a
+//! set, test membership) uses the whole value. So a walk over every policy condition finds,
+//! for each path below `context`, whether its value is used whole or only through the
+//! fields it names; and which attribute names and tag names are read at all. A field no
+//! policy names, in a record no policy uses whole, cannot change any decision, and neither
+//! can an attribute or a tag no policy names: leaving them out is invisible to the
+//! policies. `tests/oracle.rs` holds the engine, which decides with the pruned forms, to a
+//! reference that gives Cedar everything.
+
+use cedar_policy::PolicySet;
+use cedar_policy_core::ast::{self, BinaryOp, Expr, ExprKind, Literal, Var};
+#[cfg(test)]
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+/// The fields of one record that policies read: all of them (`whole`), or those named.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Fields {
+    whole: bool,
+    named: BTreeMap<String, Fields>,
+}
+
+impl Fields {
+    fn insert(&mut self, path: &[&str], whole: bool) {
+        match path.split_first() {
+            None => self.whole |= whole,
+            Some((first, rest)) => self
+                .named
+                .entry((*first).to_string())
+                .or_default()
+                .insert(rest, whole),
+        }
+    }
+
+    /// The fields below `name`, or `None` when no policy reads it at all.
+    pub(crate) fn field(&self, name: &str) -> Option<&Fields> {
+        static ALL: Fields = Fields {
+            whole: true,
+            named: BTreeMap::new(),
+        };
+        if self.whole {
+            Some(&ALL)
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    /// Whether the value is read whole (every field counts).
+    pub(crate) fn whole(&self) -> bool {
+        self.whole
+    }
+
+    /// The fields read below the named field of a record that is not read whole.
+    pub(crate) fn named(&self, name: &str) -> Option<&Fields> {
+        self.named.get(name)
+    }
+
+    /// `value` with only what policies read: a record keeps the fields they name (each
+    /// pruned in turn), unless it is used whole; any other value is kept as it is.
+    #[cfg(test)]
+    pub(crate) fn prune(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(m) if !self.whole => Value::Object(
+                m.iter()
+                    .filter_map(|(k, v)| self.named.get(k).map(|f| (k.clone(), f.prune(v))))
+                    .collect::<Map<_, _>>(),
+            ),
+            other => other.clone(),
+        }
+    }
+}
+
+/// What the policies of one snapshot can observe.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Demand {
+    /// The context, field by field.
+    pub(crate) context: Fields,
+    /// Attribute names read on anything (`x.a`, `x has a`); `None`: every attribute counts.
+    attributes: Option<BTreeSet<String>>,
+    /// Tag names read, or `None` when some tag name is computed (then every tag counts).
+    tags: Option<BTreeSet<String>>,
+}
+
+impl Demand {
+    /// Everything: what a policy set that reads everything would observe.
+    pub(crate) fn everything() -> Demand {
+        Demand {
+            context: Fields {
+                whole: true,
+                named: BTreeMap::new(),
+            },
+            attributes: None,
+            tags: None,
+        }
+    }
+
+    pub(crate) fn of(set: &PolicySet) -> Demand {
+        let mut demand = Demand {
+            context: Fields::default(),
+            attributes: Some(BTreeSet::new()),
+            tags: Some(BTreeSet::new()),
+        };
+        for policy in set.policies() {
+            let core: &ast::Policy = policy.as_ref();
+            if let Some(condition) = core.non_scope_constraints() {
+                demand.read(condition);
+            }
+        }
+        demand
+    }
+
+    /// Whether an entity attribute of this name can be read.
+    pub(crate) fn reads_attribute(&self, name: &str) -> bool {
+        self.attributes.as_ref().is_none_or(|a| a.contains(name))
+    }
+
+    /// Whether a tag of this name can be read.
+    pub(crate) fn reads_tag(&self, name: &str) -> bool {
+        self.tags.as_ref().is_none_or(|t| t.contains(name))
+    }
+
+    fn read(&mut self, condition: &Expr) {
+        // The expressions that are the record or entity of an access: those are read only
+        // through the field they name, not whole.
+        let mut bases: HashSet<*const Expr> = HashSet::new();
+        for e in condition.subexpressions() {
+            match e.expr_kind() {
+                ExprKind::GetAttr { expr, attr } | ExprKind::HasAttr { expr, attr } => {
+                    bases.insert(expr.as_ref());
+                    if let Some(names) = &mut self.attributes {
+                        names.insert(attr.to_string());
+                    }
+                }
+                ExprKind::ExtHasAttr { expr, attrs } => {
+                    bases.insert(expr.as_ref());
+                    if let Some(names) = &mut self.attributes {
+                        names.extend(attrs.iter().map(|a| a.to_string()));
+                    }
+                }
+                ExprKind::BinaryApp {
+                    op: BinaryOp::GetTag | BinaryOp::HasTag,
+                    arg2,
+                    ..
+                } => match (arg2.expr_kind(), &mut self.tags) {
+                    (ExprKind::Lit(Literal::String(name)), Some(tags)) => {
+                        tags.insert(name.to_string());
+                    }
+                    _ => self.tags = None,
+                },
+                _ => {}
+            }
+        }
+        for e in condition.subexpressions() {
+            match e.expr_kind() {
+                ExprKind::HasAttr { expr, attr } => {
+                    if let Some(mut path) = context_path(expr) {
+                        path.push(attr.as_str());
+                        self.context.insert(&path, false);
+                    }
+                }
+                ExprKind::ExtHasAttr { expr, attrs } => {
+                    if let Some(mut path) = context_path(expr) {
+                        path.extend(attrs.iter().map(|a| a.as_str()));
+                        self.context.insert(&path, false);
+                    }
+                }
+                _ => {
+                    if let Some(path) = context_path(e) {
+                        let whole = !bases.contains(&(e as *const Expr));
+                        self.context.insert(&path, whole);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fields from `context` to the value `e` reads, when `e` is `context` or a chain of
+/// field accesses on it.
+fn context_path(e: &Expr) -> Option<Vec<&str>> {
+    match e.expr_kind() {
+        ExprKind::Var(Var::Context) => Some(Vec::new()),
+        ExprKind::GetAttr { expr, attr } => {
+            let mut path = context_path(expr)?;
+            path.push(attr.as_str());
+            Some(path)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::str::FromStr;
+
+    fn demand(policies: &str) -> Demand {
+        Demand::of(&PolicySet::from_str(policies).expect("policies parse"))
+    }
+
+    const TOKEN: &str = r#"{"token": {"issuer": "i", "scopes": ["a"],
+        "claims": {"email": "e", "groups": ["g"], "cnf": {"x5t#S256": "t"}}},
+        "request": {"path": "/", "headers": {"x": "1"}}, "binding": true}"#;
+
+    fn pruned(policies: &str) -> Value {
+        let context: Value = serde_json::from_str(TOKEN).expect("json");
+        demand(policies).context.prune(&context)
+    }
+
+    #[test]
+    fn a_field_read_by_name_keeps_only_that_field() {
+        let p = r#"permit (principal, action, resource)
+            when { context.token.claims.email == "e" && context.binding };"#;
+        assert_eq!(
+            pruned(p),
+            json!({"token": {"claims": {"email": "e"}}, "binding": true})
+        );
+    }
+
+    #[test]
+    fn a_record_used_whole_is_kept_whole() {
+        let p = r#"permit (principal, action, resource)
+            when { context.token.claims.cnf == {"x5t#S256": "t"} };"#;
+        assert_eq!(
+            pruned(p),
+            json!({"token": {"claims": {"cnf": {"x5t#S256": "t"}}}})
+        );
+        let p = r#"permit (principal, action, resource) when { context.token == {} };"#;
+        assert_eq!(
+            pruned(p)["token"],
+            json!(serde_json::from_str::<Value>(TOKEN).unwrap()["token"])
+        );
+        let p = r#"permit (principal, action, resource) when { context == {} };"#;
+        assert_eq!(pruned(p), serde_json::from_str::<Value>(TOKEN).unwrap());
+        // Through a conditional: the value of `context.token` flows on whole.
+        let p = r#"permit (principal, action, resource)
+            when { (if true then context.token else {}).issuer == "i" };"#;
+        assert_eq!(pruned(p)["token"]["claims"]["email"], "e");
+    }
+
+    #[test]
+    fn presence_tests_keep_the_field_they_name() {
+        let p = r#"permit (principal, action, resource) when { context.token has claims };"#;
+        assert_eq!(pruned(p), json!({"token": {"claims": {}}}));
+        let p = r#"permit (principal, action, resource)
+            when { context has token.claims.cnf };"#;
+        assert_eq!(pruned(p), json!({"token": {"claims": {"cnf": {}}}}));
+        let p = r#"permit (principal, action, resource) when { context has peer };"#;
+        assert_eq!(pruned(p), json!({}));
+    }
+
+    #[test]
+    fn tags_and_attributes_are_found_by_name() {
+        let d = demand(
+            r#"permit (principal, action, resource)
+            when { principal.getTag("dept") == "x" && principal has issuer };"#,
+        );
+        assert!(d.reads_tag("dept") && !d.reads_tag("email"));
+        assert!(d.reads_attribute("issuer") && !d.reads_attribute("level"));
+        let d = demand(
+            r#"permit (principal, action, resource)
+            when { principal.hasTag(context.request.path) };"#,
+        );
+        assert!(
+            d.reads_tag("anything"),
+            "a computed tag name reads every tag"
+        );
+        assert!(!demand("permit (principal, action, resource);").reads_tag("dept"));
+    }
+}
