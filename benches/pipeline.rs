@@ -14,7 +14,19 @@
 //! - `stage/*`: the parts of a warm decision (the certificate decoding a cache hit skips,
 //!   identity, request mapping, Cedar evaluation);
 //! - `decision/warm` and `decision/cold/<ALG>`: [`Engine::check`] from the CheckRequest,
-//!   with a certificate and a token bound to it, caches on (and warm) or off.
+//!   with a certificate and a token bound to it, caches on (and warm) or off;
+//! - `scale/entities/<N>`: `decision/warm` with an `entities.json` of 10 to 1,000,000 static
+//!   entities (a tree of groups with the token's group "readers" inside it, users and
+//!   workloads), so the store size is what varies; the engine's load time for each N is
+//!   printed to stderr;
+//! - `scale/policies/<N>`: the same decision with 10 to 10,000 policies written by
+//!   [`scoped_policies`], about 10 of which can match the request whatever N is, the rest
+//!   scoped to other groups, users, actions, resources and workloads: what the policy index
+//!   skips (`cedar/policies/<N>` is the other case, where almost every policy can match).
+//!
+//! The `scale` engines are built the first time their benchmark runs, so a filter that
+//! leaves them out (`cargo bench --bench pipeline -- decision/`) skips writing and loading a
+//! million entities.
 //!
 //! Every benchmarked call is checked once, outside the timed loop, to give the expected
 //! outcome, so a failing path cannot be timed by mistake. Run with
@@ -41,9 +53,11 @@ use portcullis::proto::envoy::service::auth::v3::{
 };
 use rustls_pki_types::UnixTime;
 use serde_json::{Value, json};
+use std::cell::OnceCell;
+use std::fmt::Write as _;
 use std::hint::black_box;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 // The server binary's allocator, so that these numbers are the server's.
 #[global_allocator]
@@ -57,6 +71,14 @@ const METHOD: &str = "GET";
 const PATH: &str = "/api/orders/42?expand=items&limit=20";
 /// The policy counts of the `cedar/policies/<N>` benchmarks.
 const POLICY_COUNTS: [usize; 3] = [10, 100, 1000];
+/// The static entity counts of the `scale/entities/<N>` benchmarks.
+const ENTITY_COUNTS: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
+/// The policy counts of the `scale/policies/<N>` benchmarks.
+const SCOPED_POLICY_COUNTS: [usize; 4] = [10, 100, 1_000, 10_000];
+/// The group of the generated tree that the token's group "readers" sits in.
+const READERS_PARENT: usize = 3;
+/// `[limits] max_file_bytes` for the scale benchmarks: a million entities take about 100 MB.
+const SCALE_MAX_FILE_BYTES: u64 = 1 << 30;
 
 /// A token signing key with the JWK the issuer publishes for it.
 struct Signer {
@@ -220,20 +242,7 @@ fn check_request(cert: &ClientCert, token: &str) -> CheckRequest {
 /// fixed forbid, and `n - 2` generated permits and forbids over other groups, users,
 /// workloads, paths, scopes and hosts (one in eight a forbid).
 fn policies(n: usize) -> String {
-    let mut out = String::from(
-        r#"@id("readers-get-orders")
-permit (principal in Group::"readers", action == Action::"GET", resource)
-when {
-  resource.path like "/api/orders/*" &&
-  context has token && context.token.scopes.contains("orders:read") &&
-  context.binding
-};
-
-@id("no-deletes-without-mtls")
-forbid (principal, action == Action::"DELETE", resource)
-unless { context has peer };
-"#,
-    );
+    let mut out = String::from(FIXED_POLICIES);
     for i in 0..n.saturating_sub(2) {
         let policy = match i % 8 {
             0 => format!(
@@ -281,7 +290,176 @@ when {{ resource.path like "/api/s{i}/admin/*" }};"#
     out
 }
 
+/// The two policies every generated set starts with: the permit the benchmark request
+/// matches and a forbid it does not.
+const FIXED_POLICIES: &str = r#"@id("readers-get-orders")
+permit (principal in Group::"readers", action == Action::"GET", resource)
+when {
+  resource.path like "/api/orders/*" &&
+  context has token && context.token.scopes.contains("orders:read") &&
+  context.binding
+};
+
+@id("no-deletes-without-mtls")
+forbid (principal, action == Action::"DELETE", resource)
+unless { context has peer };
+"#;
+
+/// Policies whose scope can match the benchmark request (besides `readers-get-orders`):
+/// six with an unconstrained scope, which every request evaluates, and two filed under
+/// `Action::"GET"`. Their conditions are false for the request, so the decision stays
+/// `readers-get-orders` alone.
+const MATCHING_POLICIES: &str = r#"
+@id("forbid-unbound-tokens")
+forbid (principal, action, resource)
+when { context has token && !context.binding };
+
+@id("forbid-plain-http")
+forbid (principal, action, resource)
+when { context.request.scheme != "https" };
+
+@id("forbid-suspended")
+forbid (principal, action, resource)
+when { principal in Group::"suspended" };
+
+@id("forbid-admin-paths")
+forbid (principal, action, resource)
+when { resource.path like "/api/*/admin/*" };
+
+@id("forbid-internal-hosts")
+forbid (principal, action, resource)
+when { context.request.host like "*.internal.example.org" };
+
+@id("permit-health")
+permit (principal, action, resource)
+when { resource.path == "/healthz" };
+
+@id("users-get-catalog")
+permit (principal is User, action == Action::"GET", resource)
+when {
+  resource.path like "/api/catalog/*" &&
+  context has token && context.token.scopes.contains("catalog:read")
+};
+
+@id("public-reads")
+permit (principal, action in [Action::"GET", Action::"HEAD"], resource)
+when { resource.path like "/public/*" };
+"#;
+
+/// `n` policies (at least 10) of which the benchmark request can match the same nine
+/// whatever `n` is: `readers-get-orders` and [`MATCHING_POLICIES`]. The others are
+/// `no-deletes-without-mtls` and `n - 10` generated ones scoped to other groups, users,
+/// actions, resources and workloads (one in four a forbid).
+fn scoped_policies(n: usize) -> String {
+    let mut out = format!("{FIXED_POLICIES}{MATCHING_POLICIES}");
+    for i in 0..n.saturating_sub(10) {
+        let policy = match i % 8 {
+            0 => format!(
+                r#"permit (principal in Group::"g{i}", action == Action::"GET", resource)
+when {{ resource.path like "/api/s{i}/*" }};"#
+            ),
+            1 => format!(
+                r#"permit (principal == User::"u{i}", action, resource)
+when {{ resource.path like "/api/s{i}/*" }};"#
+            ),
+            2 => format!(
+                r#"permit (principal is User, action == Action::"A{i}", resource)
+when {{ context has token && context.token.scopes.contains("s{i}:call") }};"#
+            ),
+            3 => format!(
+                r#"permit (principal, action in [Action::"A{i}", Action::"B{i}"], resource)
+when {{ resource.path like "/api/s{i}/*" }};"#
+            ),
+            4 => format!(
+                r#"permit (principal, action, resource == Path::"/api/s{i}")
+when {{ context has token }};"#
+            ),
+            5 => format!(
+                r#"permit (principal == Workload::"spiffe://example.org/ns/prod/sa/s{i}", action == Action::"GET", resource)
+when {{ resource.path like "/internal/s{i}/*" }};"#
+            ),
+            6 => format!(
+                r#"forbid (principal in Group::"g{i}", action, resource)
+when {{ resource.path like "/api/s{i}/admin/*" }};"#
+            ),
+            _ => format!(r#"forbid (principal == User::"u{i}", action, resource);"#),
+        };
+        out.push_str(&format!("\n@id(\"f{i}\")\n{policy}\n"));
+    }
+    out
+}
+
+/// `n` static entities (at least 10) in Cedar's entities JSON format: a tree of groups
+/// (the parent of `g-<i>` is `g-<i/16>`), the token's group "readers" inside it (below
+/// `g-3`, itself below `g-0`), and one in sixteen each users and workloads, members of
+/// groups of the tree. Written straight into a string: a million entities as JSON values
+/// would take several times the memory of the text.
+fn entities(n: usize) -> String {
+    let users = (n / 16).max(1);
+    let workloads = (n / 16).max(1);
+    let groups = n
+        .checked_sub(users + workloads + 1)
+        .filter(|g| *g > READERS_PARENT)
+        .expect("enough entities for a tree with readers inside");
+    let mut out = String::with_capacity(n * 120);
+    let mut count = 0;
+    let mut entity = |id: std::fmt::Arguments, ty: &str, attrs: &str, parent: Option<usize>| {
+        out.push_str(if count == 0 { "[\n" } else { ",\n" });
+        count += 1;
+        write!(
+            out,
+            r#"{{"uid":{{"type":"{ty}","id":"{id}"}},"attrs":{{{attrs}}},"parents":["#
+        )
+        .expect("writing to a String");
+        if let Some(p) = parent {
+            write!(out, r#"{{"type":"Group","id":"g-{p}"}}"#).expect("writing to a String");
+        }
+        out.push_str("]}");
+    };
+    for i in 0..groups {
+        entity(
+            format_args!("g-{i}"),
+            "Group",
+            "",
+            (i > 0).then_some(i / 16),
+        );
+    }
+    entity(format_args!("readers"), "Group", "", Some(READERS_PARENT));
+    // Members spread over the whole tree (7919 and 104,729 are primes).
+    for i in 0..users {
+        let attrs = format!(r#""email":"u-{i}@example.org""#);
+        entity(
+            format_args!("u-{i}"),
+            "User",
+            &attrs,
+            Some(i * 7919 % groups),
+        );
+    }
+    for i in 0..workloads {
+        entity(
+            format_args!("spiffe://example.org/ns/prod/sa/w-{i}"),
+            "Workload",
+            "",
+            Some(i * 104_729 % groups),
+        );
+    }
+    assert_eq!(count, n, "entity count");
+    out.push_str("\n]\n");
+    out
+}
+
 fn config(policy_dir: &str, cache: Option<(usize, usize)>, algorithms: &[&str]) -> String {
+    config_with(policy_dir, None, cache, algorithms)
+}
+
+/// [`config`], with a static entities file when `entities` names one (and a file cap to fit
+/// a million entities).
+fn config_with(
+    policy_dir: &str,
+    entities: Option<&str>,
+    cache: Option<(usize, usize)>,
+    algorithms: &[&str],
+) -> String {
     let algorithms = algorithms
         .iter()
         .map(|a| format!("\"{a}\""))
@@ -290,6 +468,12 @@ fn config(policy_dir: &str, cache: Option<(usize, usize)>, algorithms: &[&str]) 
     let cache = match cache {
         Some((tokens, certificates)) => {
             format!("[cache]\ntokens = {tokens}\ncertificates = {certificates}\n")
+        }
+        None => String::new(),
+    };
+    let entities = match entities {
+        Some(file) => {
+            format!("entities = \"{file}\"\n\n[limits]\nmax_file_bytes = {SCALE_MAX_FILE_BYTES}\n")
         }
         None => String::new(),
     };
@@ -310,7 +494,7 @@ max_lifetime = "1h"
 
 [policy]
 dir = "{policy_dir}"
-
+{entities}
 [log]
 audit = "audit.log"
 
@@ -372,6 +556,22 @@ impl World {
     fn settings(&self, policy_dir: &str, cache: Option<(usize, usize)>) -> Settings {
         let text = config(policy_dir, cache, &self.algorithms);
         Settings::from_toml(&text, self.dir.path()).unwrap_or_else(|e| panic!("{e:?}\n{text}"))
+    }
+
+    /// An engine with caches on, loaded from `policy_dir` and, when named, a static
+    /// entities file, the file cap raised as the server raises it (`[limits]`); with the
+    /// time the load took.
+    fn scale_engine(&self, policy_dir: &str, entities: Option<&str>) -> (Engine, Duration) {
+        let text = config_with(policy_dir, entities, None, &self.algorithms);
+        let settings =
+            Settings::from_toml(&text, self.dir.path()).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        // What the binary does before loading anything (main.rs); put back after.
+        portcullis::files::set_max_bytes(settings.limits.max_file_bytes);
+        let start = Instant::now();
+        let engine = Engine::load(&settings);
+        let took = start.elapsed();
+        portcullis::files::set_max_bytes(portcullis::files::DEFAULT_MAX_BYTES);
+        (engine.unwrap_or_else(|e| panic!("{e:?}")), took)
     }
 
     fn engine(&self, policy_dir: &str, cache: Option<(usize, usize)>) -> Engine {
@@ -661,6 +861,72 @@ fn bench_decision(c: &mut C, w: &World) {
     g.finish();
 }
 
+/// The peak and current resident memory of this process, from `/proc/self/status`.
+fn memory() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
+    format!("RSS {}, peak {}", field("VmRSS:"), field("VmHWM:"))
+}
+
+/// `decision/warm` against growing static entity sets and growing policy sets of which the
+/// request can match the same few. Each engine is built, checked and reported the first
+/// time its benchmark runs (criterion times only `iter`), and dropped before the next.
+fn bench_scale(c: &mut C, w: &World) {
+    let req = w.bound_request(w.signer("ES256"));
+    let mut g = c.benchmark_group("scale");
+    for n in ENTITY_COUNTS {
+        let engine = OnceCell::new();
+        g.bench_function(format!("entities/{n}"), |b| {
+            let engine = engine.get_or_init(|| {
+                let name = format!("entities-{n}.json");
+                let start = Instant::now();
+                let text = entities(n);
+                let (bytes, written) = (text.len(), start.elapsed());
+                write(w.dir.path(), &name, &text);
+                drop(text);
+                let (engine, load) = w.scale_engine("policies-10", Some(&name));
+                assert_eq!(engine.policy_count(), 10);
+                let what = format!("scale/entities/{n}");
+                assert_allowed(&engine.check(&req, SystemTime::now()), &what);
+                assert_eq!(engine.cached_tokens(), 1);
+                eprintln!(
+                    "{what}: {bytes} bytes of entities written in {written:.2?}, engine loaded in {load:.2?}; {}",
+                    memory()
+                );
+                engine
+            });
+            b.iter(|| engine.check(black_box(&req), SystemTime::now()))
+        });
+    }
+    for n in SCOPED_POLICY_COUNTS {
+        let engine = OnceCell::new();
+        g.bench_function(format!("policies/{n}"), |b| {
+            let engine = engine.get_or_init(|| {
+                let dir = format!("scoped-{n}");
+                write(
+                    w.dir.path(),
+                    &format!("{dir}/bench.cedar"),
+                    &scoped_policies(n),
+                );
+                let (engine, load) = w.scale_engine(&dir, None);
+                assert_eq!(engine.policy_count(), n);
+                let what = format!("scale/policies/{n}");
+                assert_allowed(&engine.check(&req, SystemTime::now()), &what);
+                assert_eq!(engine.cached_tokens(), 1);
+                eprintln!("{what}: engine loaded in {load:.2?}; {}", memory());
+                engine
+            });
+            b.iter(|| engine.check(black_box(&req), SystemTime::now()))
+        });
+    }
+    g.finish();
+}
+
 fn pipeline(c: &mut C) {
     let w = World::new();
     bench_facts(c, &w);
@@ -669,6 +935,7 @@ fn pipeline(c: &mut C) {
     bench_cedar(c, &w);
     bench_stages(c, &w);
     bench_decision(c, &w);
+    bench_scale(c, &w);
 }
 
 criterion_group! {
