@@ -74,8 +74,19 @@ pub struct PeerIdentity {
     not_before: i64,
     not_after: i64,
     sha256: [u8; 32],
-    /// The certificate's Cedar form, built by the policy mapping on first use.
-    cedar: std::sync::OnceLock<std::sync::Arc<crate::policy::mapping::PeerForm>>,
+    /// The certificate's Cedar form, built by the policy mapping on first use, replaced
+    /// when policies that read a different part of it are loaded.
+    cedar: FormCell<crate::policy::mapping::PeerForm>,
+}
+
+/// A replaceable cached form; a copy starts with the same form.
+#[derive(Debug)]
+struct FormCell<T>(arc_swap::ArcSwapOption<T>);
+
+impl<T> Clone for FormCell<T> {
+    fn clone(&self) -> Self {
+        FormCell(arc_swap::ArcSwapOption::new(self.0.load_full()))
+    }
 }
 
 impl PeerIdentity {
@@ -109,8 +120,8 @@ impl PeerIdentity {
     }
     pub(crate) fn cedar_form(
         &self,
-    ) -> &std::sync::OnceLock<std::sync::Arc<crate::policy::mapping::PeerForm>> {
-        &self.cedar
+    ) -> &arc_swap::ArcSwapOption<crate::policy::mapping::PeerForm> {
+        &self.cedar.0
     }
     /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
     pub fn thumbprint(&self) -> String {
@@ -153,7 +164,7 @@ impl PeerIdentity {
             not_before: 0,
             not_after: i64::MAX,
             sha256: [0; 32],
-            cedar: std::sync::OnceLock::new(),
+            cedar: FormCell(arc_swap::ArcSwapOption::empty()),
         }
     }
 }
@@ -674,7 +685,7 @@ impl PeerVerifier {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             sha256,
-            cedar: std::sync::OnceLock::new(),
+            cedar: FormCell(arc_swap::ArcSwapOption::empty()),
         })
     }
 

@@ -81,8 +81,8 @@ pub struct CedarRequest {
     pub resource: Uid,
     /// `context.request`.
     request: Value,
-    /// `context.peer` and the certificate's workload, when a certificate verified.
-    peer: Option<Arc<PeerForm>>,
+    /// The verified certificate and its Cedar form (`context.peer`), when one verified.
+    peer: Option<(Arc<PeerIdentity>, Arc<PeerForm>)>,
     /// The token, when one verified, and its Cedar form (`context.token` and its user).
     token: Option<(TokenClaims, Arc<TokenForm>)>,
     /// `context.route`: the route's `context_extensions`, when it has any.
@@ -91,24 +91,34 @@ pub struct CedarRequest {
     binding: bool,
 }
 
-/// A verified certificate as Cedar sees it. Built once per certificate and kept with its
-/// identity (so in the certificate cache too): a warm request reuses it.
+/// A verified certificate as Cedar sees it: `context.peer`, holding only what the policies
+/// can read (their [`Demand`]). Built once per certificate and kept with its identity (so
+/// in the certificate cache too): a warm request reuses it while the policies demand the
+/// same. Its JSON form is not kept, only rebuilt for display.
 pub struct PeerForm {
-    record_json: Value,
+    /// What it was built for.
+    demand: Arc<Demand>,
+    /// `context.peer`; `None` when no policy reads it.
     record: Option<CedarValue>,
 }
 
 impl PeerForm {
-    fn of(p: &PeerIdentity) -> Arc<PeerForm> {
-        p.cedar_form()
-            .get_or_init(|| {
-                let record_json = peer_record(p);
-                Arc::new(PeerForm {
-                    record: to_value(&record_json, 1),
-                    record_json,
-                })
-            })
-            .clone()
+    fn of(p: &PeerIdentity, demand: &Arc<Demand>) -> Arc<PeerForm> {
+        let cell = p.cedar_form();
+        if let Some(form) = cell.load_full() {
+            if Arc::ptr_eq(&form.demand, demand) || *form.demand == **demand {
+                return form;
+            }
+        }
+        let form = Arc::new(PeerForm {
+            demand: demand.clone(),
+            record: demand
+                .context
+                .field("peer")
+                .and_then(|fields| to_value_read(&peer_record(p), fields, 1)),
+        });
+        cell.store(Some(form.clone()));
+        form
     }
 }
 
@@ -230,7 +240,7 @@ fn user_tags(t: &TokenClaims, demand: &Demand) -> Vec<(String, RestrictedExpress
 
 impl std::fmt::Debug for PeerForm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PeerForm({})", self.record_json)
+        write!(f, "PeerForm({:?})", self.record)
     }
 }
 
@@ -296,7 +306,10 @@ pub(crate) fn map_request_hiding(
             "source_address": facts.source_address,
             "headers": headers,
         }),
-        peer: peer.map(PeerForm::of),
+        peer: match &identity.peer {
+            crate::identity::PeerOutcome::Verified(p) => Some((p.clone(), PeerForm::of(p, demand))),
+            _ => None,
+        },
         route: (!facts.context_extensions.is_empty()).then(|| json!(facts.context_extensions)),
         binding: token.as_ref().is_some_and(|(t, _)| t.bound()),
         token,
@@ -387,8 +400,8 @@ impl CedarRequest {
     pub fn context(&self) -> Value {
         let mut c = Map::new();
         c.insert("request".into(), self.request.clone());
-        if let Some(p) = &self.peer {
-            c.insert("peer".into(), p.record_json.clone());
+        if let Some((p, _)) = &self.peer {
+            c.insert("peer".into(), peer_record(p));
         }
         if let Some((t, _)) = &self.token {
             c.insert("token".into(), token_record(t));
@@ -412,7 +425,7 @@ impl CedarRequest {
                     .field("request")
                     .and_then(|fields| to_value_read(&self.request, fields, 1)),
             ),
-            ("peer", self.peer.as_ref().and_then(|p| p.record.clone())),
+            ("peer", self.peer.as_ref().and_then(|(_, p)| p.record.clone())),
             (
                 "token",
                 self.token.as_ref().and_then(|(_, t)| t.record.clone()),
