@@ -247,8 +247,38 @@ impl Tally {
     }
 }
 
+/// Ends a run before its clock does, from outside (a run open while something else happens).
+#[derive(Default)]
+pub struct Stop {
+    stopped: AtomicBool,
+    signal: tokio::sync::Notify,
+}
+
+impl Stop {
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        // A stored permit: the run may not be waiting yet.
+        self.signal.notify_one();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs `load` against `server` with requests from `feed`.
 pub async fn run(server: &Server, feed: &Feed, load: &Load) -> Result<Outcome, String> {
+    run_until(server, feed, load, None).await
+}
+
+/// [`run`], ended early when `stop` is given and stopped: each worker finishes the request
+/// it is waiting on and sends no more.
+pub async fn run_until(
+    server: &Server,
+    feed: &Feed,
+    load: &Load,
+    stop: Option<Arc<Stop>>,
+) -> Result<Outcome, String> {
     let mut channels = Vec::with_capacity(load.connections);
     for _ in 0..load.connections {
         // Each `connect` opens its own HTTP/2 connection; clones of a channel share it.
@@ -276,8 +306,9 @@ pub async fn run(server: &Server, feed: &Feed, load: &Load) -> Result<Outcome, S
         let exhausted = exhausted.clone();
         let signal = exhausted_signal.clone();
         let schedule = load.rate.map(|rate| (rate, w, load.concurrency));
+        let stop = stop.clone();
         workers.spawn(async move {
-            let tally = worker(client, feed, clock, schedule).await;
+            let tally = worker(client, feed, clock, schedule, stop).await;
             if let Ok((_, true)) = &tally {
                 exhausted.store(true, Ordering::Relaxed);
                 signal.notify_one();
@@ -298,9 +329,16 @@ pub async fn run(server: &Server, feed: &Feed, load: &Load) -> Result<Outcome, S
         process::cpu_seconds(own_pid)?,
     );
     let measured_from = Instant::now();
+    let stopped = async {
+        match &stop {
+            Some(stop) => stop.signal.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = tokio::time::sleep_until(clock.end) => {}
         () = exhausted_signal.notified() => {}
+        () = stopped => {}
     }
     let (server_cpu1, client_cpu1) = (
         process::cpu_seconds(server.pid())?,
@@ -366,10 +404,14 @@ async fn worker(
     feed: Feed,
     clock: Clock,
     schedule: Option<(f64, usize, usize)>,
+    stop: Option<Arc<Stop>>,
 ) -> Result<(Tally, bool), String> {
     let mut tally = Tally::new()?;
     let path = PathAndQuery::from_static(CHECK_PATH);
     for i in 0u64.. {
+        if stop.as_ref().is_some_and(|s| s.stopped()) {
+            break;
+        }
         let (origin, recorded) = match schedule {
             None => {
                 let now = Instant::now();

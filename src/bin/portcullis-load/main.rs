@@ -3,12 +3,15 @@
 //! policies, configuration) in a temporary directory, starts `portcullis serve` (the binary
 //! next to this one) and, for `compare`, a no-op Check server on the same gRPC stack, drives
 //! load at them, and writes out a table on stdout, a JSON summary and, for `sweep`, a CSV and
-//! an SVG plot. The temporary directory is removed at the end.
+//! an SVG plot. `scale` repeats this over worlds of growing size (static entities, policies),
+//! one server each, and plots what grows. The temporary directory is removed at the end.
 
+mod bulk;
 mod drive;
 mod noop;
 mod process;
 mod report;
+mod scale;
 mod world;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -70,6 +73,28 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,0.75,0.9")]
         fractions: Vec<f64>,
         /// Directory for sweep.csv, sweep.svg and summary.json.
+        #[arg(long, default_value = "load-results")]
+        out: PathBuf,
+    },
+    /// Growth with size: for each number of static entities, then each number of policies
+    /// (about 10 of which can match any request), a fresh world and server: start-up time,
+    /// memory, closed-loop throughput, latency at 1 request in flight, and a reload under
+    /// load. Writes scale.csv, scale-entities.svg, scale-policies.svg and scale.json to --out.
+    Scale {
+        #[command(flatten)]
+        opts: Options,
+        /// Static entity counts, comma-separated (with 10 policies) [default:
+        /// 10,1000,100000,1000000; with --quick: 10,1000]. `--entities` alone skips them.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        entities: Option<Vec<usize>>,
+        /// Policy counts, at least 10, comma-separated (with 10 static entities) [default:
+        /// 10,100,1000,10000; with --quick: 10,100]. `--policies` alone skips them.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        policies: Option<Vec<usize>>,
+        /// The longest a start-up or a reload may take.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        load_timeout: Duration,
+        /// Directory for scale.csv, the two SVG plots and scale.json.
         #[arg(long, default_value = "load-results")]
         out: PathBuf,
     },
@@ -309,9 +334,10 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), String> {
     let opts = match &command {
-        Command::Compare { opts, .. } | Command::Sweep { opts, .. } | Command::Run { opts, .. } => {
-            opts.clone()
-        }
+        Command::Compare { opts, .. }
+        | Command::Sweep { opts, .. }
+        | Command::Run { opts, .. }
+        | Command::Scale { opts, .. } => opts.clone(),
     };
     let settings = opts.settings()?;
     if let Command::Sweep { fractions, .. } = &command {
@@ -319,14 +345,104 @@ fn run(command: Command) -> Result<(), String> {
             return Err("--fractions must be numbers in (0, 2]".into());
         }
     }
+    let plan = match &command {
+        Command::Scale {
+            entities,
+            policies,
+            load_timeout,
+            out,
+            ..
+        } => {
+            if settings.distinct {
+                return Err("scale measures warm caches: --distinct is not supported".into());
+            }
+            let (default_entities, default_policies): (&[usize], &[usize]) = if settings.quick {
+                (&[10, 1000], &[10, 100])
+            } else {
+                (&[10, 1000, 100_000, 1_000_000], &[10, 100, 1000, 10_000])
+            };
+            Some(scale::Plan {
+                entities: entities
+                    .clone()
+                    .unwrap_or_else(|| default_entities.to_vec()),
+                policies: policies
+                    .clone()
+                    .unwrap_or_else(|| default_policies.to_vec()),
+                load_timeout: *load_timeout,
+                out: out.clone(),
+            })
+        }
+        _ => None,
+    };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         // On Ctrl-C the session is dropped, and with it the servers and the temporary directory.
         tokio::select! {
-            done = session(command, settings) => done,
+            done = async {
+                match plan {
+                    Some(plan) => scale_session(settings, plan).await,
+                    None => session(command, settings).await,
+                }
+            } => done,
             _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
         }
     })
+}
+
+/// The `portcullis` binary next to this one.
+fn portcullis_exe() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("own executable: {e}"))?
+        .with_file_name("portcullis");
+    if !exe.exists() {
+        return Err(format!(
+            "{} not found: build it with `cargo build --release --bin portcullis`",
+            exe.display()
+        ));
+    }
+    Ok(exe)
+}
+
+/// Writes the world and generates its pool of requests; prints what it holds.
+fn create_world(
+    settings: &Settings,
+    grpc: std::net::SocketAddr,
+) -> Result<(World, Vec<world::Entry>, WorldSummary), String> {
+    let generating = Instant::now();
+    let world = World::create(settings.world.clone(), grpc)?;
+    let pool = world.pool();
+    let mix = world.mix_counts();
+    let denied: usize = mix
+        .iter()
+        .filter(|(k, _)| k.expected_code() != 0)
+        .map(|(_, n)| n)
+        .sum();
+    let summary = WorldSummary {
+        pass_len: world.pass_len(),
+        expected_deny_share: denied as f64 / world.pass_len() as f64,
+        mix,
+        generation_seconds: generating.elapsed().as_secs_f64(),
+    };
+    println!(
+        "world: {} ({} certificates, {} tokens; {} requests per pass, {:.1}% to be denied; \
+         generated in {:.1} s)",
+        world.dir.display(),
+        settings.world.certs,
+        settings.world.tokens,
+        summary.pass_len,
+        100.0 * summary.expected_deny_share,
+        summary.generation_seconds
+    );
+    println!(
+        "  mix per pass: {}",
+        summary
+            .mix
+            .iter()
+            .map(|(k, n)| format!("{} {n}", k.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((world, pool, summary))
 }
 
 /// Everything one invocation starts, kept together so that it is torn down together.
@@ -350,50 +466,10 @@ impl Bench {
     /// Writes the world, generates the pool, starts Portcullis (and the no-op server when
     /// `with_noop`) and waits until they serve.
     async fn start(settings: &Settings, with_noop: bool) -> Result<Bench, String> {
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("own executable: {e}"))?
-            .with_file_name("portcullis");
-        if !exe.exists() {
-            return Err(format!(
-                "{} not found: build it with `cargo build --release --bin portcullis`",
-                exe.display()
-            ));
-        }
+        let exe = portcullis_exe()?;
         let addr = process::free_port()?;
-        let generating = Instant::now();
-        let world = World::create(settings.world.clone(), addr)?;
-        let pool = Arc::new(world.pool());
-        let mix = world.mix_counts();
-        let denied: usize = mix
-            .iter()
-            .filter(|(k, _)| k.expected_code() != 0)
-            .map(|(_, n)| n)
-            .sum();
-        let world_summary = WorldSummary {
-            pass_len: world.pass_len(),
-            expected_deny_share: denied as f64 / world.pass_len() as f64,
-            mix,
-            generation_seconds: generating.elapsed().as_secs_f64(),
-        };
-        println!(
-            "world: {} ({} certificates, {} tokens; {} requests per pass, {:.1}% to be denied; \
-             generated in {:.1} s)",
-            world.dir.display(),
-            settings.world.certs,
-            settings.world.tokens,
-            world_summary.pass_len,
-            100.0 * world_summary.expected_deny_share,
-            world_summary.generation_seconds
-        );
-        println!(
-            "  mix per pass: {}",
-            world_summary
-                .mix
-                .iter()
-                .map(|(k, n)| format!("{} {n}", k.name()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        let (world, pool, world_summary) = create_world(settings, addr)?;
+        let pool = Arc::new(pool);
 
         let log = world.dir.join("portcullis.log");
         let mut portcullis = Server::portcullis(&exe, &world.config, addr, &log)?;
@@ -623,6 +699,7 @@ async fn session(command: Command, settings: Settings) -> Result<(), String> {
         Command::Compare { .. } => true,
         Command::Run { target, .. } => *target == Target::Noop,
         Command::Sweep { .. } => false,
+        Command::Scale { .. } => return Err("scale runs in a session of its own".into()),
     };
     let mut bench = Bench::start(&settings, with_noop).await?;
     let (mut compare, mut sweep) = (None, None);
@@ -639,6 +716,7 @@ async fn session(command: Command, settings: Settings) -> Result<(), String> {
             sweep = Some(bench.sweep(&settings, fractions, out).await?);
             json_path.get_or_insert_with(|| out.join("summary.json"));
         }
+        Command::Scale { .. } => {}
     }
     let portcullis = bench.portcullis_summary(&settings)?;
     let runs = std::mem::take(&mut bench.runs);
@@ -679,4 +757,126 @@ async fn session(command: Command, settings: Settings) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The JSON summary of `scale`.
+#[derive(Serialize)]
+struct ScaleSummary {
+    tool: &'static str,
+    version: &'static str,
+    command: Vec<String>,
+    started_unix: i64,
+    machine: Machine,
+    settings: Settings,
+    plan: scale::Plan,
+    world: WorldSummary,
+    points: Vec<scale::Point>,
+}
+
+/// The scale mode: one world (certificates, tokens, the request pool) whose entities,
+/// policies and configuration are rewritten for each size point, each measured on a server
+/// of its own.
+async fn scale_session(settings: Settings, plan: scale::Plan) -> Result<(), String> {
+    let started_unix = portcullis::demo::unix_now();
+    let loadavg_before = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut points = scale::points(&plan)?;
+    let exe = portcullis_exe()?;
+    let (mut world, pool, world_summary) = create_world(&settings, process::free_port()?)?;
+    let pool = Arc::new(pool);
+    let single = Load {
+        connections: 1,
+        concurrency: 1,
+        ..settings.load(None)
+    };
+    let shapes = scale::Shapes {
+        closed: settings.load(None),
+        single,
+    };
+    println!(
+        "each point: start-up, then closed loop ({} connections, {} in flight), then 1 \
+         connection with 1 in flight, {:?} warm-up + {:?} measured each (warm caches), then a \
+         reload under load",
+        settings.connections, settings.concurrency, settings.warmup, settings.duration
+    );
+    for point in &mut points {
+        println!();
+        println!(
+            "== {} {} ({} entities, {} policies)",
+            point.axis.name(),
+            point.size(),
+            point.entities,
+            point.policies
+        );
+        println!("{}", report::header());
+        scale::measure(point, &world, &pool, &exe, &shapes, &plan).await;
+        match &point.error {
+            Some(e) => println!("FAILED: {e}"),
+            None => println!(
+                "started in {:.2} s (entities.json {:.1} MiB); reload {:.2} s",
+                point.load_seconds.unwrap_or(f64::NAN),
+                point.entities_file_bytes as f64 / (1024.0 * 1024.0),
+                point.reload.as_ref().map_or(f64::NAN, |r| r.seconds)
+            ),
+        }
+    }
+    println!();
+    print!("{}", scale::table(&points));
+
+    let out = plan.out.clone();
+    report::write_file(&out.join("scale.csv"), &scale::csv(&points))?;
+    for axis in [scale::Axis::Entities, scale::Axis::Policies] {
+        if points.iter().any(|p| p.axis == axis) {
+            let svg = out.join(format!("scale-{}.svg", axis.name()));
+            report::write_file(&svg, &scale::plot(&points, axis))?;
+        }
+    }
+    let json = settings
+        .json
+        .clone()
+        .unwrap_or_else(|| out.join("scale.json"));
+    let failed: Vec<String> = points
+        .iter()
+        .filter(|p| p.error.is_some())
+        .map(|p| format!("{} {}", p.axis.name(), p.size()))
+        .collect();
+    let wrong: u64 = points.iter().map(scale::Point::wrong).sum();
+    let summary = ScaleSummary {
+        tool: "portcullis-load",
+        version: env!("CARGO_PKG_VERSION"),
+        command: std::env::args().collect(),
+        started_unix,
+        machine: Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            loadavg_before,
+        },
+        settings: settings.clone(),
+        plan,
+        world: world_summary,
+        points,
+    };
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+    report::write_file(&json, &text)?;
+    println!(
+        "wrote {}/scale.csv, the plots and {}",
+        out.display(),
+        json.display()
+    );
+    if settings.keep {
+        world.keep();
+        println!("kept {}", world.dir.display());
+    }
+    match (failed.is_empty(), wrong) {
+        (true, 0) => Ok(()),
+        (true, _) => Err(format!(
+            "{wrong} Portcullis answer(s) were errors or not the expected status (see above)"
+        )),
+        (false, _) => Err(format!(
+            "{} point(s) failed: {}; {wrong} wrong answer(s)",
+            failed.len(),
+            failed.join(", ")
+        )),
+    }
 }

@@ -1,11 +1,15 @@
 //! The servers under test as child processes: starting them, waiting for gRPC health to say
-//! SERVING, and reading their CPU time and memory from `/proc`. Killed when dropped.
+//! SERVING, and reading their CPU time and memory from `/proc` (once, or sampled on a thread
+//! for the peak of an interval). Killed when dropped.
 
 use serde::Serialize;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -113,7 +117,7 @@ impl Server {
                     self.name, self.addr
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -202,4 +206,53 @@ pub fn memory(pid: u32) -> Result<Memory, String> {
         rss_kib: field("VmRSS:")?,
         hwm_kib: field("VmHWM:")?,
     })
+}
+
+/// Resets a process's `VmHWM` to its current RSS (`/proc/<pid>/clear_refs`, value 5, Linux
+/// 4.0 and later), so that the next reading is the peak since now. False when refused.
+pub fn reset_peak(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// Reads a process's `VmRSS` every `every` on a thread of its own (a busy runtime cannot
+/// delay it) until [`RssSampler::finish`] or drop, and keeps the largest.
+pub struct RssSampler {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: Duration) -> RssSampler {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                let mut peak = 0;
+                // The process may exit while sampled (a start-up that fails): keep the peak.
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(m) = memory(pid) {
+                        peak = peak.max(m.rss_kib);
+                    }
+                    std::thread::sleep(every);
+                }
+                peak
+            }
+        });
+        RssSampler {
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// The largest `VmRSS` seen, KiB (0 when none could be read).
+    pub fn finish(mut self) -> u64 {
+        self.done.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
 }

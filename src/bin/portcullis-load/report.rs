@@ -1,5 +1,6 @@
-//! Results out: a table on stdout, medians over repeated runs, and for a sweep a CSV and an
-//! SVG plot of latency percentiles against offered load (drawn here; no plotting crate).
+//! Results out: a table on stdout, medians over repeated runs, for a sweep a CSV and an SVG
+//! plot of latency percentiles against offered load, and for the scale mode log-log plots of
+//! measurements against a size (drawn here; no plotting crate).
 
 use crate::drive::{Latency, Outcome};
 use serde::Serialize;
@@ -321,6 +322,191 @@ pub fn svg(runs: &[Outcome], max_rps: f64, title: &str) -> String {
             ly + 4.0
         );
     }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// A line of a log-log plot: its name, colour, style and points (x, y), both positive.
+pub struct Line {
+    pub name: &'static str,
+    pub colour: &'static str,
+    pub dashed: bool,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of a log-log plot: its y-axis label and its lines.
+pub struct Panel {
+    pub y_label: &'static str,
+    pub lines: Vec<Line>,
+}
+
+/// The decades `[lo, hi]` (powers of ten) that hold every value, at least one apart.
+fn decades(values: impl Iterator<Item = f64>) -> (i32, i32) {
+    let (lo, hi) = values
+        .filter(|v| *v > 0.0 && v.is_finite())
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (1.0, 10.0) };
+    let lo = lo.log10().floor() as i32;
+    (lo, (hi.log10().ceil() as i32).max(lo + 1))
+}
+
+/// A count as a short label: 10, 100, 1k, 10k, 1M.
+fn count_label(v: f64) -> String {
+    match v {
+        v if v >= 1e6 => format!("{}M", trim_number(v / 1e6)),
+        v if v >= 1e3 => format!("{}k", trim_number(v / 1e3)),
+        v => trim_number(v),
+    }
+}
+
+/// Panels stacked over one shared logarithmic x axis (a size: entity or policy count), each
+/// with a logarithmic y axis and its legend on the right. Points with a missing measurement
+/// are simply left out of their line.
+pub fn log_plot(title: &str, x_label: &str, panels: &[Panel]) -> String {
+    const W: f64 = 860.0;
+    const LEFT: f64 = 80.0;
+    const RIGHT: f64 = 210.0;
+    const TOP: f64 = 50.0;
+    const PANEL: f64 = 230.0;
+    const GAP: f64 = 60.0;
+    const BOTTOM: f64 = 60.0;
+    let n = panels.len().max(1) as f64;
+    let h = TOP + n * PANEL + (n - 1.0) * GAP + BOTTOM;
+    let pw = W - LEFT - RIGHT;
+    let all = || {
+        panels
+            .iter()
+            .flat_map(|p| p.lines.iter())
+            .flat_map(|l| l.points.iter())
+    };
+    let (x_lo, x_hi) = decades(all().map(|(x, _)| *x));
+    let x = |v: f64| LEFT + pw * (v.max(1e-9).log10() - f64::from(x_lo)) / f64::from(x_hi - x_lo);
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{W}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        LEFT + pw / 2.0,
+        xml_escape(title)
+    );
+    for (i, panel) in panels.iter().enumerate() {
+        let top = TOP + i as f64 * (PANEL + GAP);
+        let (y_lo, y_hi) = decades(
+            panel
+                .lines
+                .iter()
+                .flat_map(|l| l.points.iter().map(|p| p.1)),
+        );
+        let y = |v: f64| {
+            top + PANEL * (1.0 - (v.max(1e-9).log10() - f64::from(y_lo)) / f64::from(y_hi - y_lo))
+        };
+        // Decades and their 2x and 5x as horizontal grid lines, labelled.
+        for d in y_lo..=y_hi {
+            for (m, major) in [(1.0, true), (2.0, false), (5.0, false)] {
+                if d == y_hi && m > 1.0 {
+                    continue;
+                }
+                let v = m * 10f64.powi(d);
+                let yy = y(v);
+                let stroke = if major { "#bbb" } else { "#e5e5e5" };
+                let _ = writeln!(
+                    s,
+                    r#"<line x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="{stroke}"/>"#,
+                    LEFT + pw
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                    LEFT - 6.0,
+                    yy + 4.0,
+                    trim_number(v)
+                );
+            }
+        }
+        // Decades of the size as vertical grid lines, labelled under every panel.
+        for d in x_lo..=x_hi {
+            let v = 10f64.powi(d);
+            let xx = x(v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{top}" y2="{}" stroke="#e5e5e5"/>"##,
+                top + PANEL
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{xx:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                top + PANEL + 18.0,
+                count_label(v)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<rect x="{LEFT}" y="{top}" width="{pw}" height="{PANEL}" fill="none" stroke="#333"/>"##
+        );
+        let _ = writeln!(
+            s,
+            r#"<text transform="translate(22 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            top + PANEL / 2.0,
+            xml_escape(panel.y_label)
+        );
+        for (j, line) in panel.lines.iter().enumerate() {
+            let dash = if line.dashed {
+                r#" stroke-dasharray="6 4""#
+            } else {
+                ""
+            };
+            let coords: Vec<(f64, f64)> = line
+                .points
+                .iter()
+                .filter(|(px, py)| *px > 0.0 && *py > 0.0)
+                .map(|(px, py)| (x(*px), y(*py)))
+                .collect();
+            let path: Vec<String> = coords
+                .iter()
+                .map(|(px, py)| format!("{px:.1},{py:.1}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{dash}/>"#,
+                path.join(" "),
+                line.colour
+            );
+            for (px, py) in &coords {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{px:.1}" cy="{py:.1}" r="3.5" fill="{}"/>"#,
+                    line.colour
+                );
+            }
+            let ly = top + 14.0 + 22.0 * j as f64;
+            let lx = LEFT + pw + 16.0;
+            let _ = writeln!(
+                s,
+                r#"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{}" stroke-width="2"{dash}/>"#,
+                lx + 24.0,
+                line.colour
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}">{}</text>"#,
+                lx + 30.0,
+                ly + 4.0,
+                xml_escape(line.name)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">{} (log scale)</text>"#,
+        LEFT + pw / 2.0,
+        h - 16.0,
+        xml_escape(x_label)
+    );
     s.push_str("</svg>\n");
     s
 }

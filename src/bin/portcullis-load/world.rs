@@ -23,7 +23,7 @@ const TOKEN_LIFETIME_S: i64 = 3 * 3600;
 
 /// The policies under load: permits for users and workloads, a forbid, and one permit that
 /// needs the RFC 8705 binding, in the vocabulary of the shipped `policies/`.
-const POLICIES: &str = r#"// Written by portcullis-load.
+pub const POLICIES: &str = r#"// Written by portcullis-load.
 
 @id("users-read-api")
 permit (principal in Group::"readers", action == Action::"GET", resource)
@@ -223,7 +223,13 @@ impl World {
         write("policies/load.cedar", POLICIES)?;
         write(
             "portcullis.toml",
-            &config_text(grpc, &world.audit, world.spec.tokens, world.spec.certs),
+            &config_text(
+                grpc,
+                &world.audit,
+                world.spec.tokens,
+                world.spec.certs,
+                &Extras::default(),
+            ),
         )?;
         Ok(world)
     }
@@ -251,7 +257,11 @@ impl World {
     /// least once per pass, in the shuffled order of the template.
     pub fn pool(&self) -> Vec<Entry> {
         let now = unix_now();
-        let certs: Vec<Cert> = parallel(self.spec.certs, |c| self.cert(&format!("w{c:05}")));
+        let certs: Vec<Cert> = parallel(self.spec.certs, |c| {
+            self.inter
+                .issue(&LeafSpec::spiffe(&pool_workload(c)))
+                .into()
+        });
         let tokens: Vec<String> = parallel(self.spec.tokens, |u| {
             let bound = is_bound(u).then(|| &certs[u % certs.len()]);
             self.user_token(&format!("user-{u:05}"), u, bound, now)
@@ -299,8 +309,7 @@ impl World {
     }
 
     fn cert(&self, name: &str) -> Cert {
-        let id = format!("spiffe://{TRUST_DOMAIN}/ns/load/sa/{name}");
-        self.inter.issue(&LeafSpec::spiffe(&id)).into()
+        self.inter.issue(&LeafSpec::spiffe(&spiffe_id(name))).into()
     }
 
     fn user_token(&self, sub: &str, n: usize, bound: Option<&Cert>, now: i64) -> String {
@@ -323,6 +332,15 @@ impl World {
             self.rogue.sign(&claims)
         }
     }
+}
+
+fn spiffe_id(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/load/sa/{name}")
+}
+
+/// The SPIFFE ID (the `Workload` principal) of certificate `c` of the pool.
+pub fn pool_workload(c: usize) -> String {
+    spiffe_id(&format!("w{c:05}"))
 }
 
 fn claims(sub: &str, now: i64) -> Value {
@@ -360,6 +378,41 @@ fn mix(spec: &WorldSpec) -> Vec<(Kind, usize)> {
     kinds.extend((0..denials).map(|k| (deny_kinds[k % 3], k)));
     SplitMix(spec.seed).shuffle(&mut kinds);
     kinds
+}
+
+/// What the configuration holds beyond the load's own needs (the scale mode's).
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// The admin listener (`/metrics`), to see reloads complete.
+    pub admin: Option<std::net::SocketAddr>,
+    /// Static entities in `entities.json`.
+    pub entities: bool,
+    /// `[limits] max_file_bytes`, for an entities file over the default cap.
+    pub max_file_bytes: Option<u64>,
+}
+
+impl World {
+    /// Rewrites `portcullis.toml`: gRPC on `grpc`, with `extras`.
+    pub fn write_config(&self, grpc: std::net::SocketAddr, extras: &Extras) -> Result<(), String> {
+        let text = config_text(grpc, &self.audit, self.spec.tokens, self.spec.certs, extras);
+        self.replace(&self.config, &text)
+    }
+
+    /// Replaces the file at `path` (inside the directory) with `text` in one step: written
+    /// beside it under a name no watch reads, then renamed over it, as an operator's
+    /// deployment would, so a watching server never reads half a file.
+    pub fn replace(&self, path: &Path, text: &str) -> Result<(), String> {
+        let temp = self.dir.join("replacing.tmp");
+        std::fs::write(&temp, text)
+            .map_err(|e| format!("{}: cannot write: {e}", temp.display()))?;
+        std::fs::rename(&temp, path).map_err(|e| {
+            format!(
+                "{}: cannot rename to {}: {e}",
+                temp.display(),
+                path.display()
+            )
+        })
+    }
 }
 
 /// The method and path a request of `kind` asks for.
@@ -471,13 +524,33 @@ fn parallel<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 }
 
 /// The configuration under test: the repository's defaults except where a load test needs
-/// otherwise (a fixed port, an audit file, caches at least as large as the pool).
-fn config_text(grpc: std::net::SocketAddr, audit: &Path, tokens: usize, certs: usize) -> String {
+/// otherwise (a fixed port, an audit file, caches at least as large as the pool), and the
+/// `extras` of the scale mode.
+fn config_text(
+    grpc: std::net::SocketAddr,
+    audit: &Path,
+    tokens: usize,
+    certs: usize,
+    extras: &Extras,
+) -> String {
+    let admin = extras
+        .admin
+        .map(|a| format!("http = \"{a}\"\n"))
+        .unwrap_or_default();
+    let entities = if extras.entities {
+        "entities = \"entities.json\"\n"
+    } else {
+        ""
+    };
+    let limits = extras
+        .max_file_bytes
+        .map(|b| format!("\n[limits]\nmax_file_bytes = {b}\n"))
+        .unwrap_or_default();
     format!(
         r#"# Written by portcullis-load.
 [server]
 grpc = "{grpc}"
-
+{admin}
 [peer]
 trust_bundle = "ca.pem"
 intermediates = "intermediate.pem"
@@ -492,14 +565,14 @@ max_lifetime = "4h"
 
 [policy]
 dir = "policies"
-
+{entities}
 [cache]
 tokens = {tokens_cache}
 certificates = {certs_cache}
 
 [log]
 audit = "{audit}"
-"#,
+{limits}"#,
         tokens_cache = tokens.max(10_000),
         certs_cache = certs.max(10_000),
         audit = audit.display(),
