@@ -320,7 +320,8 @@ impl Engine {
                     }
                 }
                 tracing::info!(policies = loaded.policy.policy_count(), "reloaded");
-                self.loaded.store(Arc::new(loaded));
+                let old = self.loaded.swap(Arc::new(loaded));
+                release_off_the_request_path(old);
                 if let Ok(mut e) = self.reload_error.lock() {
                     *e = None;
                 }
@@ -727,4 +728,25 @@ impl Engine {
             latency_us: started.elapsed().as_micros(),
         }
     }
+}
+
+/// Drops a replaced snapshot on a thread of its own once no decision holds it any more.
+/// Freeing a large one (a million entities: seconds) in whichever request released it last
+/// would stall that request, and the others queued behind it on the runtime's threads.
+/// (Swapping settles arc-swap's borrowed references into counted ones, so the strong count
+/// sees every holder.)
+fn release_off_the_request_path<T: Send + Sync + 'static>(old: Arc<T>) {
+    let spawned = std::thread::Builder::new()
+        .name("portcullis-release".into())
+        .spawn(move || {
+            // Decisions are bounded by `request_timeout`; past a minute, give up waiting and
+            // let the last holder free it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(old);
+        });
+    // Without a thread, the snapshot is freed here, on the reload's own thread, as before.
+    drop(spawned);
 }

@@ -118,9 +118,7 @@ impl PeerIdentity {
     pub fn not_after(&self) -> i64 {
         self.not_after
     }
-    pub(crate) fn cedar_form(
-        &self,
-    ) -> &arc_swap::ArcSwapOption<crate::policy::mapping::PeerForm> {
+    pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::PeerForm> {
         &self.cedar.0
     }
     /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.

@@ -425,7 +425,10 @@ impl CedarRequest {
                     .field("request")
                     .and_then(|fields| to_value_read(&self.request, fields, 1)),
             ),
-            ("peer", self.peer.as_ref().and_then(|(_, p)| p.record.clone())),
+            (
+                "peer",
+                self.peer.as_ref().and_then(|(_, p)| p.record.clone()),
+            ),
             (
                 "token",
                 self.token.as_ref().and_then(|(_, t)| t.record.clone()),

@@ -189,7 +189,10 @@ pub async fn serve(
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading");
-                let _ = engine.reload();
+                // A reload can take seconds (a large entities file); it must not hold one of
+                // the runtime's threads, which answer requests.
+                let engine = engine.clone();
+                let _ = tokio::task::spawn_blocking(move || engine.reload()).await;
             }
         })
     };

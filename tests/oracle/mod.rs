@@ -5,7 +5,8 @@
 //! tags winning), the documented context, `Authorizer::is_authorized`, and "allow only when
 //! Cedar allows without any error". Random worlds (static entity hierarchies over every
 //! entity type, policies with every scope form, `forbid`, `in`, `is`, `has`, tags, context,
-//! conditions that error) and random requests (token, certificate, both, neither) come
+//! conditions that error, fields read by name, by presence or as whole records, tags read by
+//! literal or computed names) and random requests (token, certificate, both, neither) come
 //! from a byte string, so `tests/oracle.rs` (proptest) and the fuzz target
 //! `decision_oracle` drive the same code. The engine's decision and determining policies
 //! must equal the reference's every time.
