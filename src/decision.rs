@@ -193,8 +193,13 @@ pub fn check_response(decision: &Decision, settings: &ResponseSettings) -> Check
             let own = token
                 .and_then(|t| settings.claim_headers.get(t.issuer()))
                 .map_or(&[][..], Vec::as_slice);
+            // The claims are kept as text: parsed once for all the claim headers.
+            let mut claims = match (token, own.is_empty()) {
+                (Some(t), false) => t.claims(),
+                _ => serde_json::Map::new(),
+            };
             for (name, claim) in own {
-                let value = match token.and_then(|t| t.claim(claim)) {
+                let value = match claims.remove(claim) {
                     Some(serde_json::Value::String(s)) => Some(s),
                     Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
                         Some(v.to_string())

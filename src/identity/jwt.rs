@@ -149,10 +149,6 @@ impl TokenClaims {
     pub fn claims(&self) -> Map<String, Value> {
         serde_json::from_str(&self.parsed.claims).unwrap_or_default()
     }
-    /// One claim of the token.
-    pub fn claim(&self, name: &str) -> Option<Value> {
-        self.claims().remove(name)
-    }
     pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm> {
         &self.parsed.cedar
     }

@@ -104,21 +104,18 @@ pub struct PeerForm {
 
 impl PeerForm {
     fn of(p: &PeerIdentity, demand: &Arc<Demand>) -> Arc<PeerForm> {
-        let cell = p.cedar_form();
-        if let Some(form) = cell.load_full() {
-            if Arc::ptr_eq(&form.demand, demand) || *form.demand == **demand {
-                return form;
-            }
-        }
-        let form = Arc::new(PeerForm {
-            demand: demand.clone(),
-            record: demand
-                .context
-                .field("peer")
-                .and_then(|fields| to_value_read(&peer_record(p), fields, 1)),
-        });
-        cell.store(Some(form.clone()));
-        form
+        kept_form(
+            p.cedar_form(),
+            demand,
+            |f| &f.demand,
+            || PeerForm {
+                demand: demand.clone(),
+                record: demand
+                    .context
+                    .field("peer")
+                    .and_then(|fields| to_value_read(&peer_record(p), fields, 1)),
+            },
+        )
     }
 }
 
@@ -141,18 +138,15 @@ pub struct TokenForm {
 
 impl TokenForm {
     fn of(t: &TokenClaims, demand: &Arc<Demand>) -> Arc<TokenForm> {
-        let cell = t.cedar_form();
-        if let Some(form) = cell.load_full() {
-            if Arc::ptr_eq(&form.demand, demand) || *form.demand == **demand {
-                return form;
-            }
-        }
-        let form = TokenForm::build(t, demand);
-        cell.store(Some(form.clone()));
-        form
+        kept_form(
+            t.cedar_form(),
+            demand,
+            |f| &f.demand,
+            || TokenForm::build(t, demand),
+        )
     }
 
-    fn build(t: &TokenClaims, demand: &Arc<Demand>) -> Arc<TokenForm> {
+    fn build(t: &TokenClaims, demand: &Arc<Demand>) -> TokenForm {
         let principal = Uid::new("User", t.principal_id());
         let parents: Vec<Uid> = t
             .groups()
@@ -168,7 +162,7 @@ impl TokenForm {
             Entity::new_with_tags(uid, user_attrs(t, demand), parents, user_tags(t, demand))
                 .map_err(|e| format!("principal entity: {e}"))
         });
-        Arc::new(TokenForm {
+        TokenForm {
             demand: demand.clone(),
             record: demand
                 .context
@@ -177,8 +171,27 @@ impl TokenForm {
             principal,
             parents,
             entity,
-        })
+        }
     }
+}
+
+/// The form kept in `cell` when it was built for the same demand; else `build`'s, kept in
+/// its place (a certificate's or token's form outlives a reload of the policies).
+fn kept_form<F>(
+    cell: &arc_swap::ArcSwapOption<F>,
+    demand: &Arc<Demand>,
+    built_for: impl Fn(&F) -> &Arc<Demand>,
+    build: impl FnOnce() -> F,
+) -> Arc<F> {
+    if let Some(form) = cell.load_full() {
+        let old = built_for(&form);
+        if Arc::ptr_eq(old, demand) || **old == **demand {
+            return form;
+        }
+    }
+    let form = Arc::new(build());
+    cell.store(Some(form.clone()));
+    form
 }
 
 /// The union of a static entity and the request's own entity of the same id, as Cedar
