@@ -5,7 +5,7 @@
 //! signatures, dry-run headers, and two header forms that disagree. Every test here fails
 //! on the code before the fix of its class.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::binary::{Binary, run};

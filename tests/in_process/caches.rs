@@ -4,7 +4,7 @@
 //! validity) and checks the cached credential is judged as a fresh one would be. Each
 //! would pass a credential that must be refused if the matching check were removed.
 
-mod common;
+use crate::common;
 
 use common::{Authority, LeafSpec, TokenSigner};
 use jsonwebtoken::Algorithm;

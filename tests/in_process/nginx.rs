@@ -6,7 +6,7 @@
 //!
 //! Needs nginx with the auth_request module (`apt-get install nginx` on Debian/Ubuntu).
 
-mod common;
+use crate::common;
 
 use common::{Authority, ClientCert, LeafSpec, TokenSigner, eventually, start_server};
 use http_body_util::Full;

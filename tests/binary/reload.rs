@@ -2,7 +2,7 @@
 //! (including invalid versions), CRLs added at run time, and the visibility of a failed
 //! reload.
 
-mod common;
+use crate::common;
 
 use common::{Authority, LeafSpec, eventually, outcome, request, start_server};
 use portcullis::engine::DenyReason;

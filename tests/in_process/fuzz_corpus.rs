@@ -18,8 +18,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-#[path = "oracle/mod.rs"]
-mod oracle;
+use crate::oracle_model as oracle;
 
 type Harness = fn(&[u8]);
 

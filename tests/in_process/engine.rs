@@ -2,7 +2,7 @@
 //! required certificates, no trust bundle), what policies can see of a token, and how
 //! replies treat hostile values.
 
-mod common;
+use crate::common;
 
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;

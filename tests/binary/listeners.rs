@@ -3,7 +3,7 @@
 //! the server certificate and client CA reloaded from disk while it runs, and a Unix
 //! socket. Certificates are generated at test time; every wait is bounded.
 
-mod common;
+use crate::common;
 
 use hyper_util::rt::TokioIo;
 use portcullis::config::{Listen, Settings, TlsSettings};

@@ -5,7 +5,7 @@
 //! client is still answered correctly, the process is still alive, and its memory stays
 //! bounded.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::keyserver::{KeyServer, Mode};

@@ -9,7 +9,7 @@
 //! The token cache is on (the default), so the oracle also checks that a token cached while
 //! its key was published is refused once the key is withdrawn.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::{AUDIENCE, Authority, ISSUER, LeafSpec, READER, TokenSigner, outcome, request};
@@ -516,6 +516,7 @@ struct Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_mixed_traffic_while_policies_reload_and_keys_rotate() {
+    let _alone = crate::alone().await;
     let secs: u64 = std::env::var("PORTCULLIS_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

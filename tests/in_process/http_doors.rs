@@ -2,7 +2,7 @@
 //! door does for the same CheckRequest, and the forward-auth door reads the original request
 //! from X-Forwarded-* headers and the certificate from the configured header.
 
-mod common;
+use crate::common;
 
 use common::{Authority, LeafSpec, TokenSigner, outcome, request, start_server};
 use jsonwebtoken::Algorithm;

@@ -1,7 +1,7 @@
 //! Tests of the test fixture `common::keyserver`: a minimal blocking HTTP/1.1 client over
 //! rustls checks what the key server serves in each mode, and that its certificate verifies
 //! against its CA for 127.0.0.1.
-mod common;
+use crate::common;
 
 use common::keyserver::{KeyServer, Mode};
 use rustls::pki_types::pem::PemObject;

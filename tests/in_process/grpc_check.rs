@@ -3,7 +3,7 @@
 //! also decided in-process to assert its exact reason, so a case cannot pass for the wrong
 //! reason.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::*;

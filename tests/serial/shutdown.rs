@@ -1,7 +1,7 @@
 //! The real binary under load receives SIGTERM: it stops accepting, finishes what is in
 //! flight, and exits 0. Every decision it made (each has an audit line) reached its client.
 
-mod common;
+use crate::common;
 
 use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use std::io::{BufRead, BufReader};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
+    let _alone = crate::alone().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(

@@ -2,8 +2,7 @@
 //! with Cedar's public API the obvious way (`tests/oracle/mod.rs`), over random worlds and
 //! requests. The same harness is the fuzz target `decision_oracle`.
 
-#[path = "oracle/mod.rs"]
-mod oracle;
+use crate::oracle_model as oracle;
 
 use oracle::{AUDIENCE, Described, ISSUER, Oracle, Seen};
 use proptest::prelude::*;

@@ -2,7 +2,7 @@
 //! nearest hop's element only, `Hash` checked against `Cert`, `Chain` as intermediates
 //! (never as trust anchors).
 
-mod common;
+use crate::common;
 
 use common::{Authority, ClientCert, LeafSpec, request};
 use portcullis::config::Settings;

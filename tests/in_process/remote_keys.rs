@@ -3,7 +3,7 @@
 //! background. Rotation, removal, unknown-`kid` floods, outages, slow and hostile
 //! providers, readiness and revocation, each against a running server.
 
-mod common;
+use crate::common;
 
 use common::keyserver::{KeyServer, Mode};
 use common::{RunningServer, check, eventually, outcome, start_server};
