@@ -308,7 +308,7 @@ async fn static_resource_entities_keep_their_parents_and_attributes() {
     // `validate` agrees that the set is valid: the fix is in the decision, not the load.
     let (code, out) = run(
         &["validate", "--config", "portcullis.toml"],
-        s.dir.path(),
+        s.dir(),
         Duration::from_secs(30),
     );
     assert_eq!(code, Some(0), "{out}");
@@ -723,7 +723,7 @@ async fn claim_headers_do_not_cross_issuers() {
     std::fs::write(s.path("shared.toml"), shared).expect("write");
     let (code, out) = run(
         &["validate", "--config", "shared.toml"],
-        s.dir.path(),
+        s.dir(),
         Duration::from_secs(30),
     );
     assert_ne!(code, Some(0), "{out}");

@@ -8,6 +8,7 @@
 use crate::common;
 
 use base64::Engine as _;
+use common::binary::{Binary, connect};
 use common::keyserver::{KeyServer, Mode};
 use common::{
     AUDIENCE, Authority, ClientCert, ISSUER, LeafSpec, READER, TokenSigner, ok_header, outcome,
@@ -26,14 +27,12 @@ use portcullis::proto::envoy::service::auth::v3::{
 };
 use prost::Message;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const VALID_PATH: &str = "/api/orders/1";
 const WORKLOAD_PATH: &str = "/internal/status";
@@ -218,117 +217,8 @@ fn valid_request() -> CheckRequest {
     request("GET", VALID_PATH, None, Some(&material().alice))
 }
 
-/// The real `portcullis serve` process, killed when dropped.
-struct Binary {
-    child: Mutex<Child>,
-    pid: u32,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    dir: tempfile::TempDir,
-    log: Arc<Mutex<String>>,
-}
-
-/// Cap on the server log kept in memory.
-const LOG_CAP: usize = 1 << 20;
-
+// Checks of this file on the shared harness's server (`common::binary::Binary`).
 impl Binary {
-    /// Writes `config` into `dir` and serves it; returns once both listeners are bound and
-    /// the server reports ready.
-    fn start(dir: tempfile::TempDir, config: &str) -> Binary {
-        let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start portcullis");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel::<(&'static str, String)>();
-        let log = Arc::new(Mutex::new(String::new()));
-        let writer = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                for (what, marker) in [
-                    ("grpc", "gRPC listening on "),
-                    ("http", "HTTP listening on "),
-                ] {
-                    if let Some(rest) = line.split(marker).nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        let _ = tx.send((what, addr.to_string()));
-                    }
-                }
-                if line.trim_end().ends_with(": ready") {
-                    let _ = tx.send(("ready", String::new()));
-                }
-                let mut log = writer.lock().unwrap();
-                if log.len() < LOG_CAP {
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        let (mut grpc, mut http, mut ready) = (None, None, false);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while grpc.is_none() || http.is_none() || !ready {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(("grpc", a)) => grpc = Some(a.parse().expect("gRPC address")),
-                Ok(("http", a)) => http = Some(a.parse().expect("HTTP address")),
-                Ok(_) => ready = true,
-                Err(_) => {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        panic!(
-                            "portcullis exited at start ({status}):\n{}",
-                            log.lock().unwrap()
-                        );
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "portcullis did not start:\n{}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
-        }
-        Binary {
-            pid: child.id(),
-            child: Mutex::new(child),
-            grpc: grpc.expect("gRPC address"),
-            http: http.expect("HTTP address"),
-            dir,
-            log,
-        }
-    }
-
-    /// Resident set size, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
-    }
-
-    fn assert_alive(&self) {
-        if let Some(status) = self.child.lock().unwrap().try_wait().expect("try_wait") {
-            panic!(
-                "portcullis died ({status}); its log:\n{}",
-                self.log.lock().unwrap()
-            );
-        }
-    }
-
-    /// A new client on a connection of its own.
-    async fn client(&self) -> AuthorizationClient<Channel> {
-        AuthorizationClient::new(connect(self.grpc).await)
-    }
-
     /// A valid request from another, fresh client is answered correctly and in time, and
     /// the process is still alive.
     async fn assert_serves(&self, after: &str) {
@@ -357,7 +247,7 @@ impl Binary {
     /// are written by a background thread) or after 5 s.
     async fn audit_count(&self, reason: &str, expected: usize) -> usize {
         let count = || {
-            std::fs::read_to_string(self.dir.path().join("audit.log"))
+            std::fs::read_to_string(self.path("audit.log"))
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -373,23 +263,6 @@ impl Binary {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-async fn connect(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect to portcullis")
 }
 
 async fn try_check(
@@ -451,7 +324,7 @@ audit = "audit.log"
 {extra}
 "#
     );
-    Binary::start(dir, &config)
+    Binary::start_in(dir, &config)
 }
 
 fn server(extra: &str) -> Binary {
@@ -815,7 +688,7 @@ async fn deeply_nested_inputs_are_refused_or_ignored_never_a_crash() {
 
     // The JSON door: nesting past serde's recursion limit is a 400, never a stack overflow.
     let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/check", server.http);
+    let url = format!("http://{}/v1/check", server.http_addr());
     let deep_metadata = format!(
         r#"{{"attributes":{{"metadataContext":{{"filterMetadata":{{"x":{}}}}}}}}}"#,
         nested_json(20_000, false)
@@ -845,7 +718,9 @@ async fn deeply_nested_inputs_are_refused_or_ignored_never_a_crash() {
     // not reset (the listener drains before it closes), and then reads its 413: a reset
     // would fail its writes, and a client that stops at a failed write (as hyper's does)
     // would lose the reply.
-    let mut raw = TcpStream::connect(server.http).await.expect("connect");
+    let mut raw = TcpStream::connect(server.http_addr())
+        .await
+        .expect("connect");
     let head = format!(
         "POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
         4 * MIB
@@ -2475,7 +2350,7 @@ fn chain_request(form: &str, leaf: &str, rest: &[&str]) -> CheckRequest {
 impl Binary {
     /// Every audit line so far.
     fn audit_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.log"))
+        std::fs::read_to_string(self.path("audit.log"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -2777,7 +2652,7 @@ max_size = 67108864
         3,
         "audit: the reason says where the decision stood"
     );
-    let metrics = reqwest_metrics(server.http).await;
+    let metrics = reqwest_metrics(server.http_addr()).await;
     assert!(
         metrics
             .lines()

@@ -5,6 +5,7 @@
 
 use crate::common;
 
+use common::binary::Binary;
 use hyper_util::rt::TokioIo;
 use portcullis::config::{Listen, Settings, TlsSettings};
 use portcullis::demo::{Authority, ClientCert, LeafSpec};
@@ -504,107 +505,25 @@ async fn unreadable_tls_files_fail_at_bind_and_leave_no_socket() {
 // The real binary under connection floods (GitHub issue 12, findings 7, 10a and 10e).
 // ---------------------------------------------------------------------------------------
 
-/// The real `portcullis serve` process, killed when dropped, its stderr kept.
-struct Binary {
-    child: std::process::Child,
-    grpc: std::net::SocketAddr,
-    http: Option<std::net::SocketAddr>,
-    log: Arc<std::sync::Mutex<String>>,
-    _dir: tempfile::TempDir,
+/// Serves `config` from `dir` (with an allow-all policy) through the shared harness;
+/// returns once the listeners are bound and the server is ready.
+fn serve_allowing_all(dir: tempfile::TempDir, config: &str) -> Binary {
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).expect("mkdir policies");
+    std::fs::write(
+        policies.join("allow.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .expect("write policy");
+    Binary::start_in(dir, config)
 }
 
+// A counter this file reads, on the shared harness's server.
 impl Binary {
-    /// Serves `config` from `dir` (with an allow-all policy); returns once the listeners
-    /// are bound and the server is ready.
-    fn start(dir: tempfile::TempDir, config: &str) -> Binary {
-        use std::io::BufRead;
-        use std::process::{Command, Stdio};
-        let policies = dir.path().join("policies");
-        std::fs::create_dir_all(&policies).expect("mkdir policies");
-        std::fs::write(
-            policies.join("allow.cedar"),
-            "permit (principal, action, resource);\n",
-        )
-        .expect("write policy");
-        let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start portcullis");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(std::sync::Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<(&'static str, String)>();
-        let writer = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                for (what, marker) in [
-                    ("grpc", "gRPC listening on "),
-                    ("http", "HTTP listening on "),
-                ] {
-                    if let Some(rest) = line.split(marker).nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        let _ = tx.send((what, addr.to_string()));
-                    }
-                }
-                if line.trim_end().ends_with(": ready") {
-                    let _ = tx.send(("ready", String::new()));
-                }
-                let mut log = writer.lock().expect("log");
-                if log.len() < 1 << 20 {
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        let wants_http = config.contains("\nhttp = ");
-        let (mut grpc, mut http, mut ready) = (None, None, false);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while grpc.is_none() || (wants_http && http.is_none()) || !ready {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(("grpc", a)) => grpc = Some(a.parse().expect("gRPC address")),
-                Ok(("http", a)) => http = Some(a.parse().expect("HTTP address")),
-                Ok(_) => ready = true,
-                Err(_) => {
-                    let exited = child.try_wait().expect("try_wait");
-                    assert!(
-                        exited.is_none() && std::time::Instant::now() < deadline,
-                        "portcullis did not start ({exited:?}):\n{}",
-                        log.lock().expect("log")
-                    );
-                }
-            }
-        }
-        Binary {
-            child,
-            grpc: grpc.expect("gRPC address"),
-            http,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn http(&self) -> std::net::SocketAddr {
-        self.http.expect("the HTTP listener is configured")
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log").clone()
-    }
-
     /// The value of the `portcullis_listener_events_total` counter for `listener` and
     /// `event` (0 when absent).
     async fn listener_events(&self, listener: &str, event: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.http()))
+        let text = reqwest::get(format!("http://{}/metrics", self.http_addr()))
             .await
             .expect("metrics")
             .text()
@@ -616,13 +535,6 @@ impl Binary {
         text.lines()
             .find_map(|l| l.strip_prefix(&wanted))
             .map_or(0, |v| v.trim().parse().expect("a counter"))
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -692,8 +604,8 @@ dir = "policies"
 audit = "audit.log"
 "#
     );
-    let server = Binary::start(dir, &config);
-    let addr = server.http();
+    let server = serve_allowing_all(dir, &config);
+    let addr = server.http_addr();
     const HEAD: &[u8] = b"POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{";
     let attackers: Vec<_> = (0..2 * SLOTS)
         .map(|_| {
@@ -816,7 +728,7 @@ async fn silent_clients_cannot_starve_tls_handshakes() {
     install_provider();
     let dir = tempfile::tempdir().expect("temp dir");
     let (trust, proxy) = mtls_files(dir.path());
-    let server = Binary::start(dir, MTLS_CONFIG);
+    let server = serve_allowing_all(dir, MTLS_CONFIG);
     let addr = server.grpc.to_string();
     let mut silent = Vec::new();
     for _ in 0..100 {
@@ -852,7 +764,7 @@ async fn failed_handshakes_are_logged_at_a_bounded_rate_and_all_counted() {
     install_provider();
     let dir = tempfile::tempdir().expect("temp dir");
     let (trust, proxy) = mtls_files(dir.path());
-    let server = Binary::start(dir, MTLS_CONFIG);
+    let server = serve_allowing_all(dir, MTLS_CONFIG);
     const FAILED: u64 = 200;
     for _ in 0..FAILED {
         let mut s = tokio::net::TcpStream::connect(server.grpc)

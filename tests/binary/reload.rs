@@ -247,15 +247,13 @@ async fn an_idle_server_does_not_reload() {
 // revocation lists, logs written into a watched directory.
 
 mod binary {
+    use super::common::binary::{Binary, run_command};
     use super::common::{check_at, outcome, request};
     use portcullis::demo::TokenSigner;
     use serde_json::json;
-    use std::io::{BufRead, BufReader};
-    use std::net::SocketAddr;
     use std::path::PathBuf;
-    use std::process::{Child, Command, ExitStatus, Stdio};
-    use std::sync::{Arc, Mutex, mpsc};
-    use std::time::{Duration, Instant};
+    use std::process::{Command, ExitStatus};
+    use std::time::Duration;
 
     pub const ISSUER: &str = "https://idp.test";
 
@@ -326,121 +324,34 @@ mod binary {
         /// Runs `portcullis <command> --config portcullis.toml`; it must exit within 20 s
         /// (a hang is killed and fails the test). Returns its status and standard error.
         pub fn run(&self, command: &str) -> (ExitStatus, String) {
-            let log = self.dir.path().join(format!("{command}.stderr"));
-            let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .arg(command)
-                .arg("--config")
-                .arg(self.path("portcullis.toml"))
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    return (status, std::fs::read_to_string(&log).unwrap_or_default());
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "portcullis {command} hung; its log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let config = self.path("portcullis.toml");
+            let config = config.to_str().expect("a UTF-8 path");
+            let ran = run_command(
+                &[command, "--config", config],
+                self.dir.path(),
+                Some("info"),
+                Duration::from_secs(20),
+            );
+            (ran.status, ran.stderr)
         }
 
         /// Starts `portcullis serve` and waits until it is ready.
         pub fn serve(&self) -> Served {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .arg("serve")
-                .arg("--config")
-                .arg(self.path("portcullis.toml"))
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stderr = child.stderr.take().unwrap();
-            let log = Arc::new(Mutex::new(String::new()));
-            let writer = log.clone();
-            let (tx, rx) = mpsc::channel::<(&'static str, String)>();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    for (what, marker) in [
-                        ("grpc", "gRPC listening on "),
-                        ("http", "HTTP listening on "),
-                    ] {
-                        if let Some(rest) = line.split(marker).nth(1) {
-                            let addr = rest.split_whitespace().next().unwrap_or_default();
-                            let _ = tx.send((what, addr.to_string()));
-                        }
-                    }
-                    if line.trim_end().ends_with(": ready") {
-                        let _ = tx.send(("ready", String::new()));
-                    }
-                    let mut log = writer.lock().unwrap();
-                    if log.len() < 1 << 20 {
-                        log.push_str(&line);
-                        log.push('\n');
-                    }
-                }
-            });
-            let (mut grpc, mut http, mut ready) = (None, None, false);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while grpc.is_none() || http.is_none() || !ready {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(("grpc", a)) => grpc = Some(a.parse().unwrap()),
-                    Ok(("http", a)) => http = Some(a.parse().unwrap()),
-                    Ok(_) => ready = true,
-                    Err(_) => {
-                        if let Ok(Some(status)) = child.try_wait() {
-                            panic!("portcullis exited ({status}):\n{}", log.lock().unwrap());
-                        }
-                        assert!(
-                            Instant::now() < deadline,
-                            "portcullis did not start:\n{}",
-                            log.lock().unwrap()
-                        );
-                    }
-                }
-            }
-            Served {
-                child,
-                grpc: grpc.unwrap(),
-                http: http.unwrap(),
-                log,
-            }
+            Served(Binary::serve(&self.path("portcullis.toml")))
         }
     }
 
-    pub struct Served {
-        child: Child,
-        pub grpc: SocketAddr,
-        pub http: SocketAddr,
-        pub log: Arc<Mutex<String>>,
-    }
-
-    impl Drop for Served {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    /// A server of a [`Setup`], killed when dropped.
+    pub struct Served(Binary);
 
     impl Served {
         pub async fn allowed(&self, token: &str) -> bool {
-            let resp = check_at(self.grpc, request("GET", "/x", None, Some(token))).await;
+            let resp = check_at(self.0.grpc, request("GET", "/x", None, Some(token))).await;
             outcome(&resp).0 == 0
         }
 
         pub async fn get(&self, path: &str) -> String {
-            reqwest::get(format!("http://{}{path}", self.http))
+            reqwest::get(format!("http://{}{path}", self.0.http_addr()))
                 .await
                 .unwrap()
                 .text()
@@ -459,7 +370,7 @@ mod binary {
         }
 
         pub fn log(&self) -> String {
-            self.log.lock().unwrap().clone()
+            self.0.log()
         }
     }
 }

@@ -167,6 +167,40 @@ pub fn world() -> &'static World {
     })
 }
 
+/// The DER of a PEM certificate.
+pub fn cert_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
+/// The SHA-256 of `der` in lower-case hex (a certificate's `Hash` in XFCC).
+pub fn sha256_hex(der: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A server directory holding `policies` as `policies/p.cedar`.
+pub fn policy_dir(policies: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir policies");
+    write(&dir.path().join("policies"), "p.cedar", policies);
+    dir
+}
+
+/// [`policy_dir`], trusting `ca` for client certificates (`ca.pem`) and `signer`'s key for
+/// tokens (`jwks.json`).
+pub fn trust_dir(policies: &str, ca: &Authority, signer: &TokenSigner) -> tempfile::TempDir {
+    let dir = policy_dir(policies);
+    write(dir.path(), "ca.pem", &ca.cert_pem());
+    write(dir.path(), "jwks.json", &portcullis::demo::jwks(&[signer]));
+    dir
+}
+
 pub fn now() -> i64 {
     portcullis::demo::unix_now()
 }

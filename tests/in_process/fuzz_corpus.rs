@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use crate::common::{cert_der, sha256_hex};
 use crate::oracle_model as oracle;
 
 type Harness = fn(&[u8]);
@@ -183,14 +184,6 @@ fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-fn sha256_hex(der: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A token with a header of our making and any signature bytes.
 fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
     format!(
@@ -248,13 +241,6 @@ fn material() -> Material {
         rs: TokenSigner::generate(Algorithm::RS256, "fuzz-rs256"),
         pem: TokenSigner::generate(Algorithm::ES256, "unused"),
     }
-}
-
-fn pem_der(pem: &str) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .expect("a PEM certificate")
-        .to_vec()
 }
 
 fn claims(sub: &str) -> Value {
@@ -408,12 +394,12 @@ fn write_seed_corpora() {
     s.put("traefik-der", b64(&m.batch.der));
     s.put(
         "traefik-der-chain",
-        format!("{},{}", b64(&m.batch.der), b64(&pem_der(&m.inter_pem))),
+        format!("{},{}", b64(&m.batch.der), b64(&cert_der(&m.inter_pem))),
     );
     s.put(
         "traefik-der-escaped",
         percent_encoding::utf8_percent_encode(
-            &format!("{},{}", b64(&m.batch.der), b64(&pem_der(&m.inter_pem))),
+            &format!("{},{}", b64(&m.batch.der), b64(&cert_der(&m.inter_pem))),
             percent_encoding::NON_ALPHANUMERIC,
         )
         .to_string(),
@@ -993,7 +979,7 @@ fn write_seed_corpora() {
             format!(
                 "X-Forwarded-Method: POST\nX-Forwarded-Uri: /orders\nX-Forwarded-Host: api.example.org\nX-Forwarded-Proto: https\nX-Forwarded-For: 203.0.113.9\nX-Client-Cert: {},{}\nCookie: theme=dark; session={alice}",
                 b64(&m.batch.der),
-                b64(&pem_der(&m.inter_pem))
+                b64(&cert_der(&m.inter_pem))
             ),
         ),
         (

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use common::{Authority, LeafSpec, TokenSigner, outcome, request, start_server};
+use common::{Authority, LeafSpec, TokenSigner, cert_der, outcome, request, start_server};
 use jsonwebtoken::Algorithm;
 use portcullis::proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use serde_json::json;
@@ -24,24 +24,10 @@ struct Doors {
     ca: Authority,
 }
 
-/// A server directory holding `POLICIES`.
-fn with_policies() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).unwrap();
-    dir
-}
-
 async fn doors() -> Doors {
-    let dir = with_policies();
     let ca = Authority::root("doors CA");
     let signer = TokenSigner::generate(Algorithm::ES256, "k");
-    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("jwks.json"),
-        portcullis::demo::jwks(&[&signer]),
-    )
-    .unwrap();
+    let dir = common::trust_dir(POLICIES, &ca, &signer);
     let config = r#"
 [server]
 http = "127.0.0.1:0"
@@ -107,14 +93,6 @@ impl Doors {
         }
         req.send().await.unwrap()
     }
-}
-
-/// The DER of a PEM certificate.
-fn der_of(pem: &str) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .expect("a PEM certificate")
-        .to_vec()
 }
 
 /// The parts of a reply that must agree between doors (not the per-decision id).
@@ -291,7 +269,7 @@ async fn traefik_style_certificate_headers_are_read_too() {
     let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
     let inter = d.ca.intermediate("doors intermediate");
     let leaf = inter.issue(&LeafSpec::spiffe("spiffe://example.org/svc"));
-    let inter_der = der_of(&inter.cert_pem());
+    let inter_der = cert_der(&inter.cert_pem());
     // Traefik's passTLSClientCert: base64 DER, the chain joined by commas, URL-escaped or not.
     let chain = format!("{},{}", b64(&leaf.der), b64(&inter_der));
     assert_eq!(d.with_cert(&chain).await, 200);
@@ -304,7 +282,7 @@ async fn traefik_style_certificate_headers_are_read_too() {
     // A chain cannot bring its own trust anchor.
     let rogue_root = Authority::root("rogue");
     let rogue = rogue_root.issue(&LeafSpec::spiffe("spiffe://example.org/svc"));
-    let rogue_root_der = der_of(&rogue_root.cert_pem());
+    let rogue_root_der = cert_der(&rogue_root.cert_pem());
     assert_eq!(
         d.with_cert(&format!("{},{}", b64(&rogue.der), b64(&rogue_root_der)))
             .await,
@@ -319,7 +297,7 @@ async fn traefik_style_certificate_headers_are_read_too() {
 async fn stalled_http_clients_are_cut_off_and_cannot_take_the_listener() {
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = with_policies();
+    let dir = common::policy_dir(POLICIES);
     let config = r#"
 [server]
 http = "127.0.0.1:0"

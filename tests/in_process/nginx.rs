@@ -381,15 +381,7 @@ async fn stack() -> Stack {
     let ca = Authority::root("nginx test CA");
     let signer = TokenSigner::generate(Algorithm::ES256, "k");
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).expect("write ca.pem");
-    std::fs::write(
-        dir.path().join("jwks.json"),
-        portcullis::demo::jwks(&[&signer]),
-    )
-    .expect("write jwks.json");
-    std::fs::create_dir(dir.path().join("policies")).expect("mkdir policies");
-    std::fs::write(dir.path().join("policies/p.cedar"), POLICIES).expect("write policies");
+    let dir = common::trust_dir(POLICIES, &ca, &signer);
     let server = start_server(dir, PORTCULLIS_CONFIG).await;
 
     let (upstream_addr, upstream) = start_upstream().await;

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use common::{Authority, ClientCert, LeafSpec, request};
+use common::{Authority, ClientCert, LeafSpec, request, sha256_hex};
 use portcullis::config::Settings;
 use portcullis::engine::{DenyReason, Engine};
 use portcullis::identity::CertRejection;
@@ -24,14 +24,6 @@ fn engine(root: &Authority, xfcc: &str) -> (tempfile::TempDir, Engine) {
     );
     let engine = Engine::load(&Settings::from_toml(&text, dir.path()).unwrap()).unwrap();
     (dir, engine)
-}
-
-fn sha256_hex(der: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn element(cert: &ClientCert, chain: Option<&str>) -> String {

@@ -3,12 +3,12 @@
 
 use crate::common;
 
+use common::binary::Binary;
 use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
@@ -26,31 +26,9 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
         "[server]\ngrpc = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[policy]\ndir = \"policies\"\n[log]\naudit = \"audit.log\"\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    let log_writer = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("gRPC listening on ").nth(1) {
-                let _ = addr_tx.send(addr.trim().to_string());
-            }
-            log_writer.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the server did not start");
+    let server = Binary::serve(&config);
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc))
         .unwrap()
         .connect()
         .await
@@ -85,7 +63,7 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
     let before = ok.load(Ordering::Relaxed);
     assert!(before > 0, "no load before SIGTERM");
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.pid.to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
@@ -108,19 +86,10 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
             );
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no exit after SIGTERM:\n{}",
-            log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no exit after SIGTERM:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{}", server.log());
     // Every decision made was delivered: as many audit lines as answers received.
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
     let answered = ok.load(Ordering::Relaxed);
@@ -129,5 +98,5 @@ async fn sigterm_during_load_finishes_in_flight_requests_and_exits_zero() {
         audit.lines().count()
     );
     assert_eq!(audit.lines().count(), answered);
-    assert!(log.lock().unwrap().contains("shutting down"));
+    assert!(server.log().contains("shutting down"));
 }

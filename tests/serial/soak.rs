@@ -12,19 +12,17 @@
 use crate::common;
 
 use base64::Engine as _;
+use common::binary::Binary;
 use common::{AUDIENCE, Authority, ISSUER, LeafSpec, READER, TokenSigner, outcome, request};
 use jsonwebtoken::Algorithm;
 use portcullis::proto::envoy::service::auth::v3::CheckRequest;
 use portcullis::proto::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Signing keys the rotation cycles through: k0 → {k0,k1} → k1 → {k1,k2} → … → k3 → {k3,k0}.
 const KEYS: usize = 4;
@@ -294,121 +292,6 @@ fn build(w: &World, class: Class, key: usize, pick: usize) -> CheckRequest {
     }
 }
 
-/// The real `portcullis serve` process, killed when dropped.
-struct Binary {
-    child: Mutex<Child>,
-    pid: u32,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Binary {
-    fn start(config: &std::path::Path) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start portcullis");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel::<(&'static str, String)>();
-        let log = Arc::new(Mutex::new(String::new()));
-        let writer = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                for (what, marker) in [
-                    ("grpc", "gRPC listening on "),
-                    ("http", "HTTP listening on "),
-                ] {
-                    if let Some(rest) = line.split(marker).nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        let _ = tx.send((what, addr.to_string()));
-                    }
-                }
-                if line.trim_end().ends_with(": ready") {
-                    let _ = tx.send(("ready", String::new()));
-                }
-                // Keep the start and the last part of the log (one line per reload).
-                let mut log = writer.lock().unwrap();
-                if log.len() > 4 << 20 {
-                    let cut = log.len() - (1 << 20);
-                    log.replace_range(..cut, "[...]\n");
-                }
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let (mut grpc, mut http, mut ready) = (None, None, false);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while grpc.is_none() || http.is_none() || !ready {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(("grpc", a)) => grpc = Some(a.parse().expect("gRPC address")),
-                Ok(("http", a)) => http = Some(a.parse().expect("HTTP address")),
-                Ok(_) => ready = true,
-                Err(_) => {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        panic!(
-                            "portcullis exited at start ({status}):\n{}",
-                            log.lock().unwrap()
-                        );
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "portcullis did not start:\n{}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
-        }
-        Binary {
-            pid: child.id(),
-            child: Mutex::new(child),
-            grpc: grpc.expect("gRPC address"),
-            http: http.expect("HTTP address"),
-            log,
-        }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
-    }
-
-    fn assert_alive(&self) {
-        if let Some(status) = self.child.lock().unwrap().try_wait().expect("try_wait") {
-            panic!("portcullis died ({status}):\n{}", self.log.lock().unwrap());
-        }
-    }
-
-    async fn client(&self) -> AuthorizationClient<Channel> {
-        let channel = Endpoint::from_shared(format!("http://{}", self.grpc))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to portcullis");
-        AuthorizationClient::new(channel)
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 /// The status code of a Check, or -1 for an RPC error.
 async fn code_of(client: &mut AuthorizationClient<Channel>, req: CheckRequest) -> i32 {
     let mut r = tonic::Request::new(req);
@@ -568,7 +451,7 @@ audit = "audit.log"
         ),
     )
     .unwrap();
-    let server = Arc::new(Binary::start(&config));
+    let server = Arc::new(Binary::serve(&config));
 
     // The key that clients sign with: the newest one confirmed published.
     let newest = Arc::new(AtomicUsize::new(0));
@@ -819,7 +702,7 @@ audit = "audit.log"
     );
 
     // Every change was one successful reload; none failed.
-    let metrics = reqwest::get(format!("http://{}/metrics", server.http))
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http_addr()))
         .await
         .expect("metrics")
         .text()
