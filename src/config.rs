@@ -606,7 +606,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
 
     let peer = raw.peer.map(|p| {
         for td in &p.trust_domains {
-            if let Err(e) = crate::identity::spiffe::TrustDomain::try_from(td.as_str()) {
+            if let Err(e) = crate::spiffe::TrustDomain::try_from(td.as_str()) {
                 problems.push(format!("peer.trust_domains: {e}"));
             }
         }
@@ -719,7 +719,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             }
             let algorithms = names
                 .iter()
-                .filter_map(|n| match crate::identity::keys::parse_allowed_algorithm(n) {
+                .filter_map(|n| match crate::jose::parse_allowed_algorithm(n) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         problems.push(format!("{at}: algorithms: {e}"));

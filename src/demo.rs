@@ -198,22 +198,7 @@ impl ClientCert {
     }
 }
 
-/// Envoy's escaping of the PEM it sends: newline, space, `+`, `/` and `=` (and `%`).
-pub fn envoy_url_encode(pem: &str) -> String {
-    let mut out = String::with_capacity(pem.len() * 11 / 10);
-    for c in pem.chars() {
-        match c {
-            '\n' => out.push_str("%0A"),
-            ' ' => out.push_str("%20"),
-            '+' => out.push_str("%2B"),
-            '/' => out.push_str("%2F"),
-            '=' => out.push_str("%3D"),
-            '%' => out.push_str("%25"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::facts::envoy_url_encode;
 
 type PemLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>;
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-/// Why a request was denied. Every variant has exactly one reply (see `decision.rs`).
+/// Why a request was denied. Every variant has exactly one reply (see `reply.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DenyReason {
     /// The request itself could not be read.
@@ -129,6 +129,46 @@ impl Decision {
     }
 }
 
+/// A request as a door received it: what [`Engine::answer`] decides.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Question<'a> {
+    /// An Envoy CheckRequest (the gRPC door, the JSON check API).
+    Check(&'a CheckRequest),
+    /// A request a proxy described directly (forward-auth, an embedding proxy).
+    Facts(&'a RequestFacts),
+    /// A request whose facts could not be read: denied (`unreadable_request`).
+    Unreadable(FactsError),
+    /// A CheckRequest that encoded to this many bytes, over `limits.max_message_bytes`:
+    /// denied (`request_too_large`) without being read.
+    TooLarge(usize),
+}
+
+/// A decision that has been recorded (metrics, audit line), with the reply settings it is
+/// rendered with: [`Answer::check_response`] and [`Answer::http_reply`] are the replies.
+#[derive(Debug)]
+pub struct Answer<'e> {
+    decision: Decision,
+    pub(crate) settings: &'e ResponseSettings,
+}
+
+impl Answer<'_> {
+    /// The decision.
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// The decision, without the reply settings.
+    pub fn into_decision(self) -> Decision {
+        self.decision
+    }
+
+    /// Whether the proxy should let the request through.
+    pub fn allowed(&self) -> bool {
+        self.decision.allowed()
+    }
+}
+
 /// What a reload replaces, as one immutable snapshot: a request sees the old one or the
 /// new one, never a mix.
 #[derive(Debug)]
@@ -163,7 +203,7 @@ struct Loaded {
 /// let decision = engine.decide(&facts, SystemTime::now());
 /// assert!(!decision.allowed());
 /// // The same decision as Envoy would receive it:
-/// let reply = portcullis::decision::check_response(&decision, engine.reply_settings());
+/// let reply = portcullis::reply::check_response(&decision, engine.reply_settings());
 /// assert_eq!(reply.status.map(|s| s.code), Some(16)); // UNAUTHENTICATED: nothing was presented
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -508,7 +548,7 @@ impl Engine {
 
     /// A decision for a CheckRequest that encoded to `size` bytes, over
     /// `limits.max_message_bytes`: denied without reading it.
-    pub fn too_large(&self, size: usize) -> Decision {
+    fn too_large(&self, size: usize) -> Decision {
         self.finish(
             Instant::now(),
             String::new(),
@@ -522,35 +562,35 @@ impl Engine {
         )
     }
 
-    /// Decides a CheckRequest; when the only problem is a token signed with a `kid` the
-    /// issuer's key set lacks, asks for one early key refresh (bounded wait, rate-limited)
-    /// and decides again. `now` is read for each attempt.
+    /// Answers one request as a door received it: decides it (with `[limits]` and one
+    /// early key refresh), records the decision (its metrics and its audit line), and
+    /// returns it with what its reply is rendered with ([`Answer::check_response`] for
+    /// Envoy, [`Answer::http_reply`] for a plain HTTP proxy). Every door of the server
+    /// calls this, once per request, and an embedding proxy should too.
     ///
-    /// This is the entry point of the server's doors: it also applies `[limits]`. Past
-    /// `max_concurrent` requests in flight it denies at once (`overloaded`), and a decision
-    /// not made within `request_timeout` of its start (reading the request included) is
-    /// denied (`deadline`).
-    pub async fn check_with_refresh(
-        &self,
-        request: &CheckRequest,
-        now: impl Fn() -> SystemTime,
-    ) -> Decision {
+    /// Limits: past `max_concurrent` requests in flight it denies at once (`overloaded`),
+    /// and a decision not made within `request_timeout` of its start (reading the request
+    /// included) is denied (`deadline`). When the only problem is a token signed with a
+    /// `kid` the issuer's key set lacks, it asks for one early key refresh (bounded wait,
+    /// rate-limited) and decides again; `now` is read for each attempt.
+    pub async fn answer(&self, question: Question<'_>, now: impl Fn() -> SystemTime) -> Answer<'_> {
         let deadline = Instant::now() + self.settings.limits.request_timeout;
-        match RequestFacts::from_check(request, &self.settings.limits) {
-            Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
-            Err(e) => self.unreadable(e),
+        let decision = match question {
+            Question::Check(request) => {
+                match RequestFacts::from_check(request, &self.settings.limits) {
+                    Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
+                    Err(e) => self.unreadable(e),
+                }
+            }
+            Question::Facts(facts) => self.decide_refreshing_by(facts, now, deadline).await,
+            Question::Unreadable(e) => self.unreadable(e),
+            Question::TooLarge(size) => self.too_large(size),
+        };
+        self.observe(&decision);
+        Answer {
+            decision,
+            settings: &self.reply,
         }
-    }
-
-    /// [`Engine::decide`], with the same one early key refresh and the same limits as
-    /// [`Engine::check_with_refresh`].
-    pub async fn decide_with_refresh(
-        &self,
-        facts: &RequestFacts,
-        now: impl Fn() -> SystemTime,
-    ) -> Decision {
-        let deadline = Instant::now() + self.settings.limits.request_timeout;
-        self.decide_refreshing_by(facts, now, deadline).await
     }
 
     /// SECURITY: the deadline holds two ways. The synchronous stages check it between
@@ -582,7 +622,7 @@ impl Engine {
     }
 
     /// A decision for a request whose facts could not be read.
-    pub fn unreadable(&self, error: FactsError) -> Decision {
+    fn unreadable(&self, error: FactsError) -> Decision {
         self.finish(
             Instant::now(),
             String::new(),
@@ -593,8 +633,8 @@ impl Engine {
         )
     }
 
-    /// Records a final decision: metrics and the audit line. Call once per request.
-    pub fn observe(&self, decision: &Decision) {
+    /// Records a final decision: metrics and the audit line. Once per request.
+    fn observe(&self, decision: &Decision) {
         let outcome = match (&decision.denial, decision.dry_run) {
             (None, _) => "allow",
             (Some(_), true) => "dry_run_deny",

@@ -2,7 +2,7 @@
 //! found, each rejection, the Cedar request, the decision, its determining policies and
 //! the exact reply out, as text for a person.
 
-use crate::decision::check_response;
+use crate::reply::check_response;
 use crate::engine::{Decision, Engine};
 use crate::identity::{PeerOutcome, TokenOutcome};
 use crate::proto::envoy::service::auth::v3::CheckRequest;

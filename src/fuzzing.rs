@@ -14,7 +14,7 @@ use crate::demo::{self, Authority, ClientCert, LeafSpec, TokenSigner};
 use crate::facts::{self, FactsError, RequestFacts};
 use crate::identity::keys::{KeySet, family_of};
 use crate::identity::revocation::RevocationList;
-use crate::identity::spiffe::SpiffeId;
+use crate::spiffe::SpiffeId;
 use crate::identity::{
     CertRejection, CertSources, PeerIdentity, PeerOutcome, PeerVerifier, TokenClaims, TokenOutcome,
     TokenSources, TokenVerifier, Verifier, xfcc,
@@ -1254,7 +1254,7 @@ fn settings_properties(s: &Settings) {
     if let Some(p) = &s.peer {
         assert!(p.trust_bundle.is_absolute());
         for td in &p.trust_domains {
-            assert!(crate::identity::spiffe::TrustDomain::try_from(td.as_str()).is_ok());
+            assert!(crate::spiffe::TrustDomain::try_from(td.as_str()).is_ok());
         }
         if let Some(h) = &p.header {
             header_name(h);

@@ -14,7 +14,7 @@
 
 pub mod audit;
 pub mod config;
-pub mod decision;
+
 pub mod demo;
 pub mod engine;
 pub mod explain;
@@ -24,10 +24,25 @@ pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+mod jose;
 pub mod metrics;
 pub mod policy;
 pub mod policytest;
 pub mod proto;
+pub mod reply;
 pub mod ratelog;
 pub mod reload;
 pub mod server;
+pub mod spiffe;
+#[cfg(test)]
+mod arrows;
+
+pub use config::Settings;
+pub use engine::{Answer, Background, Decision, DenyReason, Engine, Question};
+pub use facts::{FactsError, RequestFacts};
+pub use identity::{
+    CertRejection, Identity, PeerIdentity, PeerOutcome, TokenClaims, TokenOutcome, TokenRejection,
+};
+pub use proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+pub use reply::HttpReply;
+pub use spiffe::{SpiffeId, TrustDomain};

@@ -123,7 +123,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let (settings, engine) = load(&config)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(portcullis::server::serve(&settings, Arc::new(engine)))
+                .block_on(portcullis::server::run(&settings, Arc::new(engine)))
                 .map_err(|e| format!("server failed: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }

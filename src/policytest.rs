@@ -12,7 +12,7 @@
 
 use crate::config::{PolicySettings, line_col};
 use crate::facts::RequestFacts;
-use crate::identity::spiffe::SpiffeId;
+use crate::spiffe::SpiffeId;
 use crate::identity::{Identity, PeerIdentity, PeerOutcome, TokenClaims, TokenOutcome};
 use crate::policy::{PolicyOutcome, PolicySnapshot};
 use serde::Deserialize;

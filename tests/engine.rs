@@ -6,7 +6,7 @@ mod common;
 
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;
-use portcullis::decision::{DRY_RUN_HEADER, check_response};
+use portcullis::reply::{DRY_RUN_HEADER, check_response};
 use portcullis::demo::{Authority, LeafSpec, TokenSigner};
 use portcullis::engine::{DenyReason, Engine};
 use portcullis::proto::envoy::service::auth::v3::{CheckRequest, check_response::HttpResponse};

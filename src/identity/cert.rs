@@ -3,7 +3,8 @@
 //! configured anchors and intermediates, `now` passed in); x509-parser only reads fields
 //! of a certificate that has already been verified.
 
-use super::spiffe::{SpiffeError, SpiffeId, TrustDomain};
+use super::FormSlot;
+use crate::spiffe::{SpiffeError, SpiffeId, TrustDomain};
 use crate::config::PeerSettings;
 use base64::Engine as _;
 use rustls_pki_types::pem::PemObject;
@@ -76,17 +77,7 @@ pub struct PeerIdentity {
     sha256: [u8; 32],
     /// The certificate's Cedar form, built by the policy mapping on first use, replaced
     /// when policies that read a different part of it are loaded.
-    cedar: FormCell<crate::policy::mapping::PeerForm>,
-}
-
-/// A replaceable cached form; a copy starts with the same form.
-#[derive(Debug)]
-struct FormCell<T>(arc_swap::ArcSwapOption<T>);
-
-impl<T> Clone for FormCell<T> {
-    fn clone(&self) -> Self {
-        FormCell(arc_swap::ArcSwapOption::new(self.0.load_full()))
-    }
+    derived: FormSlot,
 }
 
 impl PeerIdentity {
@@ -118,8 +109,9 @@ impl PeerIdentity {
     pub fn not_after(&self) -> i64 {
         self.not_after
     }
-    pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::PeerForm> {
-        &self.cedar.0
+    /// Where a later stage keeps the form it derives from this certificate.
+    pub(crate) fn derived(&self) -> &FormSlot {
+        &self.derived
     }
     /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
     pub fn thumbprint(&self) -> String {
@@ -162,7 +154,7 @@ impl PeerIdentity {
             not_before: 0,
             not_after: i64::MAX,
             sha256: [0; 32],
-            cedar: FormCell(arc_swap::ArcSwapOption::empty()),
+            derived: FormSlot::default(),
         }
     }
 }
@@ -683,7 +675,7 @@ impl PeerVerifier {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             sha256,
-            cedar: FormCell(arc_swap::ArcSwapOption::empty()),
+            derived: FormSlot::default(),
         })
     }
 

@@ -103,9 +103,9 @@ struct Parsed {
     /// Every claim, as compact JSON text: a parsed map costs several times its text, and
     /// the claims are read whole only to build the token's Cedar form or to show it.
     claims: Box<str>,
-    /// The token's Cedar form, built by the policy mapping on first use.
-    /// Replaced when policies that read a different part of tokens are loaded.
-    cedar: arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm>,
+    /// Where a later stage keeps the form it derives from this token (the policy stage:
+    /// its Cedar form, replaced when policies that read a different part are loaded).
+    derived: super::FormSlot,
 }
 
 /// Claims of a token whose signature and claims verified. Only the verifier builds one.
@@ -149,8 +149,9 @@ impl TokenClaims {
     pub fn claims(&self) -> Map<String, Value> {
         serde_json::from_str(&self.parsed.claims).unwrap_or_default()
     }
-    pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm> {
-        &self.parsed.cedar
+    /// Where a later stage keeps the form it derives from this token.
+    pub(crate) fn derived(&self) -> &super::FormSlot {
+        &self.parsed.derived
     }
 }
 
@@ -188,7 +189,7 @@ impl TokenClaims {
                 x5t: None,
                 jti: None,
                 claims: Value::Object(claims).to_string().into(),
-                cedar: arc_swap::ArcSwapOption::empty(),
+                derived: super::FormSlot::default(),
             }),
             bound,
         }
@@ -755,7 +756,7 @@ fn parse_claims(
         jti,
         alg,
         claims: Value::Object(claims).to_string().into(),
-        cedar: arc_swap::ArcSwapOption::empty(),
+        derived: super::FormSlot::default(),
     })
 }
 

@@ -6,12 +6,13 @@ pub mod cert;
 pub mod jwt;
 pub mod keys;
 pub mod revocation;
-pub mod spiffe;
+mod slot;
 pub mod xfcc;
 
 use crate::facts::RequestFacts;
 pub use cert::{CertRejection, PeerIdentity, PeerVerifier};
 pub use jwt::{TokenClaims, TokenRejection, TokenVerifier};
+pub(crate) use slot::FormSlot;
 use rustls_pki_types::UnixTime;
 use std::time::{Duration, SystemTime};
 

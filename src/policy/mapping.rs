@@ -105,9 +105,9 @@ pub struct PeerForm {
 impl PeerForm {
     fn of(p: &PeerIdentity, demand: &Arc<Demand>) -> Arc<PeerForm> {
         kept_form(
-            p.cedar_form(),
+            p.derived(),
             demand,
-            |f| &f.demand,
+            |f: &PeerForm| &f.demand,
             || PeerForm {
                 demand: demand.clone(),
                 record: demand
@@ -139,9 +139,9 @@ pub struct TokenForm {
 impl TokenForm {
     fn of(t: &TokenClaims, demand: &Arc<Demand>) -> Arc<TokenForm> {
         kept_form(
-            t.cedar_form(),
+            t.derived(),
             demand,
-            |f| &f.demand,
+            |f: &TokenForm| &f.demand,
             || TokenForm::build(t, demand),
         )
     }
@@ -175,22 +175,22 @@ impl TokenForm {
     }
 }
 
-/// The form kept in `cell` when it was built for the same demand; else `build`'s, kept in
+/// The form kept in `slot` when it was built for the same demand; else `build`'s, kept in
 /// its place (a certificate's or token's form outlives a reload of the policies).
-fn kept_form<F>(
-    cell: &arc_swap::ArcSwapOption<F>,
+fn kept_form<F: Send + Sync + 'static>(
+    slot: &crate::identity::FormSlot,
     demand: &Arc<Demand>,
     built_for: impl Fn(&F) -> &Arc<Demand>,
     build: impl FnOnce() -> F,
 ) -> Arc<F> {
-    if let Some(form) = cell.load_full() {
+    if let Some(form) = slot.get::<F>() {
         let old = built_for(&form);
         if Arc::ptr_eq(old, demand) || **old == **demand {
             return form;
         }
     }
     let form = Arc::new(build());
-    cell.store(Some(form.clone()));
+    slot.set(form.clone());
     form
 }
 

@@ -3,7 +3,7 @@
 //! RPC errors into allows under `failure_mode_allow`.
 
 use crate::config::ResponseSettings;
-use crate::engine::{Decision, DenyReason};
+use crate::engine::{Answer, Decision, DenyReason};
 use crate::proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
@@ -146,6 +146,20 @@ fn metadata(decision: &Decision) -> Struct {
     );
     Struct {
         fields: fields.into_iter().collect(),
+    }
+}
+
+impl Answer<'_> {
+    /// The answer as Envoy's ext_authz reply: a successful RPC whose status is OK for an
+    /// allow, and for a deny the denial's gRPC code with a `denied_response`.
+    pub fn check_response(&self) -> CheckResponse {
+        check_response(self.decision(), self.settings)
+    }
+
+    /// The answer as a plain HTTP reply (forward-auth; an embedding proxy): 200 with the
+    /// identity headers to send upstream, or the denial's status, headers and body.
+    pub fn http_reply(&self) -> HttpReply {
+        http_reply(self.decision(), self.settings)
     }
 }
 
