@@ -13,6 +13,7 @@ use crate::identity::{
 };
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyOutcome, PolicySnapshot};
+use crate::problem::{LoadError, Problem};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use arc_swap::ArcSwap;
 use serde_json::json;
@@ -27,10 +28,13 @@ pub enum DenyReason {
     UnreadableRequest(FactsError),
     /// `peer.require` is set and no certificate was presented.
     CertificateRequired,
+    /// The presented certificate failed verification.
     Certificate(CertRejection),
+    /// The presented token failed verification.
     Token(TokenRejection),
     /// No permit matched. `anonymous` when no credential was verified at all.
     NoPermit {
+        /// No credential verified: the reply is 401 (authenticate), not 403.
         anonymous: bool,
     },
     /// A forbid policy matched.
@@ -78,16 +82,22 @@ fn decision_id() -> String {
 /// The outcome of one request.
 #[derive(Debug, Clone)]
 pub struct Decision {
+    /// This decision's id (a UUID), in the reply header, the metadata and the audit line.
     pub id: String,
+    /// The proxy's request id (`x-request-id`), when it sent one.
     pub request_id: String,
     /// `None` means allow.
     pub denial: Option<DenyReason>,
     /// Dry-run: a denial that was turned into an allow.
     pub dry_run: bool,
+    /// What became of the certificate and the token; `None` when the request was refused
+    /// before they were looked at (unreadable, overloaded, past the deadline).
     pub identity: Option<Identity>,
+    /// The policy evaluation; `None` when the request was refused before it.
     pub policy: Option<PolicyOutcome>,
     /// Human-readable reasons for the audit log and explanations (never a credential).
     pub reasons: Vec<String>,
+    /// How long the decision took, in microseconds.
     pub latency_us: u128,
 }
 
@@ -190,9 +200,8 @@ struct Loaded {
 ///     dir.path().join("policies/health.cedar"),
 ///     r#"permit (principal, action == Action::"GET", resource == Path::"/healthz");"#,
 /// )?;
-/// let settings = Settings::from_toml("[policy]\ndir = \"policies\"", dir.path())
-///     .map_err(|problems| problems.join("\n"))?;
-/// let engine = Engine::load(&settings).map_err(|problems| problems.join("\n"))?;
+/// let settings = Settings::from_toml("[policy]\ndir = \"policies\"", dir.path())?;
+/// let engine = Engine::load(&settings)?;
 ///
 /// let mut facts = RequestFacts { method: "GET".into(), path: "/healthz".into(), ..Default::default() };
 /// let decision = engine.decide(&facts, SystemTime::now());
@@ -255,12 +264,12 @@ impl Drop for Background {
 /// The key sets of issuers whose keys are files, by issuer.
 type KeyFiles = Vec<(String, KeySet)>;
 
-fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String>> {
+fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<Problem>> {
     let mut problems = Vec::new();
     let peer = match &settings.peer {
         None => None,
         Some(p) => PeerVerifier::load(p, settings.cache.certificates)
-            .map_err(|e| problems.extend(e))
+            .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
             .ok(),
     };
     let policy = policy::load(&settings.policy)
@@ -276,7 +285,7 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String
             Ok(keys) => key_files.push((issuer.issuer.clone(), keys)),
             Err(errs) => problems.extend(
                 errs.into_iter()
-                    .map(|e| format!("issuer \"{}\": {e}", issuer.issuer)),
+                    .map(|e| Problem::new(format!("issuer \"{}\": {e}", issuer.issuer))),
             ),
         }
     }
@@ -288,22 +297,22 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String
 
 impl Engine {
     /// Loads trust material, keys and policies; every problem is reported.
-    pub fn load(settings: &Settings) -> Result<Engine, Vec<String>> {
-        let mut problems = Vec::new();
+    pub fn load(settings: &Settings) -> Result<Engine, LoadError> {
+        let mut problems: Vec<Problem> = Vec::new();
         let metrics = Arc::new(Metrics::new());
         let tokens = TokenVerifier::load(&settings.issuers, &settings.token, settings.cache.tokens)
-            .map_err(|e| problems.extend(e))
+            .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
             .ok();
         let fetcher = tokens.as_ref().and_then(|t| {
             KeyFetcher::new(&settings.issuers, t, metrics.clone())
-                .map_err(|e| problems.extend(e))
+                .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
                 .ok()
         });
         let loaded = load_reloadable(settings)
             .map_err(|e| problems.extend(e))
             .ok();
         let audit = crate::audit::AuditLog::open(&settings.audit)
-            .map_err(|e| problems.push(e))
+            .map_err(|e| problems.push(Problem::new(e)))
             .ok();
         match (tokens, fetcher, loaded, audit) {
             (Some(tokens), Some(fetcher), Some((loaded, _)), Some(audit))
@@ -339,14 +348,14 @@ impl Engine {
                     in_flight: AtomicUsize::new(0),
                 })
             }
-            _ => Err(problems),
+            _ => Err(LoadError::new("", problems)),
         }
     }
 
     /// Re-reads policies, schema, entities, trust bundle, intermediates, CRLs and key files.
     /// A valid new set replaces the old one whole; an invalid one changes nothing, and its
     /// problems are logged, counted and shown in `/readyz` until a reload succeeds.
-    pub fn reload(&self) -> Result<(), Vec<String>> {
+    pub fn reload(&self) -> Result<(), LoadError> {
         let result = load_reloadable(&self.settings);
         self.metrics.reload(result.is_ok());
         match result {
@@ -367,14 +376,15 @@ impl Engine {
                 }
             }
             Err(problems) => {
+                let error = LoadError::new("reloading", problems);
                 tracing::error!(
                     "reload failed, the last good policies and trust material keep serving:\n  - {}",
-                    problems.join("\n  - ")
+                    error.messages().join("\n  - ")
                 );
                 if let Ok(mut e) = self.reload_error.lock() {
-                    *e = Some(problems.clone());
+                    *e = Some(error.messages());
                 }
-                return Err(problems);
+                return Err(error);
             }
         }
         Ok(())
@@ -426,10 +436,12 @@ impl Engine {
         })
     }
 
+    /// How many policies are loaded now.
     pub fn policy_count(&self) -> usize {
         self.loaded.load().policy.policy_count()
     }
 
+    /// Whether the loaded policies were validated against a schema.
     pub fn has_schema(&self) -> bool {
         self.loaded.load().policy.has_schema()
     }
@@ -465,14 +477,18 @@ impl Engine {
         (!problems.is_empty()).then_some(problems)
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    /// The engine's metrics, for the server's `/metrics`.
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    pub fn forward_auth(&self) -> Option<&crate::config::ForwardAuthSettings> {
+    /// The forward-auth door's settings, when it is configured.
+    pub(crate) fn forward_auth(&self) -> Option<&crate::config::ForwardAuthSettings> {
         self.settings.forward_auth.as_ref()
     }
 
+    /// What replies are rendered with (`[response]`): for a decision made with
+    /// [`Engine::decide`], which records nothing and renders nothing.
     pub fn reply_settings(&self) -> &ResponseSettings {
         &self.reply
     }
@@ -482,6 +498,7 @@ impl Engine {
         self.audit.flush(limit)
     }
 
+    /// The configured `[limits]`.
     pub fn limits(&self) -> &crate::config::Limits {
         &self.settings.limits
     }

@@ -11,13 +11,17 @@ use crate::config::Limits;
 /// The facts of one HTTP request, as the proxy reported them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
+    /// The proxy's request id, when it sent one.
     pub request_id: String,
+    /// The method, upper case.
     pub method: String,
     /// The path without its query string.
     pub path: String,
     /// The raw query string, without `?`.
     pub query: String,
+    /// The host (`:authority`).
     pub host: String,
+    /// The scheme the client used (`https`, `http`), when known.
     pub scheme: String,
     /// Lower-case names; duplicates joined with `,` as Envoy does. This is what policies
     /// see; security-relevant readers use [`RequestFacts::single`] instead.
@@ -25,33 +29,45 @@ pub struct RequestFacts {
     /// Every copy of each header that arrived more than once (by lower-case name, in
     /// arrival order); empty for the usual request.
     pub repeated: BTreeMap<String, Vec<String>>,
+    /// The client's address, when known.
     pub source_address: String,
     /// The client certificate as Envoy sends it: URL-encoded PEM.
     pub peer_certificate: Option<String>,
+    /// The route's `context_extensions` (Envoy), which policies read as `context.route`.
     pub context_extensions: BTreeMap<String, String>,
 }
 
 /// Why a request could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FactsError {
+    /// Request has no HTTP attributes.
     #[error("request has no HTTP attributes")]
     NoHttpRequest,
+    /// Request has no method.
     #[error("request has no method")]
     NoMethod,
+    /// Request has no path.
     #[error("request has no path")]
     NoPath,
+    /// More headers than `[limits] max_headers` (given).
     #[error("request has more than {0} headers")]
     TooManyHeaders(usize),
+    /// More header bytes than `[limits] max_header_bytes` (given).
     #[error("request headers are larger than {0} bytes")]
     HeadersTooLarge(usize),
+    /// A header (named) is not valid UTF-8.
     #[error("header \"{0}\" is not valid UTF-8")]
     HeaderEncoding(String),
+    /// The path is not in canonical form (why is given).
     #[error("path is not in canonical form ({0})")]
     NonCanonicalPath(&'static str),
+    /// Headers (named) disagree about the original request.
     #[error("headers {0} disagree about the original request")]
     ConflictingHeaders(String),
+    /// A security-relevant header (named) arrived more than once with different values.
     #[error("header \"{0}\" arrived more than once with different values")]
     RepeatedHeader(String),
+    /// `headers` and `header_map` disagree about a header (named).
     #[error("`headers` and `header_map` disagree about header \"{0}\"")]
     HeaderFormsDisagree(String),
 }

@@ -65,19 +65,9 @@ enum Command {
 
 fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
     let settings = Settings::load(config).map_err(|e| e.to_string())?;
-    portcullis::files::set_max_bytes(settings.limits.max_file_bytes);
-    let engine = Engine::load(&settings).map_err(|p| problems_message(config, p))?;
+    portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
+    let engine = Engine::load(&settings).map_err(|e| e.loading(config).to_string())?;
     Ok((settings, engine))
-}
-
-/// Every problem found loading `what`, one per line.
-fn problems_message(what: &std::path::Path, problems: Vec<String>) -> String {
-    let mut msg = format!("{} problem(s) loading {}:", problems.len(), what.display());
-    for p in problems {
-        msg.push_str("\n  - ");
-        msg.push_str(&p);
-    }
-    msg
 }
 
 fn main() -> ExitCode {
@@ -178,8 +168,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Test { dir } => {
-            let report =
-                portcullis::policytest::run_dir(&dir).map_err(|p| problems_message(&dir, p))?;
+            let report = portcullis::policytest::run_dir(&dir).map_err(|e| e.to_string())?;
             for line in &report.lines {
                 println!("{line}");
             }

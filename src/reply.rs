@@ -24,7 +24,9 @@ pub mod code {
     pub const UNAUTHENTICATED: i32 = 16;
 }
 
+/// The header that carries the decision id, on allows and denials.
 pub const DECISION_ID_HEADER: &str = "x-portcullis-decision-id";
+/// The header set upstream on a dry-run denial (a denial let through).
 pub const DRY_RUN_HEADER: &str = "x-portcullis-dry-run";
 const REALM: &str = "Bearer realm=\"portcullis\"";
 
@@ -304,8 +306,12 @@ mod tests {
 /// A decision as a plain HTTP answer, for the forward-auth door.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpReply {
+    /// 200 for an allow; the denial's status (401, 403, 400, 503...) otherwise.
     pub status: u16,
+    /// On an allow, the headers to set on the request upstream (and to remove from it
+    /// first, whatever the client sent); on a denial, the headers of the reply.
     pub headers: Vec<(String, String)>,
+    /// The body of a denial's reply; empty on an allow.
     pub body: String,
 }
 

@@ -66,6 +66,7 @@ impl KeySet {
     pub fn len(&self) -> usize {
         self.all.len()
     }
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
     }
@@ -98,6 +99,7 @@ impl KeySet {
     /// notes); a malformed signing key, a symmetric key, a duplicate `kid`, and a key unfit
     /// to verify ([`check_jwk`]: `use` not `sig`, `key_ops` without `verify`, a weak RSA
     /// key) are errors, each naming its key.
+    #[cfg(any(test, feature = "testing"))]
     pub fn from_jwks(text: &str) -> Result<(KeySet, Vec<String>), String> {
         let mut set = KeySet::default();
         let (notes, _) = set.add_jwks(text, Origin::File)?;

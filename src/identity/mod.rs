@@ -19,8 +19,11 @@ use std::time::{Duration, SystemTime};
 /// What became of the client certificate.
 #[derive(Debug, Clone)]
 pub enum PeerOutcome {
+    /// No certificate came with the request.
     NotPresented,
+    /// The certificate verified.
     Verified(std::sync::Arc<PeerIdentity>),
+    /// The certificate was presented and failed verification.
     Rejected(CertRejection),
     /// A certificate was presented but no trust bundle is configured to verify it.
     NotConfigured,
@@ -29,25 +32,32 @@ pub enum PeerOutcome {
 /// What became of the bearer token.
 #[derive(Debug, Clone)]
 pub enum TokenOutcome {
+    /// No token came with the request.
     NotPresented,
+    /// The token verified.
     Verified(TokenClaims),
+    /// The token was presented and failed verification.
     Rejected(TokenRejection),
 }
 
 /// Both outcomes of one request.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// What became of the client certificate.
     pub peer: PeerOutcome,
+    /// What became of the bearer token.
     pub token: TokenOutcome,
 }
 
 impl Identity {
+    /// The verified certificate, if one verified.
     pub fn peer(&self) -> Option<&PeerIdentity> {
         match &self.peer {
             PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         }
     }
+    /// The verified token, if one verified.
     pub fn token(&self) -> Option<&TokenClaims> {
         match &self.token {
             TokenOutcome::Verified(t) => Some(t),
@@ -239,6 +249,7 @@ impl Verifier {
         &self.tokens
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Verifies the request's certificate with `peer` (the current trust material, if a
     /// `[peer]` is configured), then its token (which may be bound to it).
     pub fn verify(

@@ -31,7 +31,9 @@ static KNOWN_TYPES: LazyLock<Vec<(&'static str, EntityTypeName)>> = LazyLock::ne
 /// A Cedar entity reference as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uid {
+    /// The entity type, such as `User`.
     pub kind: String,
+    /// The entity id.
     pub id: String,
 }
 
@@ -76,8 +78,11 @@ impl Uid {
 /// The Cedar request for one HTTP request, before conversion.
 #[derive(Debug, Clone)]
 pub struct CedarRequest {
+    /// The principal (`User`, `Workload`, `Anonymous`).
     pub principal: Uid,
+    /// The action (`Action::"GET"`).
     pub action: Uid,
+    /// The resource (`Path`, or the route's).
     pub resource: Uid,
     /// `context.request`.
     request: Value,
@@ -265,6 +270,7 @@ impl std::fmt::Debug for TokenForm {
 
 /// The Cedar request for `facts` and `identity`, with the credential headers hidden, for
 /// policies that read everything.
+#[cfg(any(test, feature = "testing"))]
 pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
     static EVERYTHING: LazyLock<Arc<Demand>> = LazyLock::new(|| Arc::new(Demand::everything()));
     map_request_hiding(facts, identity, &[], &EVERYTHING)

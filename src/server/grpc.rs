@@ -36,6 +36,7 @@ pub struct AuthorizationService {
 }
 
 impl AuthorizationService {
+    /// The service, deciding with `engine`.
     pub fn new(engine: Arc<Engine>) -> Self {
         AuthorizationService { engine }
     }
