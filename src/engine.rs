@@ -23,6 +23,7 @@ use std::time::{Instant, SystemTime};
 
 /// Why a request was denied. Every variant has exactly one reply (see `reply.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DenyReason {
     /// The request itself could not be read.
     UnreadableRequest(FactsError),
@@ -80,6 +81,7 @@ fn decision_id() -> String {
 }
 
 /// The outcome of one request.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct Decision {
     /// This decision's id (a UUID), in the reply header, the metadata and the audit line.

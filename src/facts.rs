@@ -39,6 +39,7 @@ pub struct RequestFacts {
 
 /// Why a request could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FactsError {
     /// Request has no HTTP attributes.
     #[error("request has no HTTP attributes")]

@@ -304,6 +304,7 @@ mod tests {
 }
 
 /// A decision as a plain HTTP answer, for the forward-auth door.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpReply {
     /// 200 for an allow; the denial's status (401, 403, 400, 503...) otherwise.

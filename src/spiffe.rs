@@ -4,6 +4,7 @@ use std::fmt;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 /// Why a SPIFFE ID or trust domain is not valid.
+#[non_exhaustive]
 pub enum SpiffeError {
     /// Not a `spiffe://` URI.
     #[error("\"{0}\" is not a spiffe:// URI")]

@@ -24,6 +24,7 @@ const MAX_DECODED: usize = 64;
 
 /// Why a presented certificate was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CertRejection {
     /// Certificate is larger than `max` bytes.
     #[error("certificate is larger than {max} bytes")]

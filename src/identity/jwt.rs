@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 /// Why a token was not accepted. Messages never contain the token.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TokenRejection {
     /// Token is larger than `max` bytes.
     #[error("token is larger than {max} bytes")]

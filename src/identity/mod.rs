@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 /// What became of the client certificate.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum PeerOutcome {
     /// No certificate came with the request.
     NotPresented,
@@ -31,6 +32,7 @@ pub enum PeerOutcome {
 
 /// What became of the bearer token.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum TokenOutcome {
     /// No token came with the request.
     NotPresented,
@@ -41,6 +43,7 @@ pub enum TokenOutcome {
 }
 
 /// Both outcomes of one request.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// What became of the client certificate.

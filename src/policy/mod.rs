@@ -18,6 +18,7 @@ pub use mapping::map_request;
 pub use mapping::{CedarRequest, Uid};
 
 /// What the policies said about one request.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct PolicyOutcome {
     /// Whether the policies permit the request.
