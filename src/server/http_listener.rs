@@ -1,6 +1,6 @@
 //! The HTTP listener: `/healthz` (the process answers), `/readyz` (every issuer that
 //! must have keys at start has them), `/metrics` (Prometheus, OpenMetrics text), and the
-//! HTTP doors of `http.rs` (JSON check API, forward-auth).
+//! HTTP doors of `http_doors.rs` (JSON check API, forward-auth).
 
 use super::linger::Lingering;
 use super::slots::{Activity, Slots, Tracked};
