@@ -194,8 +194,10 @@ struct Loaded {
 /// embed it the same way.
 ///
 /// ```
-/// use portcullis::{config::Settings, engine::Engine, facts::RequestFacts};
+/// use portcullis::{CheckRequest, Engine, Question, RequestFacts, Settings};
 /// use std::time::SystemTime;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let dir = tempfile::tempdir()?;
 /// # std::fs::create_dir(dir.path().join("policies"))?;
 /// std::fs::write(
@@ -205,18 +207,22 @@ struct Loaded {
 /// let settings = Settings::from_toml("[policy]\ndir = \"policies\"", dir.path())?;
 /// let engine = Engine::load(&settings)?;
 ///
-/// let mut facts = RequestFacts { method: "GET".into(), path: "/healthz".into(), ..Default::default() };
-/// let decision = engine.decide(&facts, SystemTime::now());
-/// assert!(decision.allowed());
-/// assert_eq!(decision.principal().as_deref(), Some("Anonymous::\"anonymous\""));
+/// // Decided, recorded, and rendered for a proxy that speaks plain HTTP:
+/// let facts = RequestFacts { method: "GET".into(), path: "/healthz".into(), ..Default::default() };
+/// let answer = engine.answer(Question::Facts(&facts), SystemTime::now).await;
+/// assert!(answer.allowed());
+/// assert_eq!(answer.decision().principal().as_deref(), Some("Anonymous::\"anonymous\""));
 ///
-/// facts.path = "/admin".into();
-/// let decision = engine.decide(&facts, SystemTime::now());
-/// assert!(!decision.allowed());
-/// // The same decision as Envoy would receive it:
-/// let reply = portcullis::reply::check_response(&decision, engine.reply_settings());
-/// assert_eq!(reply.status.map(|s| s.code), Some(16)); // UNAUTHENTICATED: nothing was presented
-/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// // An Envoy CheckRequest, answered as Envoy expects:
+/// let request: CheckRequest = Default::default(); // no HTTP attributes: unreadable
+/// let reply = engine.answer(Question::Check(&request), SystemTime::now).await.check_response();
+/// assert_eq!(reply.status.map(|s| s.code), Some(3)); // INVALID_ARGUMENT, a deny
+///
+/// // The pure decision, recorded nowhere:
+/// let facts = RequestFacts { method: "GET".into(), path: "/admin".into(), ..Default::default() };
+/// assert!(!engine.decide(&facts, SystemTime::now()).allowed());
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Engine {

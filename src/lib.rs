@@ -135,3 +135,8 @@ pub use spiffe::{SpiffeError, SpiffeId, TrustDomain};
 pub fn set_max_file_bytes(max: u64) {
     files::set_max_bytes(max);
 }
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

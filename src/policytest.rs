@@ -6,7 +6,7 @@
 //! A case states what a request would look like *after* verification: HTTP facts plus the
 //! verified certificate identity and token claims (never a real certificate or token). The
 //! runner builds [`RequestFacts`] and an [`Identity`] from it and asks
-//! [`PolicySnapshot::evaluate`], so the decision comes from the production mapping and
+//! `PolicySnapshot::evaluate`, so the decision comes from the production mapping and
 //! evaluation, with the engine's fail-closed reading: allowed only when Cedar allowed and
 //! no policy errored.
 

@@ -87,7 +87,7 @@ pub enum CertRejection {
 }
 
 /// A certificate that verified, with the fields policies may use.
-/// Only [`PeerVerifier::verify`] constructs one.
+/// Only the peer verifier constructs one.
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
     spiffe_id: Option<SpiffeId>,
