@@ -2,8 +2,8 @@
 //! subcommand. Exits non-zero with a clear message on any configuration problem.
 
 use clap::{Parser, Subcommand};
+use portcullis::Engine;
 use portcullis::config::Settings;
-use portcullis::engine::Engine;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
