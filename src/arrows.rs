@@ -20,6 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["identity"],
     &["fetch", "reload", "policy", "audit"],
     &["engine", "policytest"],
+    &["builder"],
     &["reply"],
     &["explain"],
     &["server"],

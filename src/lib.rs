@@ -8,7 +8,8 @@
 //!
 //! # Embedding the engine
 //!
-//! Load a [`Settings`] (the same TOML file the binary reads), build an [`Engine`] from it,
+//! Load a [`Settings`] (the same TOML file the binary reads) and build an [`Engine`] from it
+//! (or build one from parts with [`Engine::builder`]),
 //! describe each request as [`RequestFacts`], and ask [`Engine::answer`]. The [`Answer`]
 //! is recorded (metrics, audit line) and renders as a plain HTTP reply
 //! ([`Answer::http_reply`]) or as Envoy's [`CheckResponse`] ([`Answer::check_response`]).
@@ -94,6 +95,7 @@ pub mod server;
 
 internal! {
     audit,
+    builder,
     engine,
     facts,
     fetch,
@@ -117,6 +119,7 @@ pub mod fuzzing;
 #[cfg(test)]
 mod arrows;
 
+pub use builder::EngineBuilder;
 pub use config::Settings;
 pub use engine::{Answer, Background, Decision, DenyReason, Engine, Question};
 pub use facts::{FactsError, RequestFacts};
