@@ -20,7 +20,6 @@ use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use portcullis::proto::envoy::service::auth::v3::check_response::HttpResponse;
 use portcullis::{Engine, HttpReply, Question, RequestFacts, Settings};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 use std::net::SocketAddr;
@@ -77,15 +76,10 @@ pub async fn authorize(
     if !answer.allowed() {
         return Verdict::Deny(reply);
     }
-    // The HTTP reply lists the headers to set; the Envoy form of the same answer also
-    // lists the ones to remove (a client's copy of an identity header Portcullis did not
-    // set this time, an Authorization header to strip).
-    let remove = match answer.check_response().http_response {
-        Some(HttpResponse::OkResponse(ok)) => ok.headers_to_remove,
-        _ => Vec::new(),
-    };
+    // The headers to remove: a client's copy of an identity header Portcullis did not set
+    // this time, an Authorization header to strip.
     Verdict::Forward {
-        remove,
+        remove: reply.remove,
         set: reply.headers,
     }
 }

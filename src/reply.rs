@@ -309,9 +309,13 @@ mod tests {
 pub struct HttpReply {
     /// 200 for an allow; the denial's status (401, 403, 400, 503...) otherwise.
     pub status: u16,
-    /// On an allow, the headers to set on the request upstream (and to remove from it
-    /// first, whatever the client sent); on a denial, the headers of the reply.
+    /// On an allow, the headers to set on the request upstream, replacing whatever copies
+    /// the client sent; on a denial, the headers of the reply.
     pub headers: Vec<(String, String)>,
+    /// On an allow, the headers to remove from the request before it goes upstream: the
+    /// identity headers Portcullis did not set this time (a client's forged copy must not
+    /// pass) and, when configured, the credential headers. Empty on a denial.
+    pub remove: Vec<String>,
     /// The body of a denial's reply; empty on an allow.
     pub body: String,
 }
@@ -333,6 +337,7 @@ pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply
             HttpReply {
                 status: 200,
                 headers: h,
+                remove: ok.headers_to_remove,
                 body: String::new(),
             }
         }
@@ -344,6 +349,7 @@ pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply
                     .filter(|c| (400..600).contains(c))
                     .unwrap_or(403),
                 headers: headers(&denied.headers),
+                remove: Vec::new(),
                 body: denied.body,
             }
         }
@@ -351,6 +357,7 @@ pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply
         None => HttpReply {
             status: 403,
             headers: Vec::new(),
+            remove: Vec::new(),
             body: "forbidden\n".into(),
         },
     }

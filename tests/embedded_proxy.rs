@@ -146,6 +146,7 @@ issuer = "{ISSUER}"
 audiences = ["{AUDIENCE}"]
 jwks_file = "idp.jwks.json"
 algorithms = ["ES256"]
+claim_headers = {{ "x-user-email" = "email" }}
 
 [policy]
 dir = "policies"
@@ -409,6 +410,37 @@ async fn client_cannot_forge_the_principal_header() {
     assert_eq!(
         w.upstream.last_values(PRINCIPAL_HEADER),
         ["Anonymous::\"anonymous\""]
+    );
+}
+
+/// A claim header Portcullis sets from a token's claim (`x-user-email`) cannot be forged
+/// either: with a token it carries the token's claim, and without one (an anonymous allow,
+/// where Portcullis sets nothing) the client's copy is removed, not passed on.
+#[tokio::test]
+async fn client_cannot_forge_a_claim_header() {
+    let w = world().await;
+    let forged = ("x-user-email", "admin@example.org");
+    let cert = w.client_cert("reader");
+    let auth = bearer(&w.token(json!({"email": "alice@example.org"})));
+    let (status, _, _) = w
+        .send(
+            Some(&cert),
+            "/api/orders",
+            &[forged, ("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        w.upstream.last_values("x-user-email"),
+        ["alice@example.org"]
+    );
+
+    let (status, _, _) = w.send(None, "/public/status", &[forged]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(w.upstream.count(), 2);
+    assert!(
+        w.upstream.last_values("x-user-email").is_empty(),
+        "a client's copy of a claim header reached the upstream on an anonymous allow"
     );
 }
 
