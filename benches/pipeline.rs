@@ -403,7 +403,7 @@ fn entities(n: usize) -> String {
         .expect("enough entities for a tree with readers inside");
     let mut out = String::with_capacity(n * 120);
     let mut count = 0;
-    let mut entity = |id: std::fmt::Arguments, ty: &str, attrs: &str, parent: Option<usize>| {
+    let mut entity = |id: std::fmt::Arguments<'_>, ty: &str, attrs: &str, parent: Option<usize>| {
         out.push_str(if count == 0 { "[\n" } else { ",\n" });
         count += 1;
         write!(
@@ -654,6 +654,7 @@ impl Measurement for Clock {
 
 /// CPU time consumed by the calling thread.
 #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+#[allow(unsafe_code)] // one libc call; the workspace denies unsafe code everywhere else
 fn thread_cpu_time() -> Option<Duration> {
     /// `struct timespec` on 64-bit Linux: `time_t` and `long` are both 64 bits.
     #[repr(C)]

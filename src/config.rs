@@ -2,33 +2,12 @@
 //! into validated [`Settings`] with paths resolved against the file's directory. Every
 //! problem is collected and reported together, each with its location.
 
+use crate::problem::{LoadError, Problem};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Every problem found in a configuration file, reported at once.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigErrors {
-    pub file: PathBuf,
-    pub problems: Vec<String>,
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} problem(s) in configuration {}:",
-            self.problems.len(),
-            self.file.display()
-        )?;
-        for p in &self.problems {
-            write!(f, "\n  - {p}")?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,8 +182,11 @@ struct RawResponse {
 
 /// Whether denials are enforced or only reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Mode {
+    /// Denials are denied (the default).
     Enforce,
+    /// Denials are allowed, and reported as dry-run denials (header, metadata, audit).
     DryRun,
 }
 
@@ -212,6 +194,7 @@ pub enum Mode {
 /// every duration parsed, every default applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where the gRPC door listens (`[server] grpc`).
     pub grpc_listen: Listen,
     /// The forward-auth door on the HTTP listener, if configured.
     pub forward_auth: Option<ForwardAuthSettings>,
@@ -219,16 +202,25 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Where audit lines go (`[log] audit`).
     pub audit: AuditSink,
     /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`), if any.
     pub http_listen: Option<String>,
+    /// Whether denials are enforced (`[server] mode`).
     pub mode: Mode,
+    /// Client certificate verification (`[peer]`), if configured.
     pub peer: Option<PeerSettings>,
+    /// Where bearer tokens are read and how large they may be (`[token]`).
     pub token: TokenSettings,
+    /// The trusted token issuers (`[[issuer]]`).
     pub issuers: Vec<IssuerSettings>,
+    /// The Cedar policies, schema and entities (`[policy]`).
     pub policy: PolicySettings,
+    /// What an allow sends upstream (`[response]`).
     pub response: ResponseSettings,
+    /// Bounds on requests, connections and files (`[limits]`).
     pub limits: Limits,
+    /// Verification cache sizes (`[cache]`).
     pub cache: CacheSettings,
 }
 
@@ -314,7 +306,9 @@ impl Default for CacheSettings {
 
 /// Where the gRPC door listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Listen {
+    /// A TCP address.
     Tcp(std::net::SocketAddr),
     /// `unix:/path/to.sock`
     Unix(PathBuf),
@@ -329,23 +323,33 @@ impl fmt::Display for Listen {
     }
 }
 
+/// TLS for the gRPC listener (`[server.tls]`).
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
+    /// The listener's certificate chain (PEM), reloaded when it changes.
     pub cert: PathBuf,
+    /// The listener's private key (PEM).
     pub key: PathBuf,
+    /// With it, the proxy must present a certificate issued by one of these CAs (mTLS).
     pub client_ca: Option<PathBuf>,
 }
 
 /// Where audit lines (one JSON object per decision) go.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AuditSink {
+    /// Standard output.
     Stdout,
+    /// Standard error.
     Stderr,
+    /// A file, appended to.
     File(PathBuf),
 }
 
+/// Where bearer tokens are read (`[token]`).
 #[derive(Debug, Clone)]
 pub struct TokenSettings {
+    /// Largest token accepted, in bytes; a larger one is rejected before parsing.
     pub max_size: usize,
     /// The revocation list, reloaded when it changes.
     pub revoked: Option<PathBuf>,
@@ -358,8 +362,10 @@ pub struct TokenSettings {
     pub pass_schemes: Vec<String>,
 }
 
+/// What an allow sends upstream (`[response]`).
 #[derive(Debug, Clone)]
 pub struct ResponseSettings {
+    /// The header that carries the Cedar principal upstream.
     pub principal_header: String,
     /// By issuer: upstream header name -> claim name; scalar claims only. A token's claims
     /// fill only its own issuer's headers.
@@ -377,6 +383,7 @@ pub struct ResponseSettings {
 
 /// Where an issuer's keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KeySource {
     /// A JWKS file and/or PEM public keys, loaded at start-up.
     Files,
@@ -389,22 +396,36 @@ pub enum KeySource {
 /// How remote key sets are fetched and kept.
 #[derive(Debug, Clone)]
 pub struct FetchSettings {
+    /// CA certificates for the key server's TLS, instead of the system's roots.
     pub ca_bundle: Option<PathBuf>,
+    /// Shortest time between two refreshes, whatever the server's cache headers say.
     pub refresh_min: Duration,
+    /// Longest time between two refreshes.
     pub refresh_max: Duration,
+    /// The longest one fetch may take.
     pub timeout: Duration,
+    /// Largest key set document accepted, in bytes.
     pub max_size: usize,
+    /// Shortest time between two early refreshes asked for by a token with an unknown `kid`.
     pub unknown_kid_interval: Duration,
+    /// The longest a request waits for such an early refresh.
     pub unknown_kid_wait: Duration,
+    /// The longest keys are used after the last successful fetch; past it, tokens are rejected.
     pub max_staleness: Duration,
+    /// Whether the server is not ready until the first fetch succeeds.
     pub required_at_start: bool,
 }
 
+/// Client certificate verification (`[peer]`).
 #[derive(Debug, Clone)]
 pub struct PeerSettings {
+    /// The CA certificates client certificates must chain to (PEM).
     pub trust_bundle: PathBuf,
+    /// Intermediate CA certificates to build paths with (PEM).
     pub intermediates: Option<PathBuf>,
+    /// SPIFFE trust domains accepted; empty accepts any trust domain the bundle vouches for.
     pub trust_domains: Vec<String>,
+    /// Whether a request without a client certificate is denied.
     pub require: bool,
     /// Cap on the URL-encoded PEM as received, checked before decoding.
     pub max_size: usize,
@@ -423,6 +444,7 @@ pub struct PeerSettings {
 
 /// Trust in `x-forwarded-client-cert`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum XfccMode {
     /// Ignored, even when a client sends one.
     Off,
@@ -434,101 +456,154 @@ pub enum XfccMode {
 /// `forward_auth`, Envoy's HTTP ext_authz): where the original request's facts are read.
 #[derive(Debug, Clone)]
 pub struct ForwardAuthSettings {
+    /// The path the door answers on, on the HTTP listener.
     pub path: String,
-    /// Each list is tried in order; the first header present wins.
+    /// Headers carrying the original method. Each list is tried in order; the first
+    /// header present wins.
     pub method_headers: Vec<String>,
+    /// Headers carrying the original URI (path and query).
     pub uri_headers: Vec<String>,
+    /// Headers carrying the original host.
     pub host_headers: Vec<String>,
+    /// Headers carrying the original scheme.
     pub proto_headers: Vec<String>,
+    /// Headers carrying the original client address.
     pub source_headers: Vec<String>,
 }
 
+/// One trusted token issuer (`[[issuer]]`).
 #[derive(Debug, Clone)]
 pub struct IssuerSettings {
+    /// The `iss` value its tokens carry.
     pub issuer: String,
+    /// Audiences accepted; a token must name at least one.
     pub audiences: Vec<String>,
+    /// Where its keys come from.
     pub source: KeySource,
+    /// A JWKS file of its keys.
     pub jwks_file: Option<PathBuf>,
+    /// PEM public keys, each with the `kid` it answers to, if any.
     pub pem_keys: Vec<(PathBuf, Option<String>)>,
+    /// How remote key sets are fetched.
     pub fetch: FetchSettings,
+    /// Signature algorithms accepted (public-key only).
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
     pub leeway: Duration,
+    /// Longest `exp - iat` accepted.
     pub max_lifetime: Duration,
+    /// Claims a token must carry.
     pub required_claims: Vec<String>,
+    /// The `typ` header a token must carry, if any.
     pub typ: Option<String>,
+    /// Whether a token must be bound to the request's certificate (RFC 8705 `cnf`).
     pub require_binding: bool,
+    /// The claim that lists the user's groups.
     pub groups_claim: String,
+    /// Prefixed to subjects and groups, so that two issuers' ids never meet.
     pub id_prefix: String,
     /// Upstream header name -> claim name, for this issuer's tokens only.
     pub claim_headers: Vec<(String, String)>,
 }
 
+/// The Cedar policies, schema and entities (`[policy]`).
 #[derive(Debug, Clone)]
 pub struct PolicySettings {
+    /// The directory of `*.cedar` files.
     pub dir: PathBuf,
+    /// A Cedar schema; with it, policies are validated strictly at load.
     pub schema: Option<PathBuf>,
+    /// Static entities (Cedar JSON), such as groups and their parents.
     pub entities: Option<PathBuf>,
     /// Request headers policies never see besides `authorization`, `proxy-authorization`
     /// and `cookie`: the configured token header, which carries a credential.
     pub hidden_headers: Vec<String>,
 }
 
+/// `[server] grpc` by default.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9191";
+/// `[server] shutdown_grace` by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// `[token] max_size` by default.
 pub const DEFAULT_TOKEN_MAX_SIZE: usize = 8 * 1024;
+/// `[peer] max_size` by default.
 pub const DEFAULT_CERT_MAX_SIZE: usize = 32 * 1024;
 /// `[peer] max_request_intermediates` by default.
 pub const DEFAULT_MAX_REQUEST_INTERMEDIATES: usize = 4;
 /// The largest `[peer] max_request_intermediates`: webpki builds paths of at most six
 /// intermediates, so more could never help a path and would only widen its search.
 pub const MAX_REQUEST_INTERMEDIATES: usize = 6;
+/// An issuer's `leeway` by default.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// The largest `leeway` accepted.
 pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+/// An issuer's `max_lifetime` by default.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// `[response] principal_header` by default.
 pub const DEFAULT_PRINCIPAL_HEADER: &str = "x-portcullis-principal";
+/// `refresh_min` of a fetched key set by default.
 pub const DEFAULT_REFRESH_MIN: Duration = Duration::from_secs(60);
+/// `refresh_max` of a fetched key set by default.
 pub const DEFAULT_REFRESH_MAX: Duration = Duration::from_secs(3600);
+/// `timeout` of a key set fetch by default.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// `max_size` of a fetched key set by default.
 pub const DEFAULT_MAX_KEY_SET_SIZE: usize = 256 * 1024;
+/// `unknown_kid_interval` by default.
 pub const DEFAULT_UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(30);
+/// `unknown_kid_wait` by default.
 pub const DEFAULT_UNKNOWN_KID_WAIT: Duration = Duration::from_millis(150);
+/// `max_staleness` by default.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(12 * 3600);
 const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256", "EdDSA"];
 
 impl Settings {
     /// Reads and validates a configuration file.
-    pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
-        let fail = |problems| ConfigErrors {
-            file: path.to_path_buf(),
-            problems,
-        };
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("portcullis.toml");
+    /// std::fs::write(&path, "[policy]\ndir = \"policies\"\n[limits]\nmax_concurent = 8\n")?;
+    /// let error = portcullis::Settings::load(&path).unwrap_err();
+    /// let problem = &error.problems()[0];
+    /// assert_eq!(problem.line(), Some(4)); // where the unknown key is
+    /// assert!(problem.message().contains("max_concurent"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn load(path: &Path) -> Result<Settings, LoadError> {
+        let what = format!("in configuration {}", path.display());
         // The configuration names the cap for every other file; its own read has the default.
-        let text = crate::files::read_to_string(path).map_err(|e| fail(vec![e.to_string()]))?;
+        let text = crate::files::read_to_string(path)
+            .map_err(|e| LoadError::new(what.clone(), vec![Problem::new(e.to_string())]))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        Settings::from_toml(&text, base).map_err(fail)
+        Settings::parse(&text, base).map_err(|problems| LoadError::new(what, problems))
     }
 
     /// Parses TOML text; relative paths are resolved against `base`.
-    pub fn from_toml(text: &str, base: &Path) -> Result<Settings, Vec<String>> {
+    pub fn from_toml(text: &str, base: &Path) -> Result<Settings, LoadError> {
+        Settings::parse(text, base).map_err(|problems| LoadError::new("in configuration", problems))
+    }
+
+    fn parse(text: &str, base: &Path) -> Result<Settings, Vec<Problem>> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_error(text, &e)])?;
         let mut problems = Vec::new();
         let settings = validate(raw, base, &mut problems);
         if problems.is_empty() {
             Ok(settings)
         } else {
-            Err(problems)
+            Err(problems.into_iter().map(Problem::new).collect())
         }
     }
 }
 
-fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim_end_matches('\n');
+fn toml_error(text: &str, e: &toml::de::Error) -> Problem {
+    let problem = Problem::new(e.message().trim_end_matches('\n'));
     match e.span() {
         Some(span) => {
             let (line, col) = line_col(text, span.start);
-            format!("line {line}, column {col}: {msg}")
+            problem.at(line, col)
         }
-        None => msg.to_string(),
+        None => problem,
     }
 }
 
@@ -606,7 +681,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
 
     let peer = raw.peer.map(|p| {
         for td in &p.trust_domains {
-            if let Err(e) = crate::identity::spiffe::TrustDomain::try_from(td.as_str()) {
+            if let Err(e) = crate::spiffe::TrustDomain::try_from(td.as_str()) {
                 problems.push(format!("peer.trust_domains: {e}"));
             }
         }
@@ -719,7 +794,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             }
             let algorithms = names
                 .iter()
-                .filter_map(|n| match crate::identity::keys::parse_allowed_algorithm(n) {
+                .filter_map(|n| match crate::jose::parse_allowed_algorithm(n) {
                     Ok(a) => Some(a),
                     Err(e) => {
                         problems.push(format!("{at}: algorithms: {e}"));
@@ -1097,6 +1172,7 @@ mod tests {
         assert_eq!(s.peer.unwrap().max_request_intermediates, 0);
         let err = Settings::from_toml(&peer("max_request_intermediates = 7"), Path::new(""))
             .unwrap_err()
+            .messages()
             .join("\n");
         assert!(err.contains("peer.max_request_intermediates: 7"), "{err}");
         // A file issuer never waits for keys, so a short request_timeout is fine with it;
@@ -1107,6 +1183,7 @@ mod tests {
         let fetched = files.replace("jwks_file = \"k.json\"", "jwks_uri = \"https://i/k\"");
         let err = Settings::from_toml(&fetched, Path::new(""))
             .unwrap_err()
+            .messages()
             .join("\n");
         assert!(
             err.contains("must be longer than the unknown_kid_wait"),
@@ -1141,6 +1218,7 @@ mod tests {
         let both = "[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\ndiscovery = true\n";
         let err = Settings::from_toml(both, Path::new(""))
             .unwrap_err()
+            .messages()
             .join("\n");
         assert!(err.contains("choose one key source"), "{err}");
         let remote = "[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_uri = \"https://i/jwks\"\n";
@@ -1157,7 +1235,8 @@ mod tests {
             "[server]\ngrpc = \"127.0.0.1:1\"\nbogus = 1\n",
             Path::new(""),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .messages();
         assert_eq!(err.len(), 1);
         assert!(err[0].starts_with("line 3"), "{}", err[0]);
         assert!(err[0].contains("bogus"), "{}", err[0]);
@@ -1174,7 +1253,7 @@ algorithms = ["HS256", "none"]
 leeway = "forever"
 "#;
         let err = Settings::from_toml(text, Path::new("")).unwrap_err();
-        let all = err.join("\n");
+        let all = err.messages().join("\n");
         for needle in [
             "server.mode",
             "audiences",

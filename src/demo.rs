@@ -49,6 +49,7 @@ impl Authority {
         Authority { issuer }
     }
 
+    /// The CA's certificate, PEM.
     pub fn cert_pem(&self) -> String {
         self.issuer.pem()
     }
@@ -130,13 +131,21 @@ impl Authority {
 /// What a generated client certificate should look like.
 #[derive(Debug, Clone)]
 pub struct LeafSpec {
+    /// The subject's common name.
     pub common_name: String,
+    /// URI SANs (a SPIFFE ID goes here).
     pub uris: Vec<String>,
+    /// DNS SANs.
     pub dns: Vec<String>,
+    /// IP address SANs.
     pub ips: Vec<std::net::IpAddr>,
+    /// Start of validity.
     pub not_before: OffsetDateTime,
+    /// End of validity.
     pub not_after: OffsetDateTime,
+    /// Whether the certificate is for client authentication (extended key usage).
     pub client_auth: bool,
+    /// Whether the certificate is a CA (to test that one is refused as a client).
     pub ca: bool,
     /// Key usage keyCertSign on a leaf that is not a CA (X509-SVID forbids it; for tests).
     pub signing: bool,
@@ -173,8 +182,11 @@ impl LeafSpec {
 
 /// A generated certificate with its throwaway key.
 pub struct ClientCert {
+    /// The certificate, DER.
     pub der: Vec<u8>,
+    /// The certificate, PEM.
     pub pem: String,
+    /// Its private key, PEM (throwaway).
     pub key_pem: String,
 }
 
@@ -198,28 +210,15 @@ impl ClientCert {
     }
 }
 
-/// Envoy's escaping of the PEM it sends: newline, space, `+`, `/` and `=` (and `%`).
-pub fn envoy_url_encode(pem: &str) -> String {
-    let mut out = String::with_capacity(pem.len() * 11 / 10);
-    for c in pem.chars() {
-        match c {
-            '\n' => out.push_str("%0A"),
-            ' ' => out.push_str("%20"),
-            '+' => out.push_str("%2B"),
-            '/' => out.push_str("%2F"),
-            '=' => out.push_str("%3D"),
-            '%' => out.push_str("%25"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::facts::envoy_url_encode;
 
 type PemLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>;
 
 /// A token signing key of one algorithm.
 pub struct TokenSigner {
+    /// The algorithm it signs with.
     pub alg: Algorithm,
+    /// The `kid` its tokens name.
     pub kid: String,
     key: EncodingKey,
     key_pair: KeyPair,
@@ -308,11 +307,14 @@ pub fn jwks(signers: &[&TokenSigner]) -> String {
     serde_json::to_string_pretty(&json!({ "keys": keys })).expect("serialize JWKS")
 }
 
+/// Now, in seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// The demo identity provider's issuer.
 pub const DEMO_ISSUER: &str = "https://idp.example.org";
+/// The audience of the demo's tokens.
 pub const DEMO_AUDIENCE: &str = "orders";
 
 /// A CheckRequest in proto3 JSON, as Envoy would send it.

@@ -13,6 +13,7 @@ use crate::identity::{
 };
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicyOutcome, PolicySnapshot};
+use crate::problem::{LoadError, Problem};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use arc_swap::ArcSwap;
 use serde_json::json;
@@ -20,17 +21,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-/// Why a request was denied. Every variant has exactly one reply (see `decision.rs`).
+/// Why a request was denied. Every variant has exactly one reply (see `reply.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DenyReason {
     /// The request itself could not be read.
     UnreadableRequest(FactsError),
     /// `peer.require` is set and no certificate was presented.
     CertificateRequired,
+    /// The presented certificate failed verification.
     Certificate(CertRejection),
+    /// The presented token failed verification.
     Token(TokenRejection),
     /// No permit matched. `anonymous` when no credential was verified at all.
     NoPermit {
+        /// No credential verified: the reply is 401 (authenticate), not 403.
         anonymous: bool,
     },
     /// A forbid policy matched.
@@ -76,18 +81,25 @@ fn decision_id() -> String {
 }
 
 /// The outcome of one request.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct Decision {
+    /// This decision's id (a UUID), in the reply header, the metadata and the audit line.
     pub id: String,
+    /// The proxy's request id (`x-request-id`), when it sent one.
     pub request_id: String,
     /// `None` means allow.
     pub denial: Option<DenyReason>,
     /// Dry-run: a denial that was turned into an allow.
     pub dry_run: bool,
+    /// What became of the certificate and the token; `None` when the request was refused
+    /// before they were looked at (unreadable, overloaded, past the deadline).
     pub identity: Option<Identity>,
+    /// The policy evaluation; `None` when the request was refused before it.
     pub policy: Option<PolicyOutcome>,
     /// Human-readable reasons for the audit log and explanations (never a credential).
     pub reasons: Vec<String>,
+    /// How long the decision took, in microseconds.
     pub latency_us: u128,
 }
 
@@ -129,6 +141,46 @@ impl Decision {
     }
 }
 
+/// A request as a door received it: what [`Engine::answer`] decides.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Question<'a> {
+    /// An Envoy CheckRequest (the gRPC door, the JSON check API).
+    Check(&'a CheckRequest),
+    /// A request a proxy described directly (forward-auth, an embedding proxy).
+    Facts(&'a RequestFacts),
+    /// A request whose facts could not be read: denied (`unreadable_request`).
+    Unreadable(FactsError),
+    /// A CheckRequest that encoded to this many bytes, over `limits.max_message_bytes`:
+    /// denied (`request_too_large`) without being read.
+    TooLarge(usize),
+}
+
+/// A decision that has been recorded (metrics, audit line), with the reply settings it is
+/// rendered with: [`Answer::check_response`] and [`Answer::http_reply`] are the replies.
+#[derive(Debug)]
+pub struct Answer<'e> {
+    decision: Decision,
+    pub(crate) settings: &'e ResponseSettings,
+}
+
+impl Answer<'_> {
+    /// The decision.
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// The decision, without the reply settings.
+    pub fn into_decision(self) -> Decision {
+        self.decision
+    }
+
+    /// Whether the proxy should let the request through.
+    pub fn allowed(&self) -> bool {
+        self.decision.allowed()
+    }
+}
+
 /// What a reload replaces, as one immutable snapshot: a request sees the old one or the
 /// new one, never a mix.
 #[derive(Debug)]
@@ -142,30 +194,35 @@ struct Loaded {
 /// embed it the same way.
 ///
 /// ```
-/// use portcullis::{config::Settings, engine::Engine, facts::RequestFacts};
+/// use portcullis::{CheckRequest, Engine, Question, RequestFacts, Settings};
 /// use std::time::SystemTime;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let dir = tempfile::tempdir()?;
 /// # std::fs::create_dir(dir.path().join("policies"))?;
 /// std::fs::write(
 ///     dir.path().join("policies/health.cedar"),
 ///     r#"permit (principal, action == Action::"GET", resource == Path::"/healthz");"#,
 /// )?;
-/// let settings = Settings::from_toml("[policy]\ndir = \"policies\"", dir.path())
-///     .map_err(|problems| problems.join("\n"))?;
-/// let engine = Engine::load(&settings).map_err(|problems| problems.join("\n"))?;
+/// let settings = Settings::from_toml("[policy]\ndir = \"policies\"", dir.path())?;
+/// let engine = Engine::load(&settings)?;
 ///
-/// let mut facts = RequestFacts { method: "GET".into(), path: "/healthz".into(), ..Default::default() };
-/// let decision = engine.decide(&facts, SystemTime::now());
-/// assert!(decision.allowed());
-/// assert_eq!(decision.principal().as_deref(), Some("Anonymous::\"anonymous\""));
+/// // Decided, recorded, and rendered for a proxy that speaks plain HTTP:
+/// let facts = RequestFacts { method: "GET".into(), path: "/healthz".into(), ..Default::default() };
+/// let answer = engine.answer(Question::Facts(&facts), SystemTime::now).await;
+/// assert!(answer.allowed());
+/// assert_eq!(answer.decision().principal().as_deref(), Some("Anonymous::\"anonymous\""));
 ///
-/// facts.path = "/admin".into();
-/// let decision = engine.decide(&facts, SystemTime::now());
-/// assert!(!decision.allowed());
-/// // The same decision as Envoy would receive it:
-/// let reply = portcullis::decision::check_response(&decision, engine.reply_settings());
-/// assert_eq!(reply.status.map(|s| s.code), Some(16)); // UNAUTHENTICATED: nothing was presented
-/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// // An Envoy CheckRequest, answered as Envoy expects:
+/// let request: CheckRequest = Default::default(); // no HTTP attributes: unreadable
+/// let reply = engine.answer(Question::Check(&request), SystemTime::now).await.check_response();
+/// assert_eq!(reply.status.map(|s| s.code), Some(3)); // INVALID_ARGUMENT, a deny
+///
+/// // The pure decision, recorded nowhere:
+/// let facts = RequestFacts { method: "GET".into(), path: "/admin".into(), ..Default::default() };
+/// assert!(!engine.decide(&facts, SystemTime::now()).allowed());
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct Engine {
@@ -215,12 +272,12 @@ impl Drop for Background {
 /// The key sets of issuers whose keys are files, by issuer.
 type KeyFiles = Vec<(String, KeySet)>;
 
-fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String>> {
+fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<Problem>> {
     let mut problems = Vec::new();
     let peer = match &settings.peer {
         None => None,
         Some(p) => PeerVerifier::load(p, settings.cache.certificates)
-            .map_err(|e| problems.extend(e))
+            .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
             .ok(),
     };
     let policy = policy::load(&settings.policy)
@@ -236,7 +293,7 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String
             Ok(keys) => key_files.push((issuer.issuer.clone(), keys)),
             Err(errs) => problems.extend(
                 errs.into_iter()
-                    .map(|e| format!("issuer \"{}\": {e}", issuer.issuer)),
+                    .map(|e| Problem::new(format!("issuer \"{}\": {e}", issuer.issuer))),
             ),
         }
     }
@@ -248,22 +305,22 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<String
 
 impl Engine {
     /// Loads trust material, keys and policies; every problem is reported.
-    pub fn load(settings: &Settings) -> Result<Engine, Vec<String>> {
-        let mut problems = Vec::new();
+    pub fn load(settings: &Settings) -> Result<Engine, LoadError> {
+        let mut problems: Vec<Problem> = Vec::new();
         let metrics = Arc::new(Metrics::new());
         let tokens = TokenVerifier::load(&settings.issuers, &settings.token, settings.cache.tokens)
-            .map_err(|e| problems.extend(e))
+            .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
             .ok();
         let fetcher = tokens.as_ref().and_then(|t| {
             KeyFetcher::new(&settings.issuers, t, metrics.clone())
-                .map_err(|e| problems.extend(e))
+                .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
                 .ok()
         });
         let loaded = load_reloadable(settings)
             .map_err(|e| problems.extend(e))
             .ok();
         let audit = crate::audit::AuditLog::open(&settings.audit)
-            .map_err(|e| problems.push(e))
+            .map_err(|e| problems.push(Problem::new(e)))
             .ok();
         match (tokens, fetcher, loaded, audit) {
             (Some(tokens), Some(fetcher), Some((loaded, _)), Some(audit))
@@ -299,14 +356,14 @@ impl Engine {
                     in_flight: AtomicUsize::new(0),
                 })
             }
-            _ => Err(problems),
+            _ => Err(LoadError::new("", problems)),
         }
     }
 
     /// Re-reads policies, schema, entities, trust bundle, intermediates, CRLs and key files.
     /// A valid new set replaces the old one whole; an invalid one changes nothing, and its
     /// problems are logged, counted and shown in `/readyz` until a reload succeeds.
-    pub fn reload(&self) -> Result<(), Vec<String>> {
+    pub fn reload(&self) -> Result<(), LoadError> {
         let result = load_reloadable(&self.settings);
         self.metrics.reload(result.is_ok());
         match result {
@@ -327,14 +384,15 @@ impl Engine {
                 }
             }
             Err(problems) => {
+                let error = LoadError::new("reloading", problems);
                 tracing::error!(
                     "reload failed, the last good policies and trust material keep serving:\n  - {}",
-                    problems.join("\n  - ")
+                    error.messages().join("\n  - ")
                 );
                 if let Ok(mut e) = self.reload_error.lock() {
-                    *e = Some(problems.clone());
+                    *e = Some(error.messages());
                 }
-                return Err(problems);
+                return Err(error);
             }
         }
         Ok(())
@@ -386,10 +444,12 @@ impl Engine {
         })
     }
 
+    /// How many policies are loaded now.
     pub fn policy_count(&self) -> usize {
         self.loaded.load().policy.policy_count()
     }
 
+    /// Whether the loaded policies were validated against a schema.
     pub fn has_schema(&self) -> bool {
         self.loaded.load().policy.has_schema()
     }
@@ -425,14 +485,18 @@ impl Engine {
         (!problems.is_empty()).then_some(problems)
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    /// The engine's metrics, for the server's `/metrics`.
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    pub fn forward_auth(&self) -> Option<&crate::config::ForwardAuthSettings> {
+    /// The forward-auth door's settings, when it is configured.
+    pub(crate) fn forward_auth(&self) -> Option<&crate::config::ForwardAuthSettings> {
         self.settings.forward_auth.as_ref()
     }
 
+    /// What replies are rendered with (`[response]`): for a decision made with
+    /// [`Engine::decide`], which records nothing and renders nothing.
     pub fn reply_settings(&self) -> &ResponseSettings {
         &self.reply
     }
@@ -442,6 +506,7 @@ impl Engine {
         self.audit.flush(limit)
     }
 
+    /// The configured `[limits]`.
     pub fn limits(&self) -> &crate::config::Limits {
         &self.settings.limits
     }
@@ -508,7 +573,7 @@ impl Engine {
 
     /// A decision for a CheckRequest that encoded to `size` bytes, over
     /// `limits.max_message_bytes`: denied without reading it.
-    pub fn too_large(&self, size: usize) -> Decision {
+    fn too_large(&self, size: usize) -> Decision {
         self.finish(
             Instant::now(),
             String::new(),
@@ -522,35 +587,35 @@ impl Engine {
         )
     }
 
-    /// Decides a CheckRequest; when the only problem is a token signed with a `kid` the
-    /// issuer's key set lacks, asks for one early key refresh (bounded wait, rate-limited)
-    /// and decides again. `now` is read for each attempt.
+    /// Answers one request as a door received it: decides it (with `[limits]` and one
+    /// early key refresh), records the decision (its metrics and its audit line), and
+    /// returns it with what its reply is rendered with ([`Answer::check_response`] for
+    /// Envoy, [`Answer::http_reply`] for a plain HTTP proxy). Every door of the server
+    /// calls this, once per request, and an embedding proxy should too.
     ///
-    /// This is the entry point of the server's doors: it also applies `[limits]`. Past
-    /// `max_concurrent` requests in flight it denies at once (`overloaded`), and a decision
-    /// not made within `request_timeout` of its start (reading the request included) is
-    /// denied (`deadline`).
-    pub async fn check_with_refresh(
-        &self,
-        request: &CheckRequest,
-        now: impl Fn() -> SystemTime,
-    ) -> Decision {
+    /// Limits: past `max_concurrent` requests in flight it denies at once (`overloaded`),
+    /// and a decision not made within `request_timeout` of its start (reading the request
+    /// included) is denied (`deadline`). When the only problem is a token signed with a
+    /// `kid` the issuer's key set lacks, it asks for one early key refresh (bounded wait,
+    /// rate-limited) and decides again; `now` is read for each attempt.
+    pub async fn answer(&self, question: Question<'_>, now: impl Fn() -> SystemTime) -> Answer<'_> {
         let deadline = Instant::now() + self.settings.limits.request_timeout;
-        match RequestFacts::from_check(request, &self.settings.limits) {
-            Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
-            Err(e) => self.unreadable(e),
+        let decision = match question {
+            Question::Check(request) => {
+                match RequestFacts::from_check(request, &self.settings.limits) {
+                    Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
+                    Err(e) => self.unreadable(e),
+                }
+            }
+            Question::Facts(facts) => self.decide_refreshing_by(facts, now, deadline).await,
+            Question::Unreadable(e) => self.unreadable(e),
+            Question::TooLarge(size) => self.too_large(size),
+        };
+        self.observe(&decision);
+        Answer {
+            decision,
+            settings: &self.reply,
         }
-    }
-
-    /// [`Engine::decide`], with the same one early key refresh and the same limits as
-    /// [`Engine::check_with_refresh`].
-    pub async fn decide_with_refresh(
-        &self,
-        facts: &RequestFacts,
-        now: impl Fn() -> SystemTime,
-    ) -> Decision {
-        let deadline = Instant::now() + self.settings.limits.request_timeout;
-        self.decide_refreshing_by(facts, now, deadline).await
     }
 
     /// SECURITY: the deadline holds two ways. The synchronous stages check it between
@@ -582,7 +647,7 @@ impl Engine {
     }
 
     /// A decision for a request whose facts could not be read.
-    pub fn unreadable(&self, error: FactsError) -> Decision {
+    fn unreadable(&self, error: FactsError) -> Decision {
         self.finish(
             Instant::now(),
             String::new(),
@@ -593,8 +658,8 @@ impl Engine {
         )
     }
 
-    /// Records a final decision: metrics and the audit line. Call once per request.
-    pub fn observe(&self, decision: &Decision) {
+    /// Records a final decision: metrics and the audit line. Once per request.
+    fn observe(&self, decision: &Decision) {
         let outcome = match (&decision.denial, decision.dry_run) {
             (None, _) => "allow",
             (Some(_), true) => "dry_run_deny",

@@ -2,16 +2,18 @@
 //! found, each rejection, the Cedar request, the decision, its determining policies and
 //! the exact reply out, as text for a person.
 
-use crate::decision::check_response;
 use crate::engine::{Decision, Engine};
 use crate::identity::{PeerOutcome, TokenOutcome};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
+use crate::reply::check_response;
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
 /// The outcome of explaining one request.
 pub struct Explanation {
+    /// Whether the request would be let through.
     pub allowed: bool,
+    /// The explanation, for a person.
     pub text: String,
 }
 

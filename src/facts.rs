@@ -11,13 +11,17 @@ use crate::config::Limits;
 /// The facts of one HTTP request, as the proxy reported them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
+    /// The proxy's request id, when it sent one.
     pub request_id: String,
+    /// The method, upper case.
     pub method: String,
     /// The path without its query string.
     pub path: String,
     /// The raw query string, without `?`.
     pub query: String,
+    /// The host (`:authority`).
     pub host: String,
+    /// The scheme the client used (`https`, `http`), when known.
     pub scheme: String,
     /// Lower-case names; duplicates joined with `,` as Envoy does. This is what policies
     /// see; security-relevant readers use [`RequestFacts::single`] instead.
@@ -25,33 +29,46 @@ pub struct RequestFacts {
     /// Every copy of each header that arrived more than once (by lower-case name, in
     /// arrival order); empty for the usual request.
     pub repeated: BTreeMap<String, Vec<String>>,
+    /// The client's address, when known.
     pub source_address: String,
     /// The client certificate as Envoy sends it: URL-encoded PEM.
     pub peer_certificate: Option<String>,
+    /// The route's `context_extensions` (Envoy), which policies read as `context.route`.
     pub context_extensions: BTreeMap<String, String>,
 }
 
 /// Why a request could not be read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FactsError {
+    /// Request has no HTTP attributes.
     #[error("request has no HTTP attributes")]
     NoHttpRequest,
+    /// Request has no method.
     #[error("request has no method")]
     NoMethod,
+    /// Request has no path.
     #[error("request has no path")]
     NoPath,
+    /// More headers than `[limits] max_headers` (given).
     #[error("request has more than {0} headers")]
     TooManyHeaders(usize),
+    /// More header bytes than `[limits] max_header_bytes` (given).
     #[error("request headers are larger than {0} bytes")]
     HeadersTooLarge(usize),
+    /// A header (named) is not valid UTF-8.
     #[error("header \"{0}\" is not valid UTF-8")]
     HeaderEncoding(String),
+    /// The path is not in canonical form (why is given).
     #[error("path is not in canonical form ({0})")]
     NonCanonicalPath(&'static str),
+    /// Headers (named) disagree about the original request.
     #[error("headers {0} disagree about the original request")]
     ConflictingHeaders(String),
+    /// A security-relevant header (named) arrived more than once with different values.
     #[error("header \"{0}\" arrived more than once with different values")]
     RepeatedHeader(String),
+    /// `headers` and `header_map` disagree about a header (named).
     #[error("`headers` and `header_map` disagree about header \"{0}\"")]
     HeaderFormsDisagree(String),
 }
@@ -471,6 +488,91 @@ impl RequestFacts {
             ..facts
         })
     }
+
+    /// The facts of a request a proxy holds itself (a proxy that embeds the engine):
+    /// its method, its path with the query, its headers as received, the client
+    /// certificate of its connection as PEM (leaf first, then any intermediates) when the
+    /// client presented one, and the client's address. The same checks as the Envoy door
+    /// apply: header count and bytes within `limits`, a canonical path, repeated headers
+    /// kept apart. The host is the `host` header's; `scheme` is how the request arrived
+    /// (`"https"` or `"http"`).
+    pub fn from_http<'h>(
+        method: &str,
+        path_and_query: &str,
+        scheme: &str,
+        headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+        peer_certificate_pem: Option<&str>,
+        source: Option<std::net::SocketAddr>,
+        limits: &Limits,
+    ) -> Result<RequestFacts, FactsError> {
+        let mut budget = HeaderBudget {
+            limits,
+            count: 0,
+            bytes: 0,
+        };
+        let mut collected = Collected::default();
+        for (name, value) in headers {
+            budget.take(name, value.len())?;
+            let name = name.to_ascii_lowercase();
+            let value = String::from_utf8(value.to_vec())
+                .map_err(|_| FactsError::HeaderEncoding(name.clone()))?;
+            collected.add(name, value);
+        }
+        if method.is_empty() {
+            return Err(FactsError::NoMethod);
+        }
+        if path_and_query.is_empty() {
+            return Err(FactsError::NoPath);
+        }
+        let (path, query) = split_path_with(path_and_query, limits.strict_paths)?;
+        let facts = RequestFacts {
+            headers: collected.joined,
+            repeated: collected.repeated,
+            ..RequestFacts::default()
+        };
+        // SECURITY: the host decides which policies apply to a request; two differing
+        // copies are refused, not joined or one picked.
+        let host = facts
+            .single("host")
+            .map_err(|RepeatedHeader(n)| FactsError::RepeatedHeader(n))?
+            .unwrap_or_default()
+            .to_string();
+        Ok(RequestFacts {
+            request_id: facts
+                .headers
+                .get("x-request-id")
+                .cloned()
+                .unwrap_or_default(),
+            method: method.to_ascii_uppercase(),
+            path,
+            query,
+            host,
+            scheme: scheme.to_string(),
+            source_address: source.map(|a| a.ip().to_string()).unwrap_or_default(),
+            peer_certificate: peer_certificate_pem
+                .filter(|pem| !pem.is_empty())
+                .map(envoy_url_encode),
+            context_extensions: BTreeMap::new(),
+            ..facts
+        })
+    }
+}
+
+/// Envoy's escaping of the PEM it sends: newline, space, `+`, `/` and `=` (and `%`).
+pub fn envoy_url_encode(pem: &str) -> String {
+    let mut out = String::with_capacity(pem.len() * 11 / 10);
+    for c in pem.chars() {
+        match c {
+            '\n' => out.push_str("%0A"),
+            ' ' => out.push_str("%20"),
+            '+' => out.push_str("%2B"),
+            '/' => out.push_str("%2F"),
+            '=' => out.push_str("%3D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn non_empty(s: &str) -> Option<String> {

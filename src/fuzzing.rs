@@ -14,13 +14,13 @@ use crate::demo::{self, Authority, ClientCert, LeafSpec, TokenSigner};
 use crate::facts::{self, FactsError, RequestFacts};
 use crate::identity::keys::{KeySet, family_of};
 use crate::identity::revocation::RevocationList;
-use crate::identity::spiffe::SpiffeId;
 use crate::identity::{
     CertRejection, CertSources, PeerIdentity, PeerOutcome, PeerVerifier, TokenClaims, TokenOutcome,
     TokenSources, TokenVerifier, Verifier, xfcc,
 };
 use crate::proto;
 use crate::proto::envoy::service::auth::v3::CheckRequest;
+use crate::spiffe::SpiffeId;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use prost::Message as _;
@@ -1180,7 +1180,8 @@ pub fn config(data: &[u8]) {
     };
     match Settings::from_toml(text, Path::new("/etc/portcullis")) {
         Ok(s) => settings_properties(&s),
-        Err(problems) => {
+        Err(error) => {
+            let problems = error.messages();
             assert!(!problems.is_empty(), "refused without a problem");
             for p in &problems {
                 assert_message(p);
@@ -1254,7 +1255,7 @@ fn settings_properties(s: &Settings) {
     if let Some(p) = &s.peer {
         assert!(p.trust_bundle.is_absolute());
         for td in &p.trust_domains {
-            assert!(crate::identity::spiffe::TrustDomain::try_from(td.as_str()).is_ok());
+            assert!(crate::spiffe::TrustDomain::try_from(td.as_str()).is_ok());
         }
         if let Some(h) = &p.header {
             header_name(h);

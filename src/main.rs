@@ -2,8 +2,8 @@
 //! subcommand. Exits non-zero with a clear message on any configuration problem.
 
 use clap::{Parser, Subcommand};
+use portcullis::Engine;
 use portcullis::config::Settings;
-use portcullis::engine::Engine;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -65,19 +65,9 @@ enum Command {
 
 fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
     let settings = Settings::load(config).map_err(|e| e.to_string())?;
-    portcullis::files::set_max_bytes(settings.limits.max_file_bytes);
-    let engine = Engine::load(&settings).map_err(|p| problems_message(config, p))?;
+    portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
+    let engine = Engine::load(&settings).map_err(|e| e.loading(config).to_string())?;
     Ok((settings, engine))
-}
-
-/// Every problem found loading `what`, one per line.
-fn problems_message(what: &std::path::Path, problems: Vec<String>) -> String {
-    let mut msg = format!("{} problem(s) loading {}:", problems.len(), what.display());
-    for p in problems {
-        msg.push_str("\n  - ");
-        msg.push_str(&p);
-    }
-    msg
 }
 
 fn main() -> ExitCode {
@@ -123,7 +113,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let (settings, engine) = load(&config)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(portcullis::server::serve(&settings, Arc::new(engine)))
+                .block_on(portcullis::server::run(&settings, Arc::new(engine)))
                 .map_err(|e| format!("server failed: {e}"))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -178,8 +168,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Test { dir } => {
-            let report =
-                portcullis::policytest::run_dir(&dir).map_err(|p| problems_message(&dir, p))?;
+            let report = portcullis::policytest::run_dir(&dir).map_err(|e| e.to_string())?;
             for line in &report.lines {
                 println!("{line}");
             }

@@ -6,15 +6,16 @@
 //! A case states what a request would look like *after* verification: HTTP facts plus the
 //! verified certificate identity and token claims (never a real certificate or token). The
 //! runner builds [`RequestFacts`] and an [`Identity`] from it and asks
-//! [`PolicySnapshot::evaluate`], so the decision comes from the production mapping and
+//! `PolicySnapshot::evaluate`, so the decision comes from the production mapping and
 //! evaluation, with the engine's fail-closed reading: allowed only when Cedar allowed and
 //! no policy errored.
 
 use crate::config::{PolicySettings, line_col};
 use crate::facts::RequestFacts;
-use crate::identity::spiffe::SpiffeId;
 use crate::identity::{Identity, PeerIdentity, PeerOutcome, TokenClaims, TokenOutcome};
 use crate::policy::{PolicyOutcome, PolicySnapshot};
+use crate::problem::{LoadError, Problem};
+use crate::spiffe::SpiffeId;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,7 +32,9 @@ const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "c
 /// The outcome of a test run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
+    /// Cases that passed.
     pub passed: usize,
+    /// Cases that failed.
     pub failed: usize,
     /// One line per case, in file then case order: `ok  <file>: <name>` or
     /// `FAIL <file>: <name>: expected <...>, got <...>`.
@@ -144,7 +147,7 @@ struct Case {
 
 /// Loads the policies in `dir` and runs every case in `dir/tests/*.toml` against them.
 /// `Err` lists every problem that kept the policies or the cases from loading.
-pub fn run_dir(dir: &Path) -> Result<Report, Vec<String>> {
+pub fn run_dir(dir: &Path) -> Result<Report, LoadError> {
     let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
     let settings = PolicySettings {
         dir: dir.to_path_buf(),
@@ -154,7 +157,7 @@ pub fn run_dir(dir: &Path) -> Result<Report, Vec<String>> {
     };
     let mut problems = Vec::new();
     let snapshot = crate::policy::load(&settings)
-        .map_err(|errs| problems.extend(errs))
+        .map_err(|errs| problems.extend(errs.iter().map(Problem::to_string)))
         .ok();
     let cases = load_cases(&dir.join("tests"), &mut problems);
     if let Some(snapshot) = &snapshot {
@@ -162,7 +165,10 @@ pub fn run_dir(dir: &Path) -> Result<Report, Vec<String>> {
     }
     match snapshot {
         Some(snapshot) if problems.is_empty() => Ok(run(&snapshot, &cases)),
-        _ => Err(problems),
+        _ => Err(LoadError::new(
+            format!("loading {}", dir.display()),
+            problems.into_iter().map(Problem::new).collect(),
+        )),
     }
 }
 

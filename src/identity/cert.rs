@@ -3,7 +3,8 @@
 //! configured anchors and intermediates, `now` passed in); x509-parser only reads fields
 //! of a certificate that has already been verified.
 
-use super::spiffe::{SpiffeError, SpiffeId, TrustDomain};
+use super::FormSlot;
+use crate::spiffe::{SpiffeError, SpiffeId, TrustDomain};
 use crate::config::PeerSettings;
 use base64::Engine as _;
 use rustls_pki_types::pem::PemObject;
@@ -23,45 +24,70 @@ const MAX_DECODED: usize = 64;
 
 /// Why a presented certificate was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CertRejection {
+    /// Certificate is larger than `max` bytes.
     #[error("certificate is larger than {max} bytes")]
-    TooLarge { max: usize },
+    TooLarge {
+        /// `[peer] max_size`.
+        max: usize,
+    },
+    /// Certificate is not URL-encoded PEM.
     #[error("certificate is not URL-encoded PEM")]
     Encoding,
+    /// Not exactly one PEM certificate (how many were found is given).
     #[error("expected exactly one PEM certificate, found {0}")]
     Count(usize),
+    /// The request brought `found` intermediate certificates, more than the `max` allowed (peer.max_request_intermediates).
     #[error(
         "the request brought {found} intermediate certificates, more than the {max} allowed (peer.max_request_intermediates)"
     )]
-    TooManyIntermediates { found: usize, max: usize },
+    TooManyIntermediates {
+        /// How many the request brought.
+        found: usize,
+        /// `[peer] max_request_intermediates`.
+        max: usize,
+    },
+    /// The certificate does not chain to a trusted CA (the reason is given).
     #[error("certificate does not chain to a trusted CA: {0}")]
     UnknownIssuer(String),
+    /// Certificate has expired.
     #[error("certificate has expired")]
     Expired,
+    /// Certificate is not yet valid.
     #[error("certificate is not yet valid")]
     NotYetValid,
+    /// Certificate is not valid for client authentication.
     #[error("certificate is not valid for client authentication")]
     Usage,
+    /// Certificate has been revoked (CRL).
     #[error("certificate has been revoked (CRL)")]
     Revoked,
+    /// `x-forwarded-client-cert` could not be used (the reason is given).
     #[error("x-forwarded-client-cert: {0}")]
     Xfcc(String),
+    /// A CA certificate was presented as the client certificate.
     #[error("a CA certificate was presented as the client certificate")]
     CaAsLeaf,
+    /// The certificate was rejected by path validation (the reason is given).
     #[error("certificate rejected: {0}")]
     Invalid(String),
+    /// A SPIFFE certificate without exactly one URI SAN (how many is given).
     #[error("SPIFFE certificate must carry exactly one URI SAN, found {0}")]
     SpiffeUriCount(usize),
+    /// SPIFFE certificate must not be able to sign certificates or CRLs.
     #[error("SPIFFE certificate must not be able to sign certificates or CRLs")]
     SpiffeSigningLeaf,
+    /// The SPIFFE ID is invalid.
     #[error("SPIFFE ID is invalid: {0}")]
     SpiffeId(SpiffeError),
+    /// The trust domain (given) is not one of the configured trust domains.
     #[error("trust domain \"{0}\" is not one of the configured trust domains")]
     ForeignTrustDomain(String),
 }
 
 /// A certificate that verified, with the fields policies may use.
-/// Only [`PeerVerifier::verify`] constructs one.
+/// Only the peer verifier constructs one.
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
     spiffe_id: Option<SpiffeId>,
@@ -76,35 +102,31 @@ pub struct PeerIdentity {
     sha256: [u8; 32],
     /// The certificate's Cedar form, built by the policy mapping on first use, replaced
     /// when policies that read a different part of it are loaded.
-    cedar: FormCell<crate::policy::mapping::PeerForm>,
-}
-
-/// A replaceable cached form; a copy starts with the same form.
-#[derive(Debug)]
-struct FormCell<T>(arc_swap::ArcSwapOption<T>);
-
-impl<T> Clone for FormCell<T> {
-    fn clone(&self) -> Self {
-        FormCell(arc_swap::ArcSwapOption::new(self.0.load_full()))
-    }
+    derived: FormSlot,
 }
 
 impl PeerIdentity {
+    /// The SPIFFE ID (the one URI SAN of a SPIFFE certificate), if it is one.
     pub fn spiffe_id(&self) -> Option<&SpiffeId> {
         self.spiffe_id.as_ref()
     }
+    /// The URI subject alternative names.
     pub fn uri_sans(&self) -> &[String] {
         &self.uri_sans
     }
+    /// The DNS subject alternative names.
     pub fn dns_sans(&self) -> &[String] {
         &self.dns_sans
     }
+    /// The email subject alternative names.
     pub fn email_sans(&self) -> &[String] {
         &self.email_sans
     }
+    /// The subject's distinguished name, as text.
     pub fn subject(&self) -> &str {
         &self.subject
     }
+    /// The issuer's distinguished name, as text.
     pub fn issuer(&self) -> &str {
         &self.issuer
     }
@@ -112,14 +134,17 @@ impl PeerIdentity {
     pub fn serial(&self) -> &str {
         &self.serial
     }
+    /// Start of validity, in seconds since the Unix epoch.
     pub fn not_before(&self) -> i64 {
         self.not_before
     }
+    /// End of validity, in seconds since the Unix epoch.
     pub fn not_after(&self) -> i64 {
         self.not_after
     }
-    pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::PeerForm> {
-        &self.cedar.0
+    /// Where a later stage keeps the form it derives from this certificate.
+    pub(crate) fn derived(&self) -> &FormSlot {
+        &self.derived
     }
     /// SHA-256 of the DER certificate, base64url without padding: RFC 8705 `x5t#S256`.
     pub fn thumbprint(&self) -> String {
@@ -162,7 +187,7 @@ impl PeerIdentity {
             not_before: 0,
             not_after: i64::MAX,
             sha256: [0; 32],
-            cedar: FormCell(arc_swap::ArcSwapOption::empty()),
+            derived: FormSlot::default(),
         }
     }
 }
@@ -683,7 +708,7 @@ impl PeerVerifier {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             sha256,
-            cedar: FormCell(arc_swap::ArcSwapOption::empty()),
+            derived: FormSlot::default(),
         })
     }
 

@@ -15,66 +15,106 @@ use std::sync::Arc;
 
 /// Why a token was not accepted. Messages never contain the token.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TokenRejection {
+    /// Token is larger than `max` bytes.
     #[error("token is larger than {max} bytes")]
-    TooLarge { max: usize },
+    TooLarge {
+        /// `[token] max_size`.
+        max: usize,
+    },
+    /// The token is not a compact JWS (the reason is given).
     #[error("token is not a compact JWS: {0}")]
     Malformed(String),
     /// A credential was presented that cannot be verified (another scheme, two different
     /// tokens, a repeated header); it fails the request rather than being ignored.
     #[error("{0}")]
     Unusable(String),
+    /// The token names a claim or header member (given) more than once.
     #[error("token names claim or header member \"{0}\" more than once")]
     DuplicateMember(String),
+    /// The token is sender-constrained in a way this verifier cannot enforce (the `cnf` member is given).
     #[error("token is sender-constrained in a way this verifier cannot enforce (cnf {0})")]
     UnenforceableConfirmation(String),
+    /// Token has no "iss" claim.
     #[error("token has no \"iss\" claim")]
     MissingIssuer,
+    /// The token's issuer (given) is not configured.
     #[error("issuer \"{0}\" is not configured")]
     UnknownIssuer(String),
+    /// The token's algorithm (given) is not allowed for its issuer.
     #[error("algorithm {0} is not allowed for this issuer")]
     AlgorithmNotAllowed(String),
+    /// Header "crit" names extensions this verifier does not understand.
     #[error("header \"crit\" names extensions this verifier does not understand")]
     UnknownCritical,
+    /// Token type `found` is not the expected "`expected`".
     #[error("token type {found:?} is not the expected \"{expected}\"")]
     WrongType {
+        /// The configured `typ`.
         expected: String,
+        /// The token's `typ`, if it has one.
         found: Option<String>,
     },
+    /// Issuer "`issuer`" has no key with kid "`kid`".
     #[error("issuer \"{issuer}\" has no key with kid \"{kid}\"")]
-    UnknownKey { issuer: String, kid: String },
+    UnknownKey {
+        /// The token's issuer.
+        issuer: String,
+        /// The token's `kid`.
+        kid: String,
+    },
+    /// The keys of the issuer (given) have not been fetched yet.
     #[error("keys of issuer \"{0}\" have not been fetched yet")]
     KeysUnavailable(String),
+    /// The keys of the issuer (given) are older than `max_staleness` (its provider is unreachable).
     #[error("keys of issuer \"{0}\" are older than the maximum staleness (provider unreachable)")]
     KeysStale(String),
+    /// Token has been revoked.
     #[error("token has been revoked")]
     Revoked,
+    /// No key of the issuer fits the token's algorithm (given).
     #[error("no key of this issuer fits algorithm {0}")]
     NoKeyForAlgorithm(String),
+    /// Signature does not verify.
     #[error("signature does not verify")]
     BadSignature,
+    /// A required claim (given) is missing.
     #[error("claim \"{0}\" is missing")]
     MissingClaim(String),
+    /// A claim (given) has the wrong type.
     #[error("claim \"{0}\" has the wrong type")]
     InvalidClaim(String),
+    /// Token has expired.
     #[error("token has expired")]
     Expired,
+    /// Token is not valid yet (nbf).
     #[error("token is not valid yet (nbf)")]
     NotYetValid,
+    /// Token was issued in the future (iat).
     #[error("token was issued in the future (iat)")]
     IssuedInFuture,
+    /// Token lifetime exceeds the maximum of `max_secs`s.
     #[error("token lifetime exceeds the maximum of {max_secs}s")]
-    LifetimeTooLong { max_secs: u64 },
+    LifetimeTooLong {
+        /// The issuer's `max_lifetime`, in seconds.
+        max_secs: u64,
+    },
+    /// Token has no "aud" claim.
     #[error("token has no \"aud\" claim")]
     MissingAudience,
+    /// Token audience is not accepted by this issuer.
     #[error("token audience is not accepted by this issuer")]
     WrongAudience,
+    /// Token is bound to a certificate (cnf.x5t#S256) but no verified certificate was presented.
     #[error(
         "token is bound to a certificate (cnf.x5t#S256) but no verified certificate was presented"
     )]
     BoundWithoutCertificate,
+    /// Token is bound to a different certificate.
     #[error("token is bound to a different certificate")]
     BindingMismatch,
+    /// Issuer requires certificate-bound tokens and this token is not bound.
     #[error("issuer requires certificate-bound tokens and this token is not bound")]
     Unbound,
 }
@@ -103,9 +143,9 @@ struct Parsed {
     /// Every claim, as compact JSON text: a parsed map costs several times its text, and
     /// the claims are read whole only to build the token's Cedar form or to show it.
     claims: Box<str>,
-    /// The token's Cedar form, built by the policy mapping on first use.
-    /// Replaced when policies that read a different part of tokens are loaded.
-    cedar: arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm>,
+    /// Where a later stage keeps the form it derives from this token (the policy stage:
+    /// its Cedar form, replaced when policies that read a different part are loaded).
+    derived: super::FormSlot,
 }
 
 /// Claims of a token whose signature and claims verified. Only the verifier builds one.
@@ -116,9 +156,11 @@ pub struct TokenClaims {
 }
 
 impl TokenClaims {
+    /// The `iss` claim.
     pub fn issuer(&self) -> &str {
         &self.parsed.issuer
     }
+    /// The `sub` claim.
     pub fn subject(&self) -> &str {
         &self.parsed.subject
     }
@@ -138,6 +180,7 @@ impl TokenClaims {
     pub fn groups(&self) -> &[String] {
         &self.parsed.groups
     }
+    /// The `exp` claim, in seconds since the Unix epoch.
     pub fn expires_at(&self) -> i64 {
         self.parsed.expires_at
     }
@@ -149,8 +192,9 @@ impl TokenClaims {
     pub fn claims(&self) -> Map<String, Value> {
         serde_json::from_str(&self.parsed.claims).unwrap_or_default()
     }
-    pub(crate) fn cedar_form(&self) -> &arc_swap::ArcSwapOption<crate::policy::mapping::TokenForm> {
-        &self.parsed.cedar
+    /// Where a later stage keeps the form it derives from this token.
+    pub(crate) fn derived(&self) -> &super::FormSlot {
+        &self.parsed.derived
     }
 }
 
@@ -188,7 +232,7 @@ impl TokenClaims {
                 x5t: None,
                 jti: None,
                 claims: Value::Object(claims).to_string().into(),
-                cedar: arc_swap::ArcSwapOption::empty(),
+                derived: super::FormSlot::default(),
             }),
             bound,
         }
@@ -755,7 +799,7 @@ fn parse_claims(
         jti,
         alg,
         claims: Value::Object(claims).to_string().into(),
-        cedar: arc_swap::ArcSwapOption::empty(),
+        derived: super::FormSlot::default(),
     })
 }
 

@@ -6,20 +6,25 @@ pub mod cert;
 pub mod jwt;
 pub mod keys;
 pub mod revocation;
-pub mod spiffe;
+mod slot;
 pub mod xfcc;
 
 use crate::facts::RequestFacts;
 pub use cert::{CertRejection, PeerIdentity, PeerVerifier};
 pub use jwt::{TokenClaims, TokenRejection, TokenVerifier};
+pub(crate) use slot::FormSlot;
 use rustls_pki_types::UnixTime;
 use std::time::{Duration, SystemTime};
 
 /// What became of the client certificate.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum PeerOutcome {
+    /// No certificate came with the request.
     NotPresented,
+    /// The certificate verified.
     Verified(std::sync::Arc<PeerIdentity>),
+    /// The certificate was presented and failed verification.
     Rejected(CertRejection),
     /// A certificate was presented but no trust bundle is configured to verify it.
     NotConfigured,
@@ -27,26 +32,35 @@ pub enum PeerOutcome {
 
 /// What became of the bearer token.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum TokenOutcome {
+    /// No token came with the request.
     NotPresented,
+    /// The token verified.
     Verified(TokenClaims),
+    /// The token was presented and failed verification.
     Rejected(TokenRejection),
 }
 
 /// Both outcomes of one request.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// What became of the client certificate.
     pub peer: PeerOutcome,
+    /// What became of the bearer token.
     pub token: TokenOutcome,
 }
 
 impl Identity {
+    /// The verified certificate, if one verified.
     pub fn peer(&self) -> Option<&PeerIdentity> {
         match &self.peer {
             PeerOutcome::Verified(p) => Some(p.as_ref()),
             _ => None,
         }
     }
+    /// The verified token, if one verified.
     pub fn token(&self) -> Option<&TokenClaims> {
         match &self.token {
             TokenOutcome::Verified(t) => Some(t),
@@ -238,6 +252,7 @@ impl Verifier {
         &self.tokens
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Verifies the request's certificate with `peer` (the current trust material, if a
     /// `[peer]` is configured), then its token (which may be bound to it).
     pub fn verify(

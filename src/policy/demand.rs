@@ -89,6 +89,7 @@ pub(crate) struct Demand {
 
 impl Demand {
     /// Everything: what a policy set that reads everything would observe.
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn everything() -> Demand {
         Demand {
             context: Fields {

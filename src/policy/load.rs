@@ -2,6 +2,7 @@
 //! validated [`PolicySnapshot`] out, or every problem found, each with file and line.
 
 use crate::config::{PolicySettings, line_col};
+use crate::problem::Problem;
 use cedar_policy::{Entities, PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use miette::Diagnostic;
 use std::collections::HashMap;
@@ -34,31 +35,31 @@ impl PolicySnapshot {
 }
 
 /// `file:line:col: message` for a diagnostic whose first label points into `text`.
-fn located(file: &Path, text: &str, d: &dyn Diagnostic, message: String) -> String {
+fn located(file: &Path, text: &str, d: &dyn Diagnostic, message: String) -> Problem {
     let offset = d
         .labels()
         .and_then(|mut labels| labels.next())
         .map(|l| l.offset());
-    let help = d
-        .help()
-        .map(|h| format!(" (help: {h})"))
-        .unwrap_or_default();
+    let mut problem = Problem::new(message).in_file(file);
+    if let Some(help) = d.help() {
+        problem = problem.with_help(help.to_string());
+    }
     match offset {
         Some(o) => {
             let (line, col) = line_col(text, o);
-            format!("{}:{line}:{col}: {message}{help}", file.display())
+            problem.at(line, col)
         }
-        None => format!("{}: {message}{help}", file.display()),
+        None => problem,
     }
 }
 
-fn read(path: &Path, problems: &mut Vec<String>) -> Option<String> {
+fn read(path: &Path, problems: &mut Vec<Problem>) -> Option<String> {
     crate::files::read_to_string(path)
-        .map_err(|e| problems.push(e.to_string()))
+        .map_err(|e| problems.push(Problem::new(e.to_string())))
         .ok()
 }
 
-fn load_schema(path: &Path, problems: &mut Vec<String>) -> Option<Schema> {
+fn load_schema(path: &Path, problems: &mut Vec<Problem>) -> Option<Schema> {
     let text = read(path, problems)?;
     if path.extension().is_some_and(|e| e == "json") {
         return Schema::from_json_str(&text)
@@ -84,7 +85,7 @@ fn load_schema(path: &Path, problems: &mut Vec<String>) -> Option<Schema> {
 /// one file must not make 10,000 copies of it).
 type Sources = HashMap<PolicyId, (Arc<PathBuf>, Arc<str>)>;
 
-fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Sources) {
+fn load_policy_dir(dir: &Path, problems: &mut Vec<Problem>) -> (PolicySet, Sources) {
     let mut set = PolicySet::new();
     let mut sources = Sources::new();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
@@ -96,16 +97,16 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
             .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
             .collect(),
         Err(e) => {
-            problems.push(format!(
+            problems.push(Problem::new(format!(
                 "{}: cannot read policy directory: {e}",
                 dir.display()
-            ));
+            )));
             return (set, sources);
         }
     };
     files.sort();
     if files.is_empty() {
-        problems.push(format!("{}: no *.cedar policy files", dir.display()));
+        problems.push(Problem::new(format!("{}: no *.cedar policy files", dir.display())));
     }
     for file in files {
         let Some(text) = read(&file, problems) else {
@@ -121,10 +122,10 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
             }
         };
         if parsed.templates().next().is_some() {
-            problems.push(format!(
+            problems.push(Problem::new(format!(
                 "{}: policy templates are not supported; write static policies",
                 file.display()
-            ));
+            )));
         }
         let name = file
             .file_name()
@@ -143,11 +144,11 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
         for (i, policy) in policies.into_iter().enumerate() {
             let id = match policy.annotation("id") {
                 Some(id) if id.trim().is_empty() => {
-                    problems.push(format!(
+                    problems.push(Problem::new(format!(
                         "{}: policy #{} has an empty @id",
                         file.display(),
                         i + 1
-                    ));
+                    )));
                     continue;
                 }
                 Some(id) => id.to_string(),
@@ -155,18 +156,18 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
             };
             let pid = PolicyId::new(&id);
             if let Some((other, _)) = sources.get(&pid) {
-                problems.push(format!(
+                problems.push(Problem::new(format!(
                     "{}: duplicate policy id \"{id}\" (also in {})",
                     file.display(),
                     other.display()
-                ));
+                )));
                 continue;
             }
             match set.add(policy.new_id(pid.clone())) {
                 Ok(()) => {
                     sources.insert(pid, (shared_file.clone(), shared_text.clone()));
                 }
-                Err(e) => problems.push(format!("{}: {e}", file.display())),
+                Err(e) => problems.push(Problem::new(format!("{}: {e}", file.display()))),
             }
         }
     }
@@ -174,7 +175,7 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<String>) -> (PolicySet, Source
 }
 
 /// Loads and validates everything the policy settings name.
-pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
+pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
     let mut problems = Vec::new();
     let schema = settings
         .schema
@@ -187,7 +188,7 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
         for e in result.validation_errors() {
             match sources.get(e.policy_id()) {
                 Some((file, text)) => problems.push(located(file, text, e, e.to_string())),
-                None => problems.push(format!("policy \"{}\": {e}", e.policy_id())),
+                None => problems.push(Problem::new(format!("policy \"{}\": {e}", e.policy_id()))),
             }
         }
     }
@@ -196,7 +197,7 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<String>> {
         None => match &schema {
             // The schema's action entities, so `action in Action::"<group>"` works.
             Some(s) => s.action_entities().unwrap_or_else(|e| {
-                problems.push(format!("schema actions: {e}"));
+                problems.push(Problem::new(format!("schema actions: {e}")));
                 Entities::empty()
             }),
             None => Entities::empty(),

@@ -31,7 +31,9 @@ static KNOWN_TYPES: LazyLock<Vec<(&'static str, EntityTypeName)>> = LazyLock::ne
 /// A Cedar entity reference as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uid {
+    /// The entity type, such as `User`.
     pub kind: String,
+    /// The entity id.
     pub id: String,
 }
 
@@ -76,8 +78,11 @@ impl Uid {
 /// The Cedar request for one HTTP request, before conversion.
 #[derive(Debug, Clone)]
 pub struct CedarRequest {
+    /// The principal (`User`, `Workload`, `Anonymous`).
     pub principal: Uid,
+    /// The action (`Action::"GET"`).
     pub action: Uid,
+    /// The resource (`Path`, or the route's).
     pub resource: Uid,
     /// `context.request`.
     request: Value,
@@ -105,9 +110,9 @@ pub struct PeerForm {
 impl PeerForm {
     fn of(p: &PeerIdentity, demand: &Arc<Demand>) -> Arc<PeerForm> {
         kept_form(
-            p.cedar_form(),
+            p.derived(),
             demand,
-            |f| &f.demand,
+            |f: &PeerForm| &f.demand,
             || PeerForm {
                 demand: demand.clone(),
                 record: demand
@@ -139,9 +144,9 @@ pub struct TokenForm {
 impl TokenForm {
     fn of(t: &TokenClaims, demand: &Arc<Demand>) -> Arc<TokenForm> {
         kept_form(
-            t.cedar_form(),
+            t.derived(),
             demand,
-            |f| &f.demand,
+            |f: &TokenForm| &f.demand,
             || TokenForm::build(t, demand),
         )
     }
@@ -175,22 +180,22 @@ impl TokenForm {
     }
 }
 
-/// The form kept in `cell` when it was built for the same demand; else `build`'s, kept in
+/// The form kept in `slot` when it was built for the same demand; else `build`'s, kept in
 /// its place (a certificate's or token's form outlives a reload of the policies).
-fn kept_form<F>(
-    cell: &arc_swap::ArcSwapOption<F>,
+fn kept_form<F: Send + Sync + 'static>(
+    slot: &crate::identity::FormSlot,
     demand: &Arc<Demand>,
     built_for: impl Fn(&F) -> &Arc<Demand>,
     build: impl FnOnce() -> F,
 ) -> Arc<F> {
-    if let Some(form) = cell.load_full() {
+    if let Some(form) = slot.get::<F>() {
         let old = built_for(&form);
         if Arc::ptr_eq(old, demand) || **old == **demand {
             return form;
         }
     }
     let form = Arc::new(build());
-    cell.store(Some(form.clone()));
+    slot.set(form.clone());
     form
 }
 
@@ -265,6 +270,7 @@ impl std::fmt::Debug for TokenForm {
 
 /// The Cedar request for `facts` and `identity`, with the credential headers hidden, for
 /// policies that read everything.
+#[cfg(any(test, feature = "testing"))]
 pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
     static EVERYTHING: LazyLock<Arc<Demand>> = LazyLock::new(|| Arc::new(Demand::everything()));
     map_request_hiding(facts, identity, &[], &EVERYTHING)

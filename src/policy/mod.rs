@@ -13,17 +13,22 @@ use crate::facts::RequestFacts;
 use crate::identity::Identity;
 use cedar_policy::{Authorizer, Decision, Request};
 pub use load::{PolicySnapshot, load};
-pub use mapping::{CedarRequest, map_request};
+#[cfg(any(test, feature = "testing"))]
+pub use mapping::map_request;
+pub use mapping::{CedarRequest, Uid};
 
 /// What the policies said about one request.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct PolicyOutcome {
+    /// Whether the policies permit the request.
     pub allowed: bool,
     /// The policies that determined the decision (the permits for an allow, the forbids
     /// for a forbid; empty when no permit matched).
     pub determining: Vec<String>,
     /// Evaluation errors; any error forces a deny.
     pub errors: Vec<String>,
+    /// The Cedar request the policies were evaluated on.
     pub request: CedarRequest,
 }
 

@@ -359,7 +359,7 @@ pub async fn start_server(dir: tempfile::TempDir, config_text: &str) -> RunningS
                 ))
                 .expect("send addr");
             let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let admin = tokio::spawn(portcullis::server::admin::serve_admin(
+            let admin = tokio::spawn(portcullis::server::serve_http(
                 http,
                 server_engine.clone(),
                 async move {

@@ -6,10 +6,10 @@ use crate::common;
 
 use jsonwebtoken::Algorithm;
 use portcullis::config::Settings;
-use portcullis::decision::{DRY_RUN_HEADER, check_response};
 use portcullis::demo::{Authority, LeafSpec, TokenSigner};
 use portcullis::engine::{DenyReason, Engine};
 use portcullis::proto::envoy::service::auth::v3::{CheckRequest, check_response::HttpResponse};
+use portcullis::reply::{DRY_RUN_HEADER, check_response};
 use serde_json::json;
 use std::time::SystemTime;
 

@@ -236,7 +236,7 @@ fn a_malformed_case_file_is_an_error_naming_file_line_and_case() {
          [[case]]\nname = \"typo\"\nmethod = \"GET\"\npath = \"/\"\nexpected = \"deny\"\n",
     )
     .unwrap();
-    let problems = run_dir(&dir).unwrap_err();
+    let problems = run_dir(&dir).unwrap_err().messages();
     assert_eq!(problems.len(), 1, "{problems:#?}");
     let head = format!(
         "{}:11:1: case \"typo\": unknown field `expected`, expected one of",
@@ -265,7 +265,7 @@ fn every_loading_problem_is_reported_at_once() {
          policies = [\"no-such-policy\"]\n",
     )
     .unwrap();
-    let problems = run_dir(&dir).unwrap_err();
+    let problems = run_dir(&dir).unwrap_err().messages();
     let m = more.display();
     let workloads = dir.join("workloads.cedar").display().to_string();
     // The policy problems first, then the cases'; an invalid peer is not also reported as
@@ -299,7 +299,7 @@ fn every_loading_problem_is_reported_at_once() {
         "subject = \"s\", bound = true }\n\n[[case]]\nname = \"c\"",
         "subject = \"s\" }\n\n[[case]]\nname = \"c\"",
     );
-    let problems = run_dir(&dir).unwrap_err();
+    let problems = run_dir(&dir).unwrap_err().messages();
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(
         problems[0].starts_with(&format!(
@@ -315,7 +315,7 @@ fn a_directory_without_cases_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("policies");
     copy_files(&repo().join("policies"), &dir);
-    let problems = run_dir(&dir).unwrap_err();
+    let problems = run_dir(&dir).unwrap_err().messages();
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(
         problems[0].starts_with(&format!(
@@ -329,7 +329,7 @@ fn a_directory_without_cases_is_an_error() {
     std::fs::create_dir(dir.join("tests")).unwrap();
     std::fs::write(dir.join("tests/notes.txt"), "not a case file").unwrap();
     assert_eq!(
-        run_dir(&dir).unwrap_err(),
+        run_dir(&dir).unwrap_err().messages(),
         [format!(
             "{}: no *.toml test files",
             dir.join("tests").display()

@@ -498,6 +498,7 @@ async fn plain_http_to_a_remote_host_is_refused_at_configuration() {
     let text = "[[issuer]]\nissuer = \"https://idp\"\naudiences = [\"a\"]\njwks_uri = \"http://idp.example.org/jwks\"\n";
     let err = Settings::from_toml(text, std::path::Path::new(""))
         .unwrap_err()
+        .messages()
         .join("\n");
     assert!(err.contains("only allowed to a loopback address"), "{err}");
     let _ = check; // the shared gRPC world is not used here

@@ -584,7 +584,7 @@ entities = "entities.json"
 audit = "stderr"
 "#
         );
-        let settings = Settings::from_toml(&config, p).map_err(|e| e.join("; "))?;
+        let settings = Settings::from_toml(&config, p).map_err(|e| e.messages().join("; "))?;
         let engine = match Engine::load(&settings) {
             Ok(engine) => engine,
             // Static entities with a cycle are refused by Cedar itself: nothing to compare.
@@ -594,7 +594,7 @@ audit = "stderr"
             Err(e) => {
                 return Err(format!(
                     "engine did not load\n{policy_text}\n{}",
-                    e.join("\n")
+                    e.messages().join("\n")
                 ));
             }
         };

@@ -3,7 +3,7 @@
 //! RPC errors into allows under `failure_mode_allow`.
 
 use crate::config::ResponseSettings;
-use crate::engine::{Decision, DenyReason};
+use crate::engine::{Answer, Decision, DenyReason};
 use crate::proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
@@ -24,7 +24,9 @@ pub mod code {
     pub const UNAUTHENTICATED: i32 = 16;
 }
 
+/// The header that carries the decision id, on allows and denials.
 pub const DECISION_ID_HEADER: &str = "x-portcullis-decision-id";
+/// The header set upstream on a dry-run denial (a denial let through).
 pub const DRY_RUN_HEADER: &str = "x-portcullis-dry-run";
 const REALM: &str = "Bearer realm=\"portcullis\"";
 
@@ -146,6 +148,20 @@ fn metadata(decision: &Decision) -> Struct {
     );
     Struct {
         fields: fields.into_iter().collect(),
+    }
+}
+
+impl Answer<'_> {
+    /// The answer as Envoy's ext_authz reply: a successful RPC whose status is OK for an
+    /// allow, and for a deny the denial's gRPC code with a `denied_response`.
+    pub fn check_response(&self) -> CheckResponse {
+        check_response(self.decision(), self.settings)
+    }
+
+    /// The answer as a plain HTTP reply (forward-auth; an embedding proxy): 200 with the
+    /// identity headers to send upstream, or the denial's status, headers and body.
+    pub fn http_reply(&self) -> HttpReply {
+        http_reply(self.decision(), self.settings)
     }
 }
 
@@ -288,10 +304,19 @@ mod tests {
 }
 
 /// A decision as a plain HTTP answer, for the forward-auth door.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpReply {
+    /// 200 for an allow; the denial's status (401, 403, 400, 503...) otherwise.
     pub status: u16,
+    /// On an allow, the headers to set on the request upstream, replacing whatever copies
+    /// the client sent; on a denial, the headers of the reply.
     pub headers: Vec<(String, String)>,
+    /// On an allow, the headers to remove from the request before it goes upstream: the
+    /// identity headers Portcullis did not set this time (a client's forged copy must not
+    /// pass) and, when configured, the credential headers. Empty on a denial.
+    pub remove: Vec<String>,
+    /// The body of a denial's reply; empty on an allow.
     pub body: String,
 }
 
@@ -312,6 +337,7 @@ pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply
             HttpReply {
                 status: 200,
                 headers: h,
+                remove: ok.headers_to_remove,
                 body: String::new(),
             }
         }
@@ -323,6 +349,7 @@ pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply
                     .filter(|c| (400..600).contains(c))
                     .unwrap_or(403),
                 headers: headers(&denied.headers),
+                remove: Vec::new(),
                 body: denied.body,
             }
         }
@@ -330,6 +357,7 @@ pub fn http_reply(decision: &Decision, settings: &ResponseSettings) -> HttpReply
         None => HttpReply {
             status: 403,
             headers: Vec::new(),
+            remove: Vec::new(),
             body: "forbidden\n".into(),
         },
     }

@@ -3,15 +3,21 @@
 use std::fmt;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+/// Why a SPIFFE ID or trust domain is not valid.
+#[non_exhaustive]
 pub enum SpiffeError {
+    /// Not a `spiffe://` URI.
     #[error("\"{0}\" is not a spiffe:// URI")]
     Scheme(String),
+    /// A trust domain that is empty or uses characters other than a-z, 0-9, `.`, `-` and `_`.
     #[error("trust domain \"{0}\" must be non-empty and use only a-z, 0-9, '.', '-' and '_'")]
     TrustDomain(String),
+    /// A SPIFFE ID path with an empty, `.` or `..` segment, or a character outside A-Z a-z 0-9 `.` `-` `_`.
     #[error(
         "SPIFFE ID \"{0}\" has an invalid path (empty, '.' or '..' segment, or a character outside A-Z a-z 0-9 . - _)"
     )]
     Path(String),
+    /// A SPIFFE ID longer than 2048 bytes.
     #[error("SPIFFE ID \"{0}\" is longer than 2048 bytes")]
     TooLong(String),
 }
@@ -21,6 +27,7 @@ pub enum SpiffeError {
 pub struct TrustDomain(String);
 
 impl TrustDomain {
+    /// The trust domain, as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -57,6 +64,7 @@ pub struct SpiffeId {
 }
 
 impl SpiffeId {
+    /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }

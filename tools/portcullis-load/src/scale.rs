@@ -281,7 +281,9 @@ fn write_world(
     world.replace(&world.dir.join("policies/load.cedar"), &base)?;
     world.replace(&world.dir.join("policies/filler.cedar"), &filler)?;
     // The entities file may be over the default cap (64 MiB): allow twice its size.
-    let cap = portcullis::files::DEFAULT_MAX_BYTES.max(2 * point.entities_file_bytes);
+    let cap = portcullis::config::Limits::default()
+        .max_file_bytes
+        .max(2 * point.entities_file_bytes);
     world.write_config(
         grpc,
         &Extras {

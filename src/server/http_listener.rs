@@ -1,6 +1,6 @@
 //! The HTTP listener: `/healthz` (the process answers), `/readyz` (every issuer that
 //! must have keys at start has them), `/metrics` (Prometheus, OpenMetrics text), and the
-//! HTTP doors of `http.rs` (JSON check API, forward-auth).
+//! HTTP doors of `http_doors.rs` (JSON check API, forward-auth).
 
 use super::linger::Lingering;
 use super::slots::{Activity, Slots, Tracked};
@@ -28,9 +28,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/check", post(super::http::json_check));
+        .route("/v1/check", post(super::http_doors::json_check));
     if let Some(fa) = engine.forward_auth() {
-        router = router.route(&fa.path, any(super::http::forward_auth));
+        router = router.route(&fa.path, any(super::http_doors::forward_auth));
     }
     router
         .layer(axum::middleware::from_fn(server_turn))
@@ -119,7 +119,7 @@ const LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// longest (at least [`MIN_STALL`]; see `slots.rs`), so stalled clients, not new ones,
 /// are dropped. Only when every connection is being served, or has just arrived, does a
 /// new one wait (in the kernel's backlog).
-pub async fn serve_admin(
+pub async fn serve_http(
     listener: TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -211,7 +211,7 @@ pub async fn serve_admin(
 
 /// Marks the connection busy while a request is being handled: from its headers until
 /// its reply is ready, the server has the turn (the JSON door hands it back to the client
-/// while it reads the body). No mark outside [`serve_admin`], which provides the handle.
+/// while it reads the body). No mark outside [`serve_http`], which provides the handle.
 async fn server_turn(request: axum::extract::Request, next: Next) -> axum::response::Response {
     let _busy = request.extensions().get::<Activity>().map(Activity::busy);
     next.run(request).await

@@ -60,7 +60,7 @@ pub fn serve(addr: &str) -> Result<(), String> {
         let limits = Limits::default();
         let authz =
             AuthorizationServer::new(Noop).max_decoding_message_size(limits.max_message_bytes);
-        portcullis::server::grpc::transport(&limits)
+        portcullis::server::transport(&limits)
             .add_service(health_service)
             .add_service(authz)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

@@ -5,8 +5,7 @@
 
 use super::slots::Activity;
 use crate::config::ForwardAuthSettings;
-use crate::decision::{check_response, http_reply};
-use crate::engine::Engine;
+use crate::engine::{Engine, Question};
 use crate::facts::RequestFacts;
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use axum::body::{Body, Bytes};
@@ -31,12 +30,12 @@ pub async fn forward_auth(
     let Some(settings) = engine.forward_auth() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let decision = match facts(&headers, settings, Some(peer), engine.limits()) {
-        Ok(facts) => engine.decide_with_refresh(&facts, SystemTime::now).await,
-        Err(e) => engine.unreadable(e),
+    let facts = facts(&headers, settings, Some(peer), engine.limits());
+    let question = match &facts {
+        Ok(facts) => Question::Facts(facts),
+        Err(e) => Question::Unreadable(e.clone()),
     };
-    engine.observe(&decision);
-    let reply = http_reply(&decision, engine.reply_settings());
+    let reply = engine.answer(question, SystemTime::now).await.http_reply();
     let mut response = (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN),
         reply.body,
@@ -105,9 +104,10 @@ pub async fn json_check(State(engine): State<Arc<Engine>>, request: Request) -> 
             Ok(r) => r,
             Err(e) => return bad_request(&format!("not a CheckRequest in proto3 JSON: {e}")),
         };
-    let decision = engine.check_with_refresh(&request, SystemTime::now).await;
-    engine.observe(&decision);
-    let response = check_response(&decision, engine.reply_settings());
+    let response = engine
+        .answer(Question::Check(&request), SystemTime::now)
+        .await
+        .check_response();
     match crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response) {
         Ok(json) => (
             StatusCode::OK,
