@@ -17,6 +17,7 @@ mod common;
 mod oracle_model;
 
 mod caches;
+mod embedded_proxy;
 mod engine;
 mod fuzz_corpus;
 mod grpc_check;
@@ -25,5 +26,6 @@ mod keyserver_selftest;
 mod nginx;
 mod oracle;
 mod policy_test;
+mod python_client;
 mod remote_keys;
 mod xfcc;

@@ -3,7 +3,7 @@
 //! and an upstream that records what reached it, all on 127.0.0.1:0. Every denial is
 //! checked twice: the client's answer, and the upstream's count proving it was never asked.
 
-#[path = "../examples/embedded_proxy.rs"]
+#[path = "../../examples/embedded_proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
 
