@@ -1,5 +1,5 @@
 //! Fuzz harnesses: raw bytes in, the real parser run on them, invariants asserted. One
-//! `pub fn` per cargo-fuzz target in `fuzz/`; `tests/fuzz_corpus.rs` replays the committed
+//! `pub fn` per cargo-fuzz target in `fuzz/`; `tests/in_process/fuzz_corpus.rs` replays the committed
 //! corpora (and crash reproducers) through the same functions on the stable toolchain.
 //! Not part of the API.
 //!
