@@ -318,7 +318,15 @@ async fn allowed_request_reaches_upstream_with_principal() {
     // The decision id reaches the upstream, not the client.
     assert_eq!(w.upstream.last_values("x-portcullis-decision-id").len(), 1);
     assert!(headers.get(PRINCIPAL_HEADER).is_none());
-    let audit = std::fs::read_to_string(w.dir.path().join("audit.log")).unwrap();
+    // The audit line is written by the audit log's own thread, after the reply: wait for it.
+    let deadline = std::time::Instant::now() + STEP;
+    let audit = loop {
+        let audit = std::fs::read_to_string(w.dir.path().join("audit.log")).unwrap_or_default();
+        if audit.contains("\"decision\":\"allow\"") || std::time::Instant::now() > deadline {
+            break audit;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(audit.contains("\"decision\":\"allow\""), "{audit}");
 
     // The certificate from the TLS session is what the policy saw: without it, or with
