@@ -134,24 +134,9 @@ pub fn world() -> &'static World {
 
         let settings = Settings::load(&config).expect("valid test config");
         let engine = Arc::new(Engine::load(&settings).expect("engine loads"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let server_engine = engine.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                tx.send(listener.local_addr().expect("addr"))
-                    .expect("send addr");
-                portcullis::server::serve_on(listener, server_engine, std::future::pending())
-                    .await
-                    .expect("server runs");
-            });
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("server started");
+        let (addr, _, stop) = spawn_server(engine.clone());
+        // The world lives as long as the test process: its server is never asked to stop.
+        std::mem::forget(stop);
         World {
             dir,
             root,
@@ -333,16 +318,15 @@ impl Drop for RunningServer {
     }
 }
 
-/// Starts the server and returns once it answers gRPC health (so its background work,
-/// file watches included, is running).
-pub async fn start_server(dir: tempfile::TempDir, config_text: &str) -> RunningServer {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let settings = Settings::from_toml(config_text, dir.path())
-        .unwrap_or_else(|e| panic!("{e:?}\n{config_text}"));
-    let engine = Arc::new(Engine::load(&settings).unwrap_or_else(|e| panic!("{e:?}")));
+/// Serves `engine` (gRPC and admin HTTP, each on 127.0.0.1:0) on a runtime of its own
+/// thread: the one in-process server of the tests. Returns the two addresses and the sender
+/// that stops it (dropping the sender stops it too).
+pub fn spawn_server(
+    engine: Arc<Engine>,
+) -> (SocketAddr, SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_engine = engine.clone();
+    let server_engine = engine;
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
@@ -379,6 +363,17 @@ pub async fn start_server(dir: tempfile::TempDir, config_text: &str) -> RunningS
     let (grpc, http) = addr_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("server started");
+    (grpc, http, stop_tx)
+}
+
+/// Starts the server and returns once it answers gRPC health (so its background work,
+/// file watches included, is running).
+pub async fn start_server(dir: tempfile::TempDir, config_text: &str) -> RunningServer {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let settings = Settings::from_toml(config_text, dir.path())
+        .unwrap_or_else(|e| panic!("{e:?}\n{config_text}"));
+    let engine = Arc::new(Engine::load(&settings).unwrap_or_else(|e| panic!("{e:?}")));
+    let (grpc, http, stop_tx) = spawn_server(engine.clone());
     let answers = eventually(Duration::from_secs(10), || async move {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
