@@ -2,7 +2,7 @@
 //! its own (ARCHITECTURE.md, "The layers"). A test reads the sources, so an arrow that
 //! points back up (and so a cycle) fails the build's tests, not a reviewer's eye.
 //!
-//! Test code (the `#[cfg(test)] mod` at the end of a file) may use anything: tests build
+//! Test code (a `#[cfg(test)] mod`) may use anything: tests build
 //! their inputs with the demo authority and token signer.
 
 use std::collections::BTreeMap;
@@ -53,7 +53,8 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The file without its test module and without comments.
+/// The file without its test modules (`#[cfg(test)] mod x;` or `mod x { ... }`) and
+/// without comments. Code after a test module is still read.
 fn product_code(text: &str) -> String {
     let mut code = String::new();
     let mut lines = text.lines().peekable();
@@ -64,7 +65,16 @@ fn product_code(text: &str) -> String {
                 .peek()
                 .is_some_and(|next| next.trim_start().starts_with("mod "))
         {
-            break;
+            // Skip the module: up to the brace that closes it, or its one line.
+            let mut depth = 0usize;
+            for skipped in lines.by_ref() {
+                depth += skipped.matches('{').count();
+                depth = depth.saturating_sub(skipped.matches('}').count());
+                if depth == 0 {
+                    break;
+                }
+            }
+            continue;
         }
         if trimmed.starts_with("//") {
             continue;
@@ -181,7 +191,9 @@ fn arrows_point_down_only() {
 #[test]
 fn the_scan_sees_grouped_and_nested_imports() {
     let code = product_code(
-        "use crate::{config::A, facts::{B, C}};\n// crate::server in a comment\nlet x = crate::identity::f();\n#[cfg(test)]\nmod tests { use crate::demo; }\n",
+        "use crate::{config::A, facts::{B, C}};\n// crate::server in a comment\nlet x = crate::identity::f();\n#[cfg(test)]\nmod tests {\n    use crate::demo;\n}\n#[cfg(test)]\nmod helper;\nuse crate::policy::P;\n",
     );
-    assert_eq!(crate_uses(&code), ["config", "facts", "identity"]);
+    // The test module and the test-only module declaration are skipped; what follows them
+    // is read.
+    assert_eq!(crate_uses(&code), ["config", "facts", "identity", "policy"]);
 }

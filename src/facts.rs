@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 use crate::config::Limits;
 
 /// The facts of one HTTP request, as the proxy reported them.
+///
+/// SECURITY: build it with [`RequestFacts::from_http`] (or `from_check` for an Envoy
+/// CheckRequest), which refuse non-canonical paths, differing copies of the host and
+/// oversized headers; a struct literal skips those checks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
     /// The proxy's request id, when it sent one.
@@ -86,6 +90,29 @@ struct Collected {
 }
 
 impl Collected {
+    /// Headers as a proxy received them (names in any case, values as bytes), each counted
+    /// against `limits` before it is copied; a value that is not UTF-8 refuses the request.
+    fn from_headers<N: AsRef<str>, V: Into<Vec<u8>>>(
+        headers: impl IntoIterator<Item = (N, V)>,
+        limits: &Limits,
+    ) -> Result<Collected, FactsError> {
+        let mut budget = HeaderBudget {
+            limits,
+            count: 0,
+            bytes: 0,
+        };
+        let mut collected = Collected::default();
+        for (name, value) in headers {
+            let value = value.into();
+            budget.take(name.as_ref(), value.len())?;
+            let name = name.as_ref().to_ascii_lowercase();
+            let value =
+                String::from_utf8(value).map_err(|_| FactsError::HeaderEncoding(name.clone()))?;
+            collected.add(name, value);
+        }
+        Ok(collected)
+    }
+
     fn add(&mut self, name: String, value: String) {
         match self.joined.get_mut(&name) {
             Some(joined) => {
@@ -409,19 +436,7 @@ impl RequestFacts {
         peer_address: Option<std::net::SocketAddr>,
         limits: &Limits,
     ) -> Result<RequestFacts, FactsError> {
-        let mut budget = HeaderBudget {
-            limits,
-            count: 0,
-            bytes: 0,
-        };
-        let mut collected = Collected::default();
-        for (name, value) in headers {
-            budget.take(&name, value.len())?;
-            let name = name.to_ascii_lowercase();
-            let value =
-                String::from_utf8(value).map_err(|_| FactsError::HeaderEncoding(name.clone()))?;
-            collected.add(name, value);
-        }
+        let collected = Collected::from_headers(headers, limits)?;
         let facts = RequestFacts {
             headers: collected.joined,
             repeated: collected.repeated,
@@ -505,19 +520,7 @@ impl RequestFacts {
         source: Option<std::net::SocketAddr>,
         limits: &Limits,
     ) -> Result<RequestFacts, FactsError> {
-        let mut budget = HeaderBudget {
-            limits,
-            count: 0,
-            bytes: 0,
-        };
-        let mut collected = Collected::default();
-        for (name, value) in headers {
-            budget.take(name, value.len())?;
-            let name = name.to_ascii_lowercase();
-            let value = String::from_utf8(value.to_vec())
-                .map_err(|_| FactsError::HeaderEncoding(name.clone()))?;
-            collected.add(name, value);
-        }
+        let collected = Collected::from_headers(headers, limits)?;
         if method.is_empty() {
             return Err(FactsError::NoMethod);
         }
@@ -863,6 +866,63 @@ mod tests {
         ] {
             assert!(split_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_proxys_own_request_is_read_as_the_envoy_door_reads_one() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB+/a=\n-----END CERTIFICATE-----\n";
+        let headers = [
+            ("Host", b"shop.example".as_slice()),
+            ("X-Request-Id", b"r1".as_slice()),
+        ];
+        let source = "192.0.2.7:4433".parse().ok();
+        let limits = Limits::default();
+        let facts =
+            RequestFacts::from_http("get", "/api/x?a=1", "https", headers, Some(pem), source, &limits)
+                .expect("readable");
+        assert_eq!(
+            (facts.method.as_str(), facts.path.as_str(), facts.query.as_str()),
+            ("GET", "/api/x", "a=1")
+        );
+        assert_eq!((facts.host.as_str(), facts.scheme.as_str()), ("shop.example", "https"));
+        assert_eq!((facts.request_id.as_str(), facts.source_address.as_str()), ("r1", "192.0.2.7"));
+        // The certificate is kept as Envoy sends it, and decodes back to the PEM.
+        let encoded = facts.peer_certificate.expect("certificate");
+        assert!(!encoded.contains('\n') && !encoded.contains('+'));
+        let decoded = percent_encoding::percent_decode_str(&encoded).decode_utf8().unwrap();
+        assert_eq!(decoded, pem);
+    }
+
+    #[test]
+    fn a_proxys_own_request_is_refused_as_the_envoy_door_refuses_one() {
+        let limits = Limits::default();
+        let read = |method: &str, target: &str, headers: &[(&str, &[u8])]| {
+            RequestFacts::from_http(method, target, "https", headers.iter().copied(), None, None, &limits)
+        };
+        // Two hosts that differ decide which policies apply: refused, never joined or picked.
+        assert_eq!(
+            read("GET", "/", &[("host", b"a.example"), ("Host", b"b.example")]),
+            Err(FactsError::RepeatedHeader("host".into()))
+        );
+        let same = read("GET", "/", &[("host", b"a.example"), ("host", b"a.example")]);
+        assert_eq!(same.map(|f| f.host), Ok("a.example".to_string()));
+        assert!(matches!(read("GET", "/api//admin", &[]), Err(FactsError::NonCanonicalPath(_))));
+        assert!(matches!(read("GET", "/%2561dmin", &[]), Err(FactsError::NonCanonicalPath(_))));
+        assert_eq!(read("", "/", &[]), Err(FactsError::NoMethod));
+        assert_eq!(read("GET", "", &[]), Err(FactsError::NoPath));
+        assert_eq!(
+            read("GET", "/", &[("x-a", b"\xff")]),
+            Err(FactsError::HeaderEncoding("x-a".into()))
+        );
+        let few = Limits {
+            max_headers: 1,
+            ..Limits::default()
+        };
+        let two: [(&str, &[u8]); 2] = [("a", b"1"), ("b", b"2")];
+        assert_eq!(
+            RequestFacts::from_http("GET", "/", "https", two, None, None, &few),
+            Err(FactsError::TooManyHeaders(1))
+        );
     }
 
     #[test]

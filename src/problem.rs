@@ -87,12 +87,6 @@ impl fmt::Display for Problem {
     }
 }
 
-impl From<String> for Problem {
-    fn from(message: String) -> Problem {
-        Problem::new(message)
-    }
-}
-
 impl std::error::Error for Problem {}
 
 impl miette::Diagnostic for Problem {
