@@ -25,6 +25,8 @@ struct RawConfig {
     response: RawResponse,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    audit: RawAudit,
     forward_auth: Option<RawForwardAuth>,
     #[serde(default)]
     limits: RawLimits,
@@ -90,6 +92,36 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     audit: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    disk_full_action: Option<String>,
+    disk_error_action: Option<String>,
+    fsync: Option<String>,
+    rotate_size: Option<String>,
+    rotate_keep: Option<usize>,
+    format: Option<String>,
+    chain: Option<bool>,
+    signing_key: Option<PathBuf>,
+    checkpoint_every: Option<u64>,
+    checkpoint_interval: Option<String>,
+    syslog: Option<RawSyslog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSyslog {
+    address: String,
+    server_name: Option<String>,
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    spool_dir: PathBuf,
+    spool_max: Option<String>,
+    app_name: Option<String>,
+    facility: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,8 +234,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
-    /// Where audit lines go (`[log] audit`).
-    pub audit: AuditSink,
+    /// Where audit lines go (`[log] audit`) and how they are kept (`[audit]`).
+    pub audit: AuditSettings,
     /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`), if any.
     pub http_listen: Option<String>,
     /// Whether denials are enforced (`[server] mode`).
@@ -344,6 +376,116 @@ pub enum AuditSink {
     Stderr,
     /// A file, appended to.
     File(PathBuf),
+}
+
+/// What to do with a decision whose audit line cannot be written (`[audit]
+/// disk_full_action`, `disk_error_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuditFailureAction {
+    /// Deny it (`audit_unavailable`): nothing is answered allow without its record. The
+    /// default.
+    Deny,
+    /// Answer it as decided and count the line as dropped.
+    Serve,
+}
+
+/// When audit lines are forced to stable storage (`[audit] fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuditFsync {
+    /// Never: a line is in the kernel (a completed `write`) before its reply, which survives
+    /// the process being killed, not the host crashing. The default.
+    Never,
+    /// Before each reply: survives a host crash.
+    Always,
+    /// At most this long after a line was written.
+    Every(Duration),
+}
+
+/// The audit line's shape (`[audit] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuditFormat {
+    /// Portcullis's own JSON (docs/AUDIT.md).
+    Json,
+    /// Elastic Common Schema 8 fields.
+    Ecs,
+}
+
+/// How audit lines are kept: what a write failure does, durability, rotation, format,
+/// tamper evidence and shipping (`[log] audit` and `[audit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditSettings {
+    /// Where lines go.
+    pub sink: AuditSink,
+    /// When the storage is full (`ENOSPC`, `EDQUOT`, a full syslog spool).
+    pub disk_full_action: AuditFailureAction,
+    /// On any other write error.
+    pub disk_error_action: AuditFailureAction,
+    /// When lines are forced to stable storage.
+    pub fsync: AuditFsync,
+    /// Built-in rotation: past this many bytes the file is renamed `FILE.1` (and older
+    /// ones shifted) and a new one started. `None`: no built-in rotation (logrotate).
+    pub rotate_size: Option<u64>,
+    /// How many rotated files are kept.
+    pub rotate_keep: usize,
+    /// The line's shape.
+    pub format: AuditFormat,
+    /// Whether each line carries `seq` and `prev` (the SHA-256 of the line before).
+    pub chain: bool,
+    /// An Ed25519 private key (PKCS#8 PEM) signing periodic checkpoints of the chain.
+    pub signing_key: Option<PathBuf>,
+    /// A checkpoint after this many lines.
+    pub checkpoint_every: u64,
+    /// A checkpoint at least this often while lines are written.
+    pub checkpoint_interval: Duration,
+    /// Shipping to a syslog receiver over TLS (RFC 5424 over RFC 5425).
+    pub syslog: Option<SyslogSettings>,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            sink: AuditSink::Stdout,
+            disk_full_action: AuditFailureAction::Deny,
+            disk_error_action: AuditFailureAction::Deny,
+            fsync: AuditFsync::Never,
+            rotate_size: None,
+            rotate_keep: DEFAULT_AUDIT_ROTATE_KEEP,
+            format: AuditFormat::Json,
+            chain: true,
+            signing_key: None,
+            checkpoint_every: DEFAULT_AUDIT_CHECKPOINT_EVERY,
+            checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
+            syslog: None,
+        }
+    }
+}
+
+/// A syslog receiver over TLS (`[audit.syslog]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyslogSettings {
+    /// `host:port` of the receiver (6514 is RFC 5425's port).
+    pub address: String,
+    /// The name the receiver's certificate must carry; the host of `address` by default.
+    pub server_name: String,
+    /// The CA certificates (PEM) the receiver's certificate must chain to.
+    pub ca: PathBuf,
+    /// This client's certificate chain (PEM), for receivers that require one.
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Where lines wait until the receiver has them.
+    pub spool_dir: PathBuf,
+    /// The most the spool may hold; past it the spool is full (`disk_full_action`).
+    pub spool_max: u64,
+    /// The APP-NAME of each message.
+    pub app_name: String,
+    /// The facility of each message (a number, 0 to 23; 13 is "log audit").
+    pub facility: u8,
 }
 
 /// Where bearer tokens are read (`[token]`).
@@ -555,6 +697,14 @@ pub const DEFAULT_UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_UNKNOWN_KID_WAIT: Duration = Duration::from_millis(150);
 /// `max_staleness` by default.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(12 * 3600);
+/// Rotated audit files kept by the built-in rotation.
+const DEFAULT_AUDIT_ROTATE_KEEP: usize = 5;
+/// Audit lines between signed checkpoints.
+const DEFAULT_AUDIT_CHECKPOINT_EVERY: u64 = 1000;
+/// The longest time between signed checkpoints while lines are written.
+const DEFAULT_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+/// The most a syslog spool holds by default.
+const DEFAULT_SYSLOG_SPOOL_MAX: u64 = 256 * 1024 * 1024;
 const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256", "EdDSA"];
 
 impl Settings {
@@ -634,6 +784,141 @@ fn duration(
     }
 }
 
+/// A size such as `"64MiB"` or `"1GB"`.
+fn size(what: &str, value: Option<String>, problems: &mut Vec<String>) -> Option<u64> {
+    let s = value?;
+    match s.parse::<bytesize::ByteSize>() {
+        Ok(b) if b.as_u64() > 0 => Some(b.as_u64()),
+        _ => {
+            problems.push(format!(
+                "{what}: invalid size \"{s}\" (a positive size such as \"64MiB\")"
+            ));
+            None
+        }
+    }
+}
+
+fn audit_action(
+    what: &str,
+    value: Option<String>,
+    problems: &mut Vec<String>,
+) -> AuditFailureAction {
+    match value.as_deref() {
+        None | Some("deny") => AuditFailureAction::Deny,
+        Some("serve") => AuditFailureAction::Serve,
+        Some(other) => {
+            problems.push(format!(
+                "audit.{what}: \"{other}\" is not one of \"deny\", \"serve\""
+            ));
+            AuditFailureAction::Deny
+        }
+    }
+}
+
+fn audit_settings(
+    raw: RawAudit,
+    sink: AuditSink,
+    base: &Path,
+    problems: &mut Vec<String>,
+) -> AuditSettings {
+    let defaults = AuditSettings::default();
+    let fsync = match raw.fsync.as_deref() {
+        None | Some("never") => AuditFsync::Never,
+        Some("always") => AuditFsync::Always,
+        Some(other) => match humantime::parse_duration(other) {
+            Ok(d) if !d.is_zero() => AuditFsync::Every(d),
+            _ => {
+                problems.push(format!(
+                    "audit.fsync: \"{other}\" is not \"never\", \"always\" or a duration such as \"1s\""
+                ));
+                AuditFsync::Never
+            }
+        },
+    };
+    let format = match raw.format.as_deref() {
+        None | Some("json") => AuditFormat::Json,
+        Some("ecs") => AuditFormat::Ecs,
+        Some(other) => {
+            problems.push(format!(
+                "audit.format: \"{other}\" is not one of \"json\", \"ecs\""
+            ));
+            AuditFormat::Json
+        }
+    };
+    let rotate_size = size("audit.rotate_size", raw.rotate_size, problems);
+    if rotate_size.is_some() && !matches!(sink, AuditSink::File(_)) {
+        problems.push(
+            "audit.rotate_size: only a file audit log (`[log] audit = \"PATH\"`) rotates".into(),
+        );
+    }
+    let chain = raw.chain.unwrap_or(defaults.chain);
+    if raw.signing_key.is_some() && !chain {
+        problems.push(
+            "audit.signing_key: checkpoints sign the chain, so `chain` must not be false".into(),
+        );
+    }
+    let checkpoint_every = raw.checkpoint_every.unwrap_or(defaults.checkpoint_every);
+    if checkpoint_every == 0 {
+        problems.push("audit.checkpoint_every: must be at least 1".into());
+    }
+    let syslog = raw.syslog.map(|s| {
+        let server_name = s.server_name.unwrap_or_else(|| {
+            s.address
+                .rsplit_once(':')
+                .map_or(s.address.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
+        if s.cert.is_some() != s.key.is_some() {
+            problems.push("audit.syslog: `cert` and `key` go together".into());
+        }
+        let facility = match s.facility.as_deref() {
+            None => 13,
+            Some(f) => match f.parse::<u8>() {
+                Ok(n) if n <= 23 => n,
+                _ => {
+                    problems.push(format!(
+                        "audit.syslog.facility: \"{f}\" is not a facility number from 0 to 23"
+                    ));
+                    13
+                }
+            },
+        };
+        SyslogSettings {
+            address: s.address,
+            server_name,
+            ca: resolve(base, s.ca),
+            cert: s.cert.map(|c| resolve(base, c)),
+            key: s.key.map(|k| resolve(base, k)),
+            spool_dir: resolve(base, s.spool_dir),
+            spool_max: size("audit.syslog.spool_max", s.spool_max, problems)
+                .unwrap_or(DEFAULT_SYSLOG_SPOOL_MAX),
+            app_name: s.app_name.unwrap_or_else(|| "portcullis".into()),
+            facility,
+        }
+    });
+    AuditSettings {
+        sink,
+        disk_full_action: audit_action("disk_full_action", raw.disk_full_action, problems),
+        disk_error_action: audit_action("disk_error_action", raw.disk_error_action, problems),
+        fsync,
+        rotate_size,
+        rotate_keep: raw.rotate_keep.unwrap_or(defaults.rotate_keep),
+        format,
+        chain,
+        signing_key: raw.signing_key.map(|k| resolve(base, k)),
+        checkpoint_every,
+        checkpoint_interval: duration(
+            "audit.checkpoint_interval",
+            raw.checkpoint_interval,
+            defaults.checkpoint_interval,
+            problems,
+        ),
+        syslog,
+    }
+}
+
 fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings {
     let mode = match raw.server.mode.as_deref() {
         None | Some("enforce") => Mode::Enforce,
@@ -669,7 +954,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         DEFAULT_SHUTDOWN_GRACE,
         problems,
     );
-    let audit = match raw.log.audit.as_deref() {
+    let sink = match raw.log.audit.as_deref() {
         None | Some("stdout") => AuditSink::Stdout,
         Some("stderr") => AuditSink::Stderr,
         Some("") => {
@@ -678,6 +963,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         }
         Some(path) => AuditSink::File(resolve(base, PathBuf::from(path))),
     };
+    let audit = audit_settings(raw.audit, sink, base, problems);
 
     let peer = raw.peer.map(|p| {
         for td in &p.trust_domains {

@@ -9,7 +9,9 @@
 //! line cost about 5% of the server's CPU). Nothing is dropped: when the queue is full,
 //! the request waits for room.
 
-use crate::config::AuditSink;
+use crate::config::{AuditSettings, AuditSink};
+
+mod chain;
 use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
@@ -76,8 +78,8 @@ fn run(out: Box<dyn Write + Send>, queue: Receiver<Message>) {
 }
 
 impl AuditLog {
-    pub fn open(sink: &AuditSink) -> Result<AuditLog, String> {
-        let out: Box<dyn Write + Send> = match sink {
+    pub fn open(settings: &AuditSettings) -> Result<AuditLog, String> {
+        let out: Box<dyn Write + Send> = match &settings.sink {
             AuditSink::Stdout => Box::new(std::io::stdout()),
             AuditSink::Stderr => Box::new(std::io::stderr()),
             AuditSink::File(path) => Box::new(
