@@ -331,6 +331,18 @@ impl Sink {
         }
     }
 
+    /// Takes back the last `bytes` written (a batch that another sink failed to take).
+    #[allow(dead_code)] // for the syslog spool (HOOK(syslog))
+    fn undo(&mut self, bytes: usize) {
+        if let Out::File { file, len, .. } = &mut self.out {
+            let to = len.saturating_sub(bytes as u64);
+            match file.set_len(to) {
+                Ok(()) => *len = to,
+                Err(e) => tracing::error!("audit log: cannot cut back a failed batch: {e}"),
+            }
+        }
+    }
+
     fn sync(&mut self) -> std::io::Result<()> {
         match &mut self.out {
             Out::File { file, .. } => file.sync_data(),
@@ -533,6 +545,11 @@ impl Writer {
         for line in lines {
             self.append(line, &mut batch);
         }
+        // HOOK(syslog): with `[audit.syslog]`, `Writer` holds a `syslog::Spool` (opened in
+        // `AuditLog::open` from `settings.syslog`; an error there is returned like the
+        // file's), and the same `batch` is appended to it right after the sink's write
+        // succeeds; when the append fails, `self.sink.undo(batch.len())` and the batch fails
+        // with `classify(&e)` (a full spool is `StorageFull`, so `disk_full_action`).
         let written = self.sink.write(&batch).and_then(|()| {
             if self.fsync == AuditFsync::Always {
                 self.sink.sync()
