@@ -235,6 +235,8 @@ pub struct Engine {
     fetcher: KeyFetcher,
     metrics: Arc<Metrics>,
     audit: crate::audit::AuditLog,
+    /// Security events found in the decisions (docs/security-events.md).
+    security: crate::security::SecurityWatch,
     /// The problems of the last failed reload, until a reload succeeds.
     reload_error: Mutex<Option<Vec<String>>>,
     /// The problem of the last failed revocation list reload, until one succeeds.
@@ -349,6 +351,7 @@ impl Engine {
                     require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
                     reply: settings.response.clone(),
                     fetcher,
+                    security: crate::security::SecurityWatch::new(metrics.clone()),
                     metrics,
                     audit,
                     reload_error: Mutex::new(None),
@@ -600,18 +603,25 @@ impl Engine {
     /// rate-limited) and decides again; `now` is read for each attempt.
     pub async fn answer(&self, question: Question<'_>, now: impl Fn() -> SystemTime) -> Answer<'_> {
         let deadline = Instant::now() + self.settings.limits.request_timeout;
+        let mut source = None;
         let decision = match question {
             Question::Check(request) => {
                 match RequestFacts::from_check(request, &self.settings.limits) {
-                    Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
+                    Ok(facts) => {
+                        source = crate::security::source_of(&facts);
+                        self.decide_refreshing_by(&facts, now, deadline).await
+                    }
                     Err(e) => self.unreadable(e),
                 }
             }
-            Question::Facts(facts) => self.decide_refreshing_by(facts, now, deadline).await,
+            Question::Facts(facts) => {
+                source = crate::security::source_of(facts);
+                self.decide_refreshing_by(facts, now, deadline).await
+            }
             Question::Unreadable(e) => self.unreadable(e),
             Question::TooLarge(size) => self.too_large(size),
         };
-        self.observe(&decision);
+        self.observe(&decision, source);
         Answer {
             decision,
             settings: &self.reply,
@@ -658,8 +668,9 @@ impl Engine {
         )
     }
 
-    /// Records a final decision: metrics and the audit line. Once per request.
-    fn observe(&self, decision: &Decision) {
+    /// Records a final decision: metrics, the audit line, and the security events it
+    /// completes (`source`: the client's address). Once per request.
+    fn observe(&self, decision: &Decision, source: Option<std::net::IpAddr>) {
         let outcome = match (&decision.denial, decision.dry_run) {
             (None, _) => "allow",
             (Some(_), true) => "dry_run_deny",
@@ -669,6 +680,13 @@ impl Engine {
         self.metrics.decision(outcome, reason);
         self.metrics.latency(decision.latency_us);
         self.audit.write(&decision.audit_json());
+        let seen = crate::security::Seen {
+            decision_id: &decision.id,
+            identity: decision.identity.as_ref(),
+            overloaded: matches!(decision.denial, Some(DenyReason::Overloaded)),
+            source,
+        };
+        self.security.record(&seen, |line| self.audit.write(line));
     }
 
     /// Decides an Envoy CheckRequest, within `limits.request_timeout` of the call.

@@ -16,3 +16,4 @@ mod fail_open;
 mod hostile;
 mod listeners;
 mod reload;
+mod security_events;
