@@ -108,6 +108,7 @@ internal! {
     ratelog,
     reload,
     reply,
+    security,
     spiffe,
 }
 

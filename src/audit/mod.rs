@@ -174,7 +174,6 @@ impl AuditLog {
 
     /// Queues one line without waiting for it (security events): a failure is counted as
     /// a dropped line.
-    #[allow(dead_code)] // the security events' (issue 17) writer, landing beside it
     pub fn write(&self, event: &serde_json::Value) {
         let sent = self
             .queue
