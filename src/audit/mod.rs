@@ -12,6 +12,8 @@
 use crate::config::{AuditSettings, AuditSink};
 
 mod chain;
+pub(crate) mod ecs;
+pub(crate) mod verify;
 use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
