@@ -69,7 +69,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check audit files: the hash chain across them and, with --key, the signed checkpoints.
+    /// Check audit files' hash chain and, with --key, their signed checkpoints.
+    ///
     /// Shows the first line where a file was cut, edited or reordered. Exit 0 when intact,
     /// 1 when broken, 2 when a file or the key cannot be read.
     Verify {
@@ -82,8 +83,10 @@ enum AuditCommand {
         #[arg(long, value_name = "PUBLIC.pem")]
         key: Option<PathBuf>,
     },
-    /// Write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600) for
-    /// `[audit] signing_key`, and print its public key (PEM) for `audit verify --key`.
+    /// Write a new Ed25519 checkpoint signing key and print its public key.
+    ///
+    /// The private key (PKCS#8 PEM, mode 0600) is for `[audit] signing_key`; the public key
+    /// (PEM, on standard output) for `audit verify --key`.
     Keygen {
         /// Where to write the private key; an existing file is never overwritten.
         #[arg(long, short, value_name = "KEY.pem")]

@@ -153,16 +153,19 @@ impl fmt::Display for Problem {
             ),
             Problem::SeqJump { expected, found } => {
                 let missing = found.saturating_sub(*expected);
+                let (lines, seqs, verb) = if missing == 1 {
+                    ("1 line".to_string(), format!("seq {expected}"), "was")
+                } else {
+                    (
+                        format!("{missing} lines"),
+                        format!("seq {expected} to {}", found.saturating_sub(1)),
+                        "were",
+                    )
+                };
                 write!(
                     f,
-                    "seq jumps from {expected} to {found}: {missing} line{} (seq {expected}{}) \
-                     were cut here, or moved elsewhere",
-                    if missing == 1 { "" } else { "s" },
-                    if missing == 1 {
-                        String::new()
-                    } else {
-                        format!(" to {}", found.saturating_sub(1))
-                    },
+                    "seq is {found} where {expected} should come: {lines} ({seqs}) {verb} cut \
+                     here, or moved elsewhere"
                 )
             }
             Problem::SeqBack { expected, found } => write!(
@@ -603,6 +606,9 @@ mod tests {
 
     const EVERY: u64 = 4;
 
+    /// A case's outcome: `None` when intact, else the broken line's number, seq and problem.
+    type Expected = Option<(u64, Option<u64>, Problem)>;
+
     /// `n` decision lines sealed into a chain, with checkpoints when `signer` is given.
     fn sealed(n: usize, signer: Option<Signer>) -> Vec<String> {
         let mut chain = Chain::resume(None, signer, EVERY, Duration::from_secs(3600));
@@ -785,7 +791,7 @@ mod tests {
         let jump = |expected, found| Problem::SeqJump { expected, found };
         let back = |expected, found| Problem::SeqBack { expected, found };
         // (name, lines, key, expected: None = intact, or (line number, seq, problem)).
-        let cases: Vec<(&str, &[String], Option<&PublicKey>, Option<(u64, Option<u64>, Problem)>)> = vec![
+        let cases: Vec<(&str, &[String], Option<&PublicKey>, Expected)> = vec![
             ("intact, key", &good, Some(&key), None),
             ("intact, no key", &good, None, None),
             ("edited", &edited, None, Some((4, Some(3), Problem::PrevMismatch))),
