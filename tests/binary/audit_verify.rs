@@ -2,9 +2,10 @@
 //! the binary, an audit log sealed and signed as docs/AUDIT.md specifies it (written here
 //! from the document, independently of src/audit/chain.rs, so that the format and the
 //! verifier are checked against each other), then cut, edited and reordered copies of it,
-//! with the exit codes and the first broken line the command reports.
+//! with the exit codes and the first broken line the command reports; and a real server's
+//! signed audit file, as written and tampered with.
 
-use crate::common::binary::{Ran, run_command};
+use crate::common::binary::{Binary, Ran, run_command};
 use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::signature::Ed25519KeyPair;
 use base64::Engine as _;
@@ -304,5 +305,105 @@ fn verify_reads_rotated_files_oldest_first_and_exits_2_when_it_cannot_read() {
         let ran = portcullis(dir.path(), args);
         assert_eq!(ran.status.code(), Some(2), "{args:?}: {}", ran.stderr);
         assert!(ran.stderr.contains(says), "{args:?}: {}", ran.stderr);
+    }
+}
+
+/// The real server's audit file, signed with a key from `audit keygen`: it verifies, and a
+/// copy of it cut, edited or reordered is reported at the right line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_servers_signed_audit_log_verifies_and_tampering_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = portcullis(dir.path(), &["audit", "keygen", "--out", "key.pem"]);
+    assert_eq!(made.status.code(), Some(0), "{}", made.stderr);
+    let public = dir.path().join("public.pem");
+    std::fs::write(&public, &made.stdout).unwrap();
+    let audit = dir.path().join("audit.log");
+    crate::common::binary::write_file(
+        dir.path(),
+        "policies/policies.cedar",
+        "permit (principal, action, resource);\n",
+    );
+    let config = format!(
+        "[server]\ngrpc = \"127.0.0.1:0\"\n\n[policy]\ndir = \"policies\"\n\n\
+         [log]\naudit = \"{}\"\n\n[audit]\nsigning_key = \"{}\"\ncheckpoint_every = 3\n",
+        audit.display(),
+        dir.path().join("key.pem").display()
+    );
+    // The server removes its directory when it stops: the copies are checked elsewhere.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::copy(&public, work.path().join("public.pem")).unwrap();
+    let server = Binary::start_in(dir, &config);
+    for _ in 0..10 {
+        // The reply waits for its line's write.
+        server
+            .check(crate::common::request("GET", "/x", None, None))
+            .await;
+    }
+    let text = std::fs::read_to_string(&audit).unwrap();
+    drop(server);
+    // seq 0-2, checkpoint 3, 4-6, checkpoint 7, 8-10, checkpoint 11, 12: the last unsigned.
+    let good: Vec<String> = text.lines().map(String::from).collect();
+    assert_eq!(good.len(), 13, "{text}");
+
+    let swapped = {
+        let mut l = good.clone();
+        l.swap(1, 2);
+        l
+    };
+    let edited = {
+        let mut l = good.clone();
+        l[1] = l[1].replace(r#""decision":"allow""#, r#""decision":"deny""#);
+        assert_ne!(l[1], good[1]);
+        l
+    };
+    // (name, lines, exit code, what the report says)
+    let cases: [(&str, Vec<String>, i32, &str); 5] = [
+        (
+            "as written",
+            good.clone(),
+            0,
+            "intact: 13 lines, seq 0 to 12; 3 checkpoints verified; the last 1 line after the \
+             last checkpoint is not signed",
+        ),
+        (
+            "cut at the start",
+            good[4..].to_vec(),
+            0,
+            "intact: 9 lines, seq 4 to 12 (starts mid-chain",
+        ),
+        (
+            "cut",
+            [&good[..1], &good[2..]].concat(),
+            1,
+            "line 2 (seq 2): seq is 2 where 1 should come: 1 line (seq 1) was cut here",
+        ),
+        (
+            "edited",
+            edited,
+            1,
+            "line 3 (seq 2): prev does not match the line before",
+        ),
+        (
+            "reordered",
+            swapped,
+            1,
+            "line 2 (seq 2): seq is 2 where 1 should come",
+        ),
+    ];
+    let copy = work.path().join("audit.log");
+    for (name, lines, code, says) in cases {
+        write_log(&copy, &lines);
+        let ran = portcullis(
+            work.path(),
+            &["audit", "verify", "audit.log", "--key", "public.pem"],
+        );
+        assert_eq!(
+            ran.status.code(),
+            Some(code),
+            "{name}: {}{}",
+            ran.stdout,
+            ran.stderr
+        );
+        assert!(ran.stdout.contains(says), "{name}: {}", ran.stdout);
     }
 }
