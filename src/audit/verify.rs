@@ -48,9 +48,15 @@ impl PublicKey {
     pub fn load(path: &Path) -> Result<PublicKey, VerifyError> {
         let bytes = read_key_file(path).map_err(VerifyError::Key)?;
         let der = SubjectPublicKeyInfoDer::from_pem_slice(&bytes).map_err(|_| {
+            let private = bytes.windows(11).any(|w| w == b"PRIVATE KEY");
             VerifyError::Key(format!(
-                "{}: no public key (a \"-----BEGIN PUBLIC KEY-----\" PEM block) in it",
-                path.display()
+                "{}: no public key (a \"-----BEGIN PUBLIC KEY-----\" PEM block) in it{}",
+                path.display(),
+                if private {
+                    "; it holds a private key, whose public key `portcullis audit public-key` prints"
+                } else {
+                    ""
+                }
             ))
         })?;
         let raw = ed25519_from_spki(der.as_ref()).ok_or_else(|| {
@@ -940,7 +946,7 @@ mod tests {
         let (private, public) = super::super::chain::generate_key().unwrap();
         let cases = [
             ("public.pem", public, None),
-            ("private.pem", private, Some("no public key")),
+            ("private.pem", private, Some("no public key (a \"-----BEGIN PUBLIC KEY-----\" PEM block) in it; it holds a private key")),
             (
                 "p256.pem",
                 rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
