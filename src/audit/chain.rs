@@ -310,11 +310,17 @@ pub(crate) mod tests {
 
     /// A fresh signer (and its raw public key) for tests.
     pub(crate) fn test_signer() -> (Signer, [u8; 32]) {
+        let (der, public) = test_key();
+        (Signer::from_pkcs8(&der).unwrap(), public)
+    }
+
+    /// A fresh key as PKCS#8 DER (to load more than once), and its raw public key.
+    pub(crate) fn test_key() -> (Vec<u8>, [u8; 32]) {
         let (private, _) = generate_key().unwrap();
         let der = PrivatePkcs8KeyDer::from_pem_slice(private.as_bytes()).unwrap();
-        let signer = Signer::from_pkcs8(der.secret_pkcs8_der()).unwrap();
-        let public: [u8; 32] = signer.public_key().try_into().unwrap();
-        (signer, public)
+        let der = der.secret_pkcs8_der().to_vec();
+        let public = Signer::from_pkcs8(&der).unwrap().public_key();
+        (der, public.try_into().unwrap())
     }
 
     fn lines(out: &[u8]) -> Vec<String> {

@@ -604,7 +604,7 @@ impl Walk<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::chain::tests::test_signer;
+    use super::super::chain::tests::{test_key, test_signer};
     use super::super::chain::{Chain, Signer};
     use super::super::chain::{GENESIS, hex, sha256};
     use super::*;
@@ -794,6 +794,14 @@ mod tests {
             l[last] = value.to_string();
             l
         };
+        let covers_changed = {
+            let mut l = good.clone();
+            let last = l.len() - 1;
+            let mut value: serde_json::Value = serde_json::from_str(&l[last]).unwrap();
+            value["covers"] = 99.into();
+            l[last] = value.to_string();
+            l
+        };
         let jump = |expected, found| Problem::SeqJump { expected, found };
         let back = |expected, found| Problem::SeqBack { expected, found };
         // (name, lines, key, expected: None = intact, or (line number, seq, problem)).
@@ -816,6 +824,7 @@ mod tests {
             ("no seq", &no_seq, None, Some((6, None, Problem::NoSeq))),
             ("bad prev", &bad_prev, None, Some((6, Some(5), Problem::NoPrev))),
             ("genesis lost", &genesis_lost, None, Some((1, Some(0), Problem::BadGenesis))),
+            ("covers changed", &covers_changed, None, Some((13, Some(12), Problem::CheckpointMismatch))),
             ("checkpoint without sig", &unsigned_checkpoint, None, Some((13, Some(12), Problem::CheckpointMalformed))),
             ("genesis mid-chain", &genesis_mid, None, Some((1, Some(3), Problem::BadGenesis))),
         ];
@@ -844,6 +853,40 @@ mod tests {
         assert!(!report.starts_mid_chain);
         let text = report.to_string();
         assert!(text.starts_with("intact: 12 lines, seq 0 to 11; 2 checkpoints verified; the last 2 lines"), "{text}");
+    }
+
+    #[test]
+    fn a_chain_resumed_after_a_restart_verifies_with_its_checkpoints() {
+        // (lines before the restart, every before, every after): a crash after a line (no
+        // checkpoint last), a clean stop (a checkpoint last), `every` raised and lowered.
+        let cases = [(7, 4, 4), (8, 4, 4), (8, 4, 8), (7, 4, 2)];
+        for (before, every_before, every_after) in cases {
+            let (der, public) = test_key();
+            let key = PublicKey::from_raw(public);
+            let signer = Signer::from_pkcs8(&der).unwrap();
+            let mut chain = Chain::resume(None, Some(signer), every_before, Duration::MAX);
+            let mut out = Vec::new();
+            for _ in 0..before {
+                chain.seal(r#"{"decision":"allow"}"#, &mut out);
+            }
+            let text = String::from_utf8(out.clone()).unwrap();
+            let last = text.lines().last().unwrap();
+            let again = Signer::from_pkcs8(&der).unwrap();
+            let mut chain = Chain::resume(Some(last), Some(again), every_after, Duration::MAX);
+            for _ in 0..9 {
+                chain.seal(r#"{"decision":"deny"}"#, &mut out);
+            }
+            let lines: Vec<String> = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect();
+            let report = check(&lines, Some(&key));
+            assert!(
+                report.intact(),
+                "{before} lines, every {every_before} then {every_after}: {report}"
+            );
+        }
     }
 
     #[test]
