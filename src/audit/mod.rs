@@ -28,6 +28,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 mod chain;
+pub(crate) mod ecs;
+pub(crate) mod verify;
 
 /// Lines that may wait for the writer before requests wait for room.
 const QUEUE: usize = 64 * 1024;
@@ -100,12 +102,23 @@ impl AuditLog {
     /// Opens the sink (resuming the chain of an existing file) and starts the writer.
     pub fn open(settings: &AuditSettings, counters: AuditCounters) -> Result<AuditLog, String> {
         let sink = Sink::open(settings)?;
+        let signer = match &settings.signing_key {
+            Some(path) => Some(
+                chain::Signer::load(path).map_err(|e| format!("audit.signing_key: {e}"))?,
+            ),
+            None => None,
+        };
         let chain = settings.chain.then(|| {
             let last = match &sink.out {
                 Out::File { path, .. } => last_line(path),
                 _ => None,
             };
-            chain::Chain::resume(last.as_deref())
+            chain::Chain::resume(
+                last.as_deref(),
+                signer,
+                settings.checkpoint_every,
+                settings.checkpoint_interval,
+            )
         });
         let health = Arc::new(Health::default());
         counters.sink_up.set(1);

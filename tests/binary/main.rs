@@ -12,6 +12,7 @@
 mod common;
 
 mod audit_log;
+mod audit_verify;
 mod cli;
 mod envoy_wire;
 mod fail_open;
