@@ -251,12 +251,13 @@ impl Chain {
         out.push(b'\n');
     }
 
+    /// Whether checkpoints are signed (a key is configured).
+    pub(crate) fn signs(&self) -> bool {
+        self.signer.is_some()
+    }
+
     /// Whether a checkpoint is due at `now`: there is a signer, lines were sealed since the
     /// last checkpoint, and `interval` has passed since it.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the writer's timer does not call it yet")
-    )]
     pub(crate) fn checkpoint_due(&self, now: Instant) -> bool {
         self.signer.is_some()
             && self.at.since > 0

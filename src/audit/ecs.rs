@@ -3,11 +3,6 @@
 //! no field for under `portcullis.*`. Goes in: the line's JSON object; comes out: the ECS
 //! object.
 
-#![cfg_attr(
-    not(test),
-    allow(dead_code, reason = "used by its tests until the audit writer (src/audit/mod.rs) writes ECS lines")
-)]
-
 use serde_json::{Map, Value, json};
 
 /// The ECS version the mapping follows.
