@@ -100,9 +100,26 @@ enum AuditCommand {
     },
 }
 
-fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
-    let settings = Settings::load(config).map_err(|e| e.to_string())?;
+/// Loads the configuration and builds the engine. Only `serve` writes the audit log: the
+/// other commands check its file without opening it, since a server may be writing it
+/// (opening it repairs a torn last line, which must not race the server's writes).
+fn load(config: &std::path::Path, serving: bool) -> Result<(Settings, Engine), String> {
+    let mut settings = Settings::load(config).map_err(|e| e.to_string())?;
     portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
+    if !serving && let portcullis::config::AuditSink::File(path) = &settings.audit.sink {
+        let checked = match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => Err("not a regular file".to_string()),
+            Ok(_) => Ok(()),
+            Err(_) if path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) => {
+                Err("its directory does not exist".to_string())
+            }
+            Err(_) => Ok(()),
+        };
+        if let Err(why) = checked {
+            return Err(format!("log.audit: {}: {why}", path.display()));
+        }
+        settings.audit.sink = portcullis::config::AuditSink::Stdout;
+    }
     let engine = Engine::load(&settings).map_err(|e| e.loading(config).to_string())?;
     Ok((settings, engine))
 }
@@ -210,7 +227,7 @@ fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
 fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Serve { config } => {
-            let (settings, engine) = load(&config)?;
+            let (settings, engine) = load(&config, true)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
                 .block_on(portcullis::server::run(&settings, Arc::new(engine)))
@@ -222,7 +239,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             request,
             explain,
         } => {
-            let (_, engine) = load(&config)?;
+            let (_, engine) = load(&config, false)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             for failure in runtime.block_on(engine.fetch_keys_once()) {
                 eprintln!("portcullis: warning: {failure}");
@@ -248,7 +265,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
         Command::Validate { config } => {
-            let (settings, engine) = load(&config)?;
+            let (settings, engine) = load(&config, false)?;
             println!(
                 "{}: valid ({} issuer(s), {} polic{}, schema {})",
                 config.display(),
