@@ -198,6 +198,29 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The gRPC health service's status for the whole server ("" service).
+async fn grpc_health(server: &Binary) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = crate::common::binary::connect(server.grpc).await;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+/// Waits (bounded) until the gRPC health service reports `status` (1 SERVING, 2 NOT_SERVING).
+async fn grpc_health_becomes(server: &Binary, status: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while grpc_health(server).await != status {
+        assert!(Instant::now() < deadline, "gRPC health never became {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn ready(server: &Binary) -> (u16, String) {
     let r = server.http("GET", "/readyz", &[], "").await;
     (r.status, r.body)
@@ -232,6 +255,7 @@ async fn disk_full_denies_until_space_returns() {
     let (status, body) = ready(&server).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("audit log cannot be written"), "{body}");
+    grpc_health_becomes(&server, 2).await;
     let m = metrics(&server).await;
     assert_eq!(
         metric(&m, "portcullis_audit_lines_failed_total"),
@@ -252,6 +276,7 @@ async fn disk_full_denies_until_space_returns() {
     }
     let reply = server.check(request("GET", "/after", None, None)).await;
     assert_eq!(reply.status.map(|s| s.code), Some(0), "allowed after");
+    grpc_health_becomes(&server, 1).await;
     assert!(lines_at_least(&audit, 43 - denied).await);
     let written = lines(std::slice::from_ref(&audit));
     let recovered: Vec<_> = written
