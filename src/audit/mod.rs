@@ -12,6 +12,7 @@
 use crate::config::{AuditSettings, AuditSink};
 
 mod chain;
+pub mod syslog;
 use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
