@@ -1433,10 +1433,64 @@ mod tests {
     use super::*;
 
     #[test]
+    fn audit_settings_are_validated() {
+        let s = Settings::from_toml(
+            "[log]\naudit = \"a.log\"\n[audit]\ndisk_full_action = \"serve\"\nfsync = \"250ms\"\nrotate_size = \"64MiB\"\nformat = \"ecs\"",
+            Path::new("/var/log"),
+        )
+        .unwrap();
+        assert_eq!(s.audit.sink, AuditSink::File("/var/log/a.log".into()));
+        assert_eq!(s.audit.disk_full_action, AuditFailureAction::Serve);
+        assert_eq!(s.audit.disk_error_action, AuditFailureAction::Deny);
+        assert_eq!(s.audit.fsync, AuditFsync::Every(Duration::from_millis(250)));
+        assert_eq!(s.audit.rotate_size, Some(64 * 1024 * 1024));
+        assert_eq!(s.audit.format, AuditFormat::Ecs);
+        assert!(s.audit.chain);
+        for (body, expected) in [
+            (
+                "disk_full_action = \"ignore\"",
+                "audit.disk_full_action: \"ignore\" is not one of",
+            ),
+            ("fsync = \"sometimes\"", "audit.fsync: \"sometimes\" is not"),
+            (
+                "rotate_size = \"lots\"",
+                "audit.rotate_size: invalid size \"lots\"",
+            ),
+            (
+                "rotate_size = \"0\"",
+                "audit.rotate_size: invalid size \"0\"",
+            ),
+            ("format = \"cef\"", "audit.format: \"cef\" is not one of"),
+            (
+                "checkpoint_every = 0",
+                "audit.checkpoint_every: must be at least 1",
+            ),
+            (
+                "chain = false\nsigning_key = \"k.pem\"",
+                "audit.signing_key: checkpoints sign the chain",
+            ),
+            ("colour = \"red\"", "unknown field `colour`"),
+        ] {
+            let err = Settings::from_toml(
+                &format!("[log]\naudit = \"a.log\"\n[audit]\n{body}"),
+                Path::new(""),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+        // Only a file rotates.
+        let err = Settings::from_toml("[audit]\nrotate_size = \"1MiB\"", Path::new(""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only a file audit log"), "{err}");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let s = Settings::from_toml("", Path::new("/etc/p")).unwrap();
         assert_eq!(s.grpc_listen.to_string(), DEFAULT_GRPC_LISTEN);
-        assert_eq!(s.audit, AuditSink::Stdout);
+        assert_eq!(s.audit.sink, AuditSink::Stdout);
         assert_eq!(s.mode, Mode::Enforce);
         assert_eq!(s.policy.dir, PathBuf::from("/etc/p/policies"));
         assert_eq!(s.token.max_size, 8192);

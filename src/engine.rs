@@ -50,6 +50,9 @@ pub enum DenyReason {
     /// The CheckRequest encoded to more than `limits.max_message_bytes` (but was under the
     /// transport's hard cap, so it could be answered with a deny).
     RequestTooLarge,
+    /// The decision's audit line could not be written and `[audit]` says deny
+    /// (`disk_full_action`, `disk_error_action`): nothing is let through unrecorded.
+    AuditUnavailable,
 }
 
 impl DenyReason {
@@ -66,6 +69,7 @@ impl DenyReason {
             DenyReason::Overloaded => "overloaded",
             DenyReason::Deadline => "deadline",
             DenyReason::RequestTooLarge => "request_too_large",
+            DenyReason::AuditUnavailable => "audit_unavailable",
         }
     }
 }
@@ -319,7 +323,7 @@ impl Engine {
         let loaded = load_reloadable(settings)
             .map_err(|e| problems.extend(e))
             .ok();
-        let audit = crate::audit::AuditLog::open(&settings.audit)
+        let audit = crate::audit::AuditLog::open(&settings.audit, metrics.audit())
             .map_err(|e| problems.push(Problem::new(e)))
             .ok();
         match (tokens, fetcher, loaded, audit) {
@@ -461,12 +465,22 @@ impl Engine {
 
     /// Ready when every issuer that must have keys at start has them; else the issuers
     /// still waiting.
+    /// Whether the engine can answer as configured; if not, why (each reason a sentence):
+    /// an issuer whose keys must be fetched before serving has none yet, or the audit sink
+    /// fails its writes.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
         let waiting = self.fetcher.not_ready();
-        if waiting.is_empty() {
+        if !waiting.is_empty() {
+            problems.push(format!("no keys yet for issuer(s) {}", waiting.join(", ")));
+        }
+        if let Some(why) = self.audit.broken() {
+            problems.push(format!("the audit log cannot be written: {why}"));
+        }
+        if problems.is_empty() {
             Ok(())
         } else {
-            Err(waiting)
+            Err(problems)
         }
     }
 
@@ -611,7 +625,7 @@ impl Engine {
             Question::Unreadable(e) => self.unreadable(e),
             Question::TooLarge(size) => self.too_large(size),
         };
-        self.observe(&decision);
+        let decision = self.observe(decision).await;
         Answer {
             decision,
             settings: &self.reply,
@@ -658,8 +672,19 @@ impl Engine {
         )
     }
 
-    /// Records a final decision: metrics and the audit line. Once per request.
-    fn observe(&self, decision: &Decision) {
+    /// Records a final decision: its audit line, then its metrics. Once per request.
+    ///
+    /// SECURITY: the answer waits for its audit line to be written. When it cannot be,
+    /// `[audit]` chooses: deny (`audit_unavailable`, the default, enforced even in dry-run
+    /// mode) or serve with the line counted as dropped.
+    async fn observe(&self, mut decision: Decision) -> Decision {
+        if let crate::audit::Recorded::Refused(why) =
+            self.audit.record(&decision.audit_json()).await
+        {
+            decision.denial = Some(DenyReason::AuditUnavailable);
+            decision.dry_run = false;
+            decision.reasons.push(why);
+        }
         let outcome = match (&decision.denial, decision.dry_run) {
             (None, _) => "allow",
             (Some(_), true) => "dry_run_deny",
@@ -668,7 +693,12 @@ impl Engine {
         let reason = decision.denial.as_ref().map_or("", DenyReason::code);
         self.metrics.decision(outcome, reason);
         self.metrics.latency(decision.latency_us);
-        self.audit.write(&decision.audit_json());
+        decision
+    }
+
+    /// Reopens the audit file at its path: after logrotate renamed it (SIGHUP).
+    pub fn reopen_audit(&self) {
+        self.audit.reopen();
     }
 
     /// Decides an Envoy CheckRequest, within `limits.request_timeout` of the call.

@@ -42,8 +42,22 @@ pub struct ResultLabels {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
+/// The audit log's counters, shared with its writer.
+#[derive(Debug, Clone, Default)]
+pub struct AuditCounters {
+    /// Lines written.
+    pub written: Counter,
+    /// Lines not written whose decisions were denied (`audit_unavailable`).
+    pub failed: Counter,
+    /// Lines not written whose decisions were served anyway, and event lines not written.
+    pub dropped: Counter,
+    /// 1 while the sink writes, 0 while its writes fail.
+    pub sink_up: Gauge,
+}
+
 /// Every metric Portcullis exports.
 pub struct Metrics {
+    audit: AuditCounters,
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     key_fetches: Family<FetchLabels, Counter>,
@@ -136,7 +150,29 @@ impl Metrics {
             "Time to decide one request",
             latency.clone(),
         );
+        let audit = AuditCounters::default();
+        registry.register(
+            "audit_lines_written",
+            "Audit lines written",
+            audit.written.clone(),
+        );
+        registry.register(
+            "audit_lines_failed",
+            "Audit lines that could not be written; their decisions were denied",
+            audit.failed.clone(),
+        );
+        registry.register(
+            "audit_lines_dropped",
+            "Audit lines that could not be written while the requests were served anyway",
+            audit.dropped.clone(),
+        );
+        registry.register(
+            "audit_sink_up",
+            "1 while the audit sink accepts writes, 0 while its writes fail",
+            audit.sink_up.clone(),
+        );
         Metrics {
+            audit,
             reloads,
             listener_events,
             latency,
@@ -149,6 +185,11 @@ impl Metrics {
             revocation_reloads,
             last_success: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The audit log's counters, for its writer.
+    pub fn audit(&self) -> AuditCounters {
+        self.audit.clone()
     }
 
     pub fn decision(&self, decision: &str, reason: &str) {

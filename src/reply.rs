@@ -77,6 +77,13 @@ pub fn deny_reply(reason: &DenyReason) -> DenyReply {
             www_authenticate: None,
             body: "overloaded\n",
         },
+        // Denied because the decision could not be recorded: the sink may recover.
+        DenyReason::AuditUnavailable => DenyReply {
+            grpc_code: code::UNAVAILABLE,
+            http_status: 503,
+            www_authenticate: None,
+            body: "audit log unavailable\n",
+        },
         DenyReason::Deadline => DenyReply {
             grpc_code: code::DEADLINE_EXCEEDED,
             http_status: 503,

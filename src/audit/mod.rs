@@ -1,38 +1,94 @@
-//! The audit log: one JSON line per decision, to stdout, stderr or an append-only file.
-//! Lines carry decision data only (ids, principal, action, resource, decision, policies,
-//! reasons, latency), never a token, key or certificate body.
+//! The audit log: one line per decision (and per security event), to stdout, stderr or an
+//! append-only file, sealed into a hash chain. Lines carry decision data only (ids,
+//! principal, action, resource, decision, policies, reasons, latency), never a token, key
+//! or certificate body.
 //!
-//! Requests never wait on the disk: a line is handed to a writer thread over a bounded
-//! queue, and the writer writes whatever has queued up in one go, flushing whenever the
-//! queue runs empty, then lets lines gather for [`GATHER`] before it looks again, so that
-//! under load a request hands its line over without waking the writer (a wake-up per
-//! line cost about 5% of the server's CPU). Nothing is dropped: when the queue is full,
-//! the request waits for room.
+//! Nothing is answered without its line: [`AuditLog::record`] hands the line to the writer
+//! thread and waits until the writer's `write` of it has completed (the line is in the
+//! kernel, so killing the process loses nothing answered), or failed. The writer writes
+//! whatever has queued up meanwhile in one `write` (group commit): under load one system
+//! call serves many decisions. When a line cannot be written, the settings choose: deny
+//! the decision (`deny`, the default) or serve it and count the line as dropped (`serve`).
+//!
+//! The file sink follows logrotate (it reopens its path on SIGHUP, [`AuditLog::reopen`],
+//! and when it sees the path renamed or removed) and rotates by size itself when asked. A
+//! failed write is undone (the file is cut back to its last whole line), so the file never
+//! holds half a line and the chain never skips one.
 
-use crate::config::{AuditSettings, AuditSink};
+use crate::config::{AuditFailureAction, AuditFsync, AuditSettings, AuditSink};
+use crate::metrics::AuditCounters;
+use crate::ratelog::RateLog;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 mod chain;
 pub mod syslog;
-use std::io::Write;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-/// Lines that may wait for the writer before requests wait for it.
+/// Lines that may wait for the writer before requests wait for room.
 const QUEUE: usize = 64 * 1024;
-/// How long the writer lets lines gather after a write: the most a line waits for it.
-const GATHER: Duration = Duration::from_millis(2);
+/// The most one `write` carries: a bound on how long a batch holds its requests.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// How often a broken sink is tried again while no line comes to try it.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often the file's path is checked for a rename (logrotate without a SIGHUP).
+const RENAME_CHECK: Duration = Duration::from_millis(500);
+/// The longest line looked at when the chain is resumed from an existing file.
+const RESUME_TAIL: u64 = 1024 * 1024;
 
-enum Message {
-    Line(String),
-    /// Answered once every line sent before it has been written and flushed.
-    Flush(SyncSender<()>),
+static WRITE_FAILED: RateLog = RateLog::new("audit write failures", 3, Duration::from_secs(30));
+
+/// Why a line was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No space (`ENOSPC`, `EDQUOT`, a full spool): `disk_full_action`.
+    Full,
+    /// Any other error: `disk_error_action`.
+    Error,
 }
 
-/// Where audit lines are written; a write failure is logged, never fatal to a decision.
+type Ack = tokio::sync::oneshot::Sender<Result<(), Failure>>;
+
+enum Message {
+    /// A line (one JSON object, no newline), and who waits for it to be written.
+    Line(String, Option<Ack>),
+    /// Answered once every line sent before it has been written (or has failed).
+    Flush(SyncSender<()>),
+    /// Reopen the file at its path (SIGHUP after logrotate's rename).
+    Reopen,
+}
+
+/// What became of a decision's audit line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Written: in the kernel, or past the sink's `fsync` when one is configured.
+    Written,
+    /// Not written, and the settings say serve anyway: the line is counted as dropped.
+    Dropped,
+    /// Not written, and the settings say deny: the reason, for the decision's reasons.
+    Refused(String),
+}
+
+/// Health of the sink, shared by the writer and the readiness check.
+#[derive(Debug, Default)]
+struct Health {
+    broken: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Where audit lines are written. Dropping it writes what is queued and stops the writer.
 pub struct AuditLog {
     queue: Option<SyncSender<Message>>,
     writer: Option<JoinHandle<()>>,
+    health: Arc<Health>,
+    counters: AuditCounters,
+    full_action: AuditFailureAction,
+    error_action: AuditFailureAction,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -41,81 +97,121 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-fn write_all(out: &mut impl Write, line: &str) {
-    if let Err(e) = out.write_all(line.as_bytes()) {
-        tracing::error!("audit log write failed: {e}");
-    }
-}
-
-fn flush(out: &mut impl Write) {
-    if let Err(e) = out.flush() {
-        tracing::error!("audit log write failed: {e}");
-    }
-}
-
-/// The writer thread: blocks for a message, then takes everything else already queued
-/// before flushing, so a busy server makes few large writes and an idle one loses nothing;
-/// then it pauses for [`GATHER`], so that a busy server's lines queue up meanwhile and
-/// their senders find no sleeping writer to wake.
-fn run(out: Box<dyn Write + Send>, queue: Receiver<Message>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(first) = queue.recv() {
-        let mut acks = Vec::new();
-        let mut next = Some(first);
-        while let Some(message) = next {
-            match message {
-                Message::Line(line) => write_all(&mut out, &line),
-                Message::Flush(ack) => acks.push(ack),
-            }
-            next = queue.try_recv().ok();
-        }
-        flush(&mut out);
-        for ack in acks {
-            let _ = ack.send(());
-        }
-        std::thread::sleep(GATHER);
-    }
-    flush(&mut out);
-}
-
 impl AuditLog {
-    pub fn open(settings: &AuditSettings) -> Result<AuditLog, String> {
-        let out: Box<dyn Write + Send> = match &settings.sink {
-            AuditSink::Stdout => Box::new(std::io::stdout()),
-            AuditSink::Stderr => Box::new(std::io::stderr()),
-            AuditSink::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| format!("log.audit: {}: cannot open: {e}", path.display()))?,
-            ),
-        };
+    /// Opens the sink (resuming the chain of an existing file) and starts the writer.
+    pub fn open(settings: &AuditSettings, counters: AuditCounters) -> Result<AuditLog, String> {
+        let sink = Sink::open(settings)?;
+        let spool = settings
+            .syslog
+            .as_ref()
+            .map(syslog::Spool::open)
+            .transpose()?;
+        let chain = settings.chain.then(|| {
+            let last = match &sink.out {
+                Out::File { path, .. } => last_line(path),
+                _ => None,
+            };
+            chain::Chain::resume(last.as_deref())
+        });
+        let health = Arc::new(Health::default());
+        counters.sink_up.set(1);
         let (queue, lines) = sync_channel(QUEUE);
-        let writer = std::thread::Builder::new()
+        let writer = Writer {
+            sink,
+            spool,
+            chain,
+            fsync: settings.fsync,
+            health: health.clone(),
+            counters: counters.clone(),
+            broken_since: None,
+            failed_since_broken: 0,
+            dirty_since: None,
+        };
+        let thread = std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || run(out, lines))
+            .spawn(move || writer.run(lines))
             .map_err(|e| format!("log.audit: cannot start the writer thread: {e}"))?;
         Ok(AuditLog {
             queue: Some(queue),
-            writer: Some(writer),
+            writer: Some(thread),
+            health,
+            counters,
+            full_action: settings.disk_full_action,
+            error_action: settings.disk_error_action,
         })
     }
 
-    /// Queues one line.
-    pub fn write(&self, event: &serde_json::Value) {
-        let mut line = event.to_string();
-        line.push('\n');
+    /// Writes one decision's line and waits until it is written or has failed; what
+    /// became of it follows the settings' failure actions. The wait is the group commit:
+    /// lines from concurrent requests share one `write`.
+    pub async fn record(&self, event: &serde_json::Value) -> Recorded {
+        let (ack, written) = tokio::sync::oneshot::channel();
         let sent = self
             .queue
             .as_ref()
-            .is_some_and(|q| q.send(Message::Line(line)).is_ok());
-        if !sent {
-            tracing::error!("audit log unavailable: its writer has stopped");
+            .is_some_and(|q| q.send(Message::Line(event.to_string(), Some(ack))).is_ok());
+        let failure = if sent {
+            match written.await {
+                Ok(Ok(())) => return Recorded::Written,
+                Ok(Err(failure)) => failure,
+                Err(_) => Failure::Error,
+            }
+        } else {
+            Failure::Error
+        };
+        let action = match failure {
+            Failure::Full => self.full_action,
+            Failure::Error => self.error_action,
+        };
+        match action {
+            AuditFailureAction::Serve => {
+                self.counters.dropped.inc();
+                Recorded::Dropped
+            }
+            AuditFailureAction::Deny => {
+                self.counters.failed.inc();
+                Recorded::Refused(format!(
+                    "audit_unavailable: the decision's audit line could not be written ({})",
+                    self.last_error()
+                        .unwrap_or_else(|| "the audit writer has stopped".into())
+                ))
+            }
         }
     }
 
-    /// Waits (at most `limit`) until every line queued so far is written and flushed.
+    /// Queues one line without waiting for it (security events): a failure is counted as
+    /// a dropped line.
+    #[allow(dead_code)] // the security events' (issue 17) writer, landing beside it
+    pub fn write(&self, event: &serde_json::Value) {
+        let sent = self
+            .queue
+            .as_ref()
+            .is_some_and(|q| q.send(Message::Line(event.to_string(), None)).is_ok());
+        if !sent {
+            self.counters.dropped.inc();
+        }
+    }
+
+    /// Reopens the file at its configured path (after logrotate renamed it).
+    pub fn reopen(&self) {
+        if let Some(q) = &self.queue {
+            let _ = q.send(Message::Reopen);
+        }
+    }
+
+    /// Why the sink is not writing, while it is not.
+    pub fn broken(&self) -> Option<String> {
+        self.health
+            .broken
+            .load(Ordering::Acquire)
+            .then(|| self.last_error().unwrap_or_default())
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.health.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Waits (at most `limit`) until every line queued so far is written (or has failed).
     pub fn flush(&self, limit: Duration) -> bool {
         let (ack, done) = sync_channel(1);
         self.queue
@@ -131,6 +227,406 @@ impl Drop for AuditLog {
         drop(self.queue.take());
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
+        }
+    }
+}
+
+/// The last complete line of a file, for resuming its chain.
+fn last_line(path: &Path) -> Option<String> {
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = len.saturating_sub(RESUME_TAIL);
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut tail = Vec::new();
+    file.take(RESUME_TAIL).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    // A torn last line (no newline) is not a line: the chain resumes after the last whole one.
+    let whole = &text[..text.rfind('\n')?];
+    whole.rsplit('\n').next().map(str::to_string)
+}
+
+enum Out {
+    Stdout,
+    Stderr,
+    File {
+        path: PathBuf,
+        file: File,
+        /// Bytes in the file: where a failed write is cut back to.
+        len: u64,
+        /// The identity of the file we write, to see a rename of its path.
+        id: (u64, u64),
+        checked: Instant,
+    },
+}
+
+/// Where the writer writes, with the built-in rotation.
+struct Sink {
+    out: Out,
+    rotate_size: Option<u64>,
+    rotate_keep: usize,
+}
+
+fn open_append(path: &Path) -> std::io::Result<(File, u64, (u64, u64))> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // SECURITY: a new audit file is readable by its owner only.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, meta.len(), (meta.dev(), meta.ino())))
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Sink {
+    fn open(settings: &AuditSettings) -> Result<Sink, String> {
+        let out = match &settings.sink {
+            AuditSink::Stdout => Out::Stdout,
+            AuditSink::Stderr => Out::Stderr,
+            AuditSink::File(path) => {
+                // A FIFO would block the opening (and the start-up) until a reader came.
+                if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+                    return Err(format!(
+                        "log.audit: {}: not a regular file",
+                        path.display()
+                    ));
+                }
+                let (file, len, id) = open_append(path)
+                    .map_err(|e| format!("log.audit: {}: cannot open: {e}", path.display()))?;
+                Out::File {
+                    path: path.clone(),
+                    file,
+                    len,
+                    id,
+                    checked: Instant::now(),
+                }
+            }
+        };
+        Ok(Sink {
+            out,
+            rotate_size: settings.rotate_size,
+            rotate_keep: settings.rotate_keep,
+        })
+    }
+
+    /// Writes a batch whole or not at all: a failed file write is cut back.
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        match &mut self.out {
+            Out::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(batch).and_then(|()| out.flush())
+            }
+            Out::Stderr => std::io::stderr().lock().write_all(batch),
+            Out::File { file, len, .. } => match file.write_all(batch) {
+                Ok(()) => {
+                    *len += batch.len() as u64;
+                    Ok(())
+                }
+                Err(e) => {
+                    // Half a batch must not stay: the next line would follow a torn one.
+                    if let Err(cut) = file.set_len(*len) {
+                        tracing::error!("audit log: cannot cut back a failed write: {cut}");
+                    }
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// Takes back the last `bytes` written (a batch that another sink failed to take).
+    fn undo(&mut self, bytes: usize) {
+        if let Out::File { file, len, .. } = &mut self.out {
+            let to = len.saturating_sub(bytes as u64);
+            match file.set_len(to) {
+                Ok(()) => *len = to,
+                Err(e) => tracing::error!("audit log: cannot cut back a failed batch: {e}"),
+            }
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        match &mut self.out {
+            Out::File { file, .. } => file.sync_data(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the built-in rotation is due before the next batch.
+    fn rotation_due(&self) -> bool {
+        match (&self.out, self.rotate_size) {
+            (Out::File { len, .. }, Some(max)) => *len >= max,
+            _ => false,
+        }
+    }
+
+    /// The built-in rotation: FILE.(n-1) → FILE.n, …, FILE → FILE.1, then a new FILE.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let Out::File { path, .. } = &self.out else {
+            return Ok(());
+        };
+        let path = path.clone();
+        let numbered = |n: usize| {
+            let mut name = path.clone().into_os_string();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        };
+        let keep = self.rotate_keep;
+        if keep == 0 {
+            std::fs::remove_file(&path)?;
+        } else {
+            let _ = std::fs::remove_file(numbered(keep));
+            for n in (1..keep).rev() {
+                match std::fs::rename(numbered(n), numbered(n + 1)) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::rename(&path, numbered(1))?;
+        }
+        self.reopen()
+    }
+
+    /// Opens the path again (a new file when it was renamed or removed).
+    fn reopen(&mut self) -> std::io::Result<()> {
+        if let Out::File {
+            path,
+            file,
+            len,
+            id,
+            checked,
+        } = &mut self.out
+        {
+            let (new, new_len, new_id) = open_append(path)?;
+            // Whatever the old file holds is whole: each write was whole or cut back.
+            let _ = file.flush();
+            *file = new;
+            *len = new_len;
+            *id = new_id;
+            *checked = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Whether the path now names another file than the one written (or none): logrotate
+    /// renamed it without telling us. Checked at most every [`RENAME_CHECK`].
+    fn renamed(&mut self) -> bool {
+        match &mut self.out {
+            Out::File {
+                path, id, checked, ..
+            } if checked.elapsed() >= RENAME_CHECK => {
+                *checked = Instant::now();
+                file_id(path) != Some(*id)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    sink: Sink,
+    /// With `[audit.syslog]`: every batch the sink took goes to the spool too.
+    spool: Option<syslog::Spool>,
+    chain: Option<chain::Chain>,
+    fsync: AuditFsync,
+    health: Arc<Health>,
+    counters: AuditCounters,
+    /// Since when writes fail, while they do.
+    broken_since: Option<SystemTime>,
+    /// Lines that failed while broken: told in the line that marks the recovery.
+    failed_since_broken: u64,
+    /// Since when lines were written without an `fsync` (with `fsync = "<interval>"`).
+    dirty_since: Option<Instant>,
+}
+
+fn classify(e: &std::io::Error) -> Failure {
+    match e.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+            Failure::Full
+        }
+        _ => Failure::Error,
+    }
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Message>) {
+        loop {
+            let first = match queue.recv_timeout(self.idle_wait()) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut lines = Vec::new();
+            let mut acks = Vec::new();
+            let mut flushes = Vec::new();
+            let mut reopen = false;
+            let mut bytes = 0;
+            let mut next = first;
+            while let Some(message) = next {
+                match message {
+                    Message::Line(line, ack) => {
+                        bytes += line.len() + 1;
+                        lines.push(line);
+                        acks.push(ack);
+                    }
+                    Message::Flush(ack) => flushes.push(ack),
+                    Message::Reopen => reopen = true,
+                }
+                next = if bytes < MAX_BATCH_BYTES {
+                    queue.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if reopen || self.sink.renamed() {
+                self.reopen();
+            }
+            let result = self.commit(&lines);
+            if result.is_err() {
+                self.failed_since_broken += lines.len() as u64;
+                // Lines nobody waits for (security events) are counted here; the others
+                // by their requests, which know the failure action.
+                let unwaited = acks.iter().filter(|a| a.is_none()).count();
+                self.counters.dropped.inc_by(unwaited as u64);
+            }
+            for ack in acks.into_iter().flatten() {
+                let _ = ack.send(result);
+            }
+            self.sync_if_due();
+            for flush in flushes {
+                let _ = flush.send(());
+            }
+        }
+        let _ = self.commit(&[]);
+        if self.fsync != AuditFsync::Never {
+            let _ = self.sink.sync();
+        }
+    }
+
+    /// How long to wait for a line before doing housekeeping: trying a broken sink
+    /// again, an `fsync` that is due.
+    fn idle_wait(&self) -> Duration {
+        let mut wait = Duration::from_secs(3600);
+        if self.broken_since.is_some() {
+            wait = wait.min(RETRY);
+        }
+        if let (AuditFsync::Every(every), Some(since)) = (self.fsync, self.dirty_since) {
+            wait = wait.min(every.saturating_sub(since.elapsed()));
+        }
+        wait
+    }
+
+    fn reopen(&mut self) {
+        if let Err(e) = self.sink.reopen() {
+            // The old file stays open: lines keep going somewhere rather than nowhere.
+            WRITE_FAILED.event(|| tracing::error!("audit log: cannot reopen: {e}"));
+        }
+    }
+
+    /// Writes `lines` as one batch, with the line marking a recovery first when the sink
+    /// was broken (with no lines, only that line: the retry of a broken sink).
+    fn commit(&mut self, lines: &[String]) -> Result<(), Failure> {
+        if lines.is_empty() && self.broken_since.is_none() {
+            return Ok(());
+        }
+        if self.sink.rotation_due()
+            && let Err(e) = self.sink.rotate()
+        {
+            WRITE_FAILED.event(|| tracing::error!("audit log: rotation failed: {e}"));
+        }
+        let mark = self.chain.as_ref().map(chain::Chain::mark);
+        let mut batch = Vec::with_capacity(lines.iter().map(|l| l.len() + 120).sum());
+        if let Some(since) = self.broken_since {
+            let recovered = serde_json::json!({
+                "type": "audit_recovered",
+                "time": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+                "broken_since": humantime::format_rfc3339_micros(since).to_string(),
+                "lines_not_written": self.failed_since_broken,
+            });
+            self.append(&recovered.to_string(), &mut batch);
+        }
+        for line in lines {
+            self.append(line, &mut batch);
+        }
+        let written = self
+            .sink
+            .write(&batch)
+            .and_then(|()| {
+                if self.fsync == AuditFsync::Always {
+                    self.sink.sync()
+                } else {
+                    Ok(())
+                }
+            })
+            // The same batch to the syslog spool (a full one is `StorageFull`, so
+            // `disk_full_action`); when it refuses it, the sink gives it back too.
+            .and_then(|()| match &mut self.spool {
+                Some(spool) => spool.append(&batch).inspect_err(|_| self.sink.undo(batch.len())),
+                None => Ok(()),
+            });
+        match written {
+            Ok(()) => {
+                if self.broken_since.take().is_some() {
+                    tracing::warn!(
+                        "audit log: writing again; {} line(s) were not written meanwhile",
+                        self.failed_since_broken
+                    );
+                    self.failed_since_broken = 0;
+                    self.health.broken.store(false, Ordering::Release);
+                    self.counters.sink_up.set(1);
+                }
+                self.counters.written.inc_by(lines.len() as u64);
+                if matches!(self.fsync, AuditFsync::Every(_)) && self.dirty_since.is_none() {
+                    self.dirty_since = Some(Instant::now());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if let (Some(chain), Some(mark)) = (&mut self.chain, mark) {
+                    chain.rewind(mark);
+                }
+                let failure = classify(&e);
+                let message = e.to_string();
+                WRITE_FAILED.event(|| tracing::error!("audit log write failed: {message}"));
+                if let Ok(mut last) = self.health.last_error.lock() {
+                    *last = Some(message);
+                }
+                if self.broken_since.is_none() {
+                    self.broken_since = Some(SystemTime::now());
+                    self.health.broken.store(true, Ordering::Release);
+                    self.counters.sink_up.set(0);
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    fn append(&mut self, line: &str, batch: &mut Vec<u8>) {
+        match &mut self.chain {
+            Some(chain) => chain.seal(line, batch),
+            None => {
+                batch.extend_from_slice(line.as_bytes());
+                batch.push(b'\n');
+            }
+        }
+    }
+
+    /// With `fsync = "<interval>"`: syncs once the oldest unsynced line is that old.
+    fn sync_if_due(&mut self) {
+        let due = match (self.fsync, self.dirty_since) {
+            (AuditFsync::Every(every), Some(since)) => since.elapsed() >= every,
+            _ => false,
+        };
+        if due {
+            if let Err(e) = self.sink.sync() {
+                WRITE_FAILED.event(|| tracing::error!("audit log: fsync failed: {e}"));
+            }
+            self.dirty_since = None;
         }
     }
 }

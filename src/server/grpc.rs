@@ -99,17 +99,39 @@ where
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let ready_engine = engine.clone();
+    // The health service follows readiness for the process's life: an audit sink that
+    // stops writing makes it NOT_SERVING until it writes again.
     let readiness = tokio::spawn(async move {
-        while ready_engine.readiness().is_err() {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut serving = false;
+        loop {
+            let ready = ready_engine.readiness().is_ok();
+            if ready != serving {
+                serving = ready;
+                let status = if ready {
+                    tracing::info!("ready");
+                    health
+                        .set_serving::<AuthorizationServer<AuthorizationService>>()
+                        .await;
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tracing::warn!(
+                        "not ready: {}",
+                        ready_engine
+                            .readiness()
+                            .err()
+                            .unwrap_or_default()
+                            .join("; ")
+                    );
+                    health
+                        .set_not_serving::<AuthorizationServer<AuthorizationService>>()
+                        .await;
+                    tonic_health::ServingStatus::NotServing
+                };
+                health.set_service_status("", status).await;
+            }
+            let pause = if serving { 500 } else { 50 };
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
         }
-        health
-            .set_serving::<AuthorizationServer<AuthorizationService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        tracing::info!("ready");
     });
     let limits = engine.limits().clone();
     let authz = AuthorizationServer::new(AuthorizationService::new(engine))

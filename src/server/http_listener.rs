@@ -53,10 +53,7 @@ async fn readyz(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
         Ok(()) => (StatusCode::OK, format!("ready\n{reload}")),
         Err(waiting) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: no keys yet for issuer(s) {}\n{reload}",
-                waiting.join(", ")
-            ),
+            format!("not ready: {}\n{reload}", waiting.join("; ")),
         ),
     }
 }

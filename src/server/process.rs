@@ -55,7 +55,8 @@ pub async fn run(
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading");
+                tracing::info!("SIGHUP: reopening the audit file, reloading");
+                engine.reopen_audit();
                 // A reload can take seconds (a large entities file); it must not hold one of
                 // the runtime's threads, which answer requests.
                 let engine = engine.clone();

@@ -10,6 +10,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod audit_log;
 mod cli;
 mod envoy_wire;
 mod fail_open;

@@ -159,6 +159,10 @@ struct Options {
     /// Keep the temporary directory (configuration, audit log, server logs).
     #[arg(long)]
     keep: bool,
+    /// A line of the server's `[audit]` table, e.g. `--audit 'fsync = "always"'`
+    /// (repeatable): to measure what each audit guarantee costs.
+    #[arg(long, value_name = "TOML")]
+    audit: Vec<String>,
 }
 
 /// Validated options.
@@ -236,6 +240,7 @@ impl Options {
                 tokens: self.tokens,
                 deny_share: self.deny_percent / 100.0,
                 seed: self.seed,
+                audit: self.audit,
             },
             distinct: self.distinct,
             distinct_requests: if self.quick {

@@ -60,6 +60,9 @@ pub struct WorldSpec {
     pub deny_share: f64,
     /// Seed of the request order.
     pub seed: u64,
+    /// Lines of the server's `[audit]` table (e.g. `fsync = "always"`), to measure what
+    /// each audit guarantee costs.
+    pub audit: Vec<String>,
 }
 
 /// One kind of request in the mix, with the answer it must get.
@@ -226,8 +229,7 @@ impl World {
             &config_text(
                 grpc,
                 &world.audit,
-                world.spec.tokens,
-                world.spec.certs,
+                &world.spec,
                 &Extras::default(),
             ),
         )?;
@@ -394,7 +396,7 @@ pub struct Extras {
 impl World {
     /// Rewrites `portcullis.toml`: gRPC on `grpc`, with `extras`.
     pub fn write_config(&self, grpc: std::net::SocketAddr, extras: &Extras) -> Result<(), String> {
-        let text = config_text(grpc, &self.audit, self.spec.tokens, self.spec.certs, extras);
+        let text = config_text(grpc, &self.audit, &self.spec, extras);
         self.replace(&self.config, &text)
     }
 
@@ -529,10 +531,15 @@ fn parallel<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 fn config_text(
     grpc: std::net::SocketAddr,
     audit: &Path,
-    tokens: usize,
-    certs: usize,
+    spec: &WorldSpec,
     extras: &Extras,
 ) -> String {
+    let (tokens, certs) = (spec.tokens, spec.certs);
+    let audit_table = if spec.audit.is_empty() {
+        String::new()
+    } else {
+        format!("\n[audit]\n{}\n", spec.audit.join("\n"))
+    };
     let admin = extras
         .admin
         .map(|a| format!("http = \"{a}\"\n"))
@@ -572,7 +579,7 @@ certificates = {certs_cache}
 
 [log]
 audit = "{audit}"
-{limits}"#,
+{audit_table}{limits}"#,
         tokens_cache = tokens.max(10_000),
         certs_cache = certs.max(10_000),
         audit = audit.display(),
