@@ -17,3 +17,4 @@ mod fail_open;
 mod hostile;
 mod listeners;
 mod reload;
+mod syslog;
