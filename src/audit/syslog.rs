@@ -646,7 +646,7 @@ impl Shipper {
                     let message = ShipError::Spool(e).to_string();
                     SHIP_FAILED.event(|| tracing::warn!("audit syslog: {message}"));
                     self.shared.stats.failed(message);
-                    self.sleep(BACKOFF_MAX);
+                    self.back_off(BACKOFF_MAX);
                     continue;
                 }
             };
@@ -678,7 +678,7 @@ impl Shipper {
             if self.delivered > before {
                 backoff = BACKOFF_MIN;
             }
-            self.sleep(backoff);
+            self.back_off(backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
         self.save();
@@ -693,6 +693,25 @@ impl Shipper {
             drop(tail);
             std::thread::sleep(limit.min(IDLE_POLL));
         }
+    }
+
+    /// Waits `limit`; new lines do not cut it short, only the spool stopping does (then
+    /// tries come every [`IDLE_POLL`] until the grace period ends).
+    fn back_off(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        let mut tail = lock(&self.shared.tail);
+        while tail.stop.is_none() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            tail = match self.shared.wake.wait_timeout(tail, left) {
+                Ok((tail, _)) => tail,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        drop(tail);
+        std::thread::sleep(IDLE_POLL);
     }
 
     fn connect(&self, limit: Duration) -> Result<Tls, ShipError> {
@@ -721,10 +740,10 @@ impl Shipper {
         };
         let sock = sock.ok_or_else(|| connect_error(last))?;
         sock.set_nodelay(true).map_err(connect_error)?;
-        sock.set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(connect_error)?;
-        sock.set_write_timeout(Some(IO_TIMEOUT))
-            .map_err(connect_error)?;
+        // While stopping, `limit` is what is left of the grace period.
+        let io_limit = Some(IO_TIMEOUT.min(limit));
+        sock.set_read_timeout(io_limit).map_err(connect_error)?;
+        sock.set_write_timeout(io_limit).map_err(connect_error)?;
         let handshake_error = |source| ShipError::Handshake {
             address: address.clone(),
             source,
@@ -749,8 +768,15 @@ impl Shipper {
         loop {
             let (tail, stop) = snapshot(&self.shared);
             let now = Instant::now();
-            if stop.is_some_and(|at| now >= at) {
-                return Ok(());
+            if let Some(at) = stop {
+                let left = at.saturating_duration_since(now);
+                if left.is_zero() {
+                    return Ok(());
+                }
+                // A write the receiver does not take must not outlast the grace period.
+                tls.sock
+                    .set_write_timeout(Some(left))
+                    .map_err(ShipError::Broken)?;
             }
             let chunk = self.read(send, tail).map_err(ShipError::Spool)?;
             let idle = chunk.is_none();
@@ -778,6 +804,9 @@ impl Shipper {
                     tls.conn.send_close_notify();
                     let _ = tls.flush();
                     return Ok(());
+                }
+                if self.saved.1.elapsed() >= SAVE_EVERY {
+                    self.save();
                 }
                 self.sleep(IDLE_POLL);
             }
@@ -1192,6 +1221,35 @@ mod tests {
         assert_eq!(segs, [(1, 50), (2, 50)]);
         assert_eq!(spool.stats().spooled_bytes(), 100);
         let _ = &f.dir;
+    }
+
+    /// New lines must not cut a reconnection backoff short: a receiver that is down is
+    /// tried at 100 ms, 200 ms, 400 ms, 800 ms..., not once per batch.
+    #[test]
+    fn reconnection_backs_off_whatever_the_writer_appends() {
+        let mut f = fixture(1 << 20);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        f.settings.address = listener.local_addr().unwrap().to_string();
+        listener.set_nonblocking(true).unwrap();
+        let mut spool = Spool::open(&f.settings).unwrap();
+        let started = Instant::now();
+        let mut accepted = 0;
+        let mut i = 0;
+        while started.elapsed() < Duration::from_millis(1600) {
+            spool.append(line(i, 80).as_bytes()).unwrap();
+            i += 1;
+            // Not TLS: each connection fails its handshake once this end closes it.
+            while let Ok((conn, _)) = listener.accept() {
+                drop(conn);
+                accepted += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(i > 100, "{i} batches");
+        // Attempts at about 0, 0.1, 0.3, 0.7 and 1.5 s (handshake failures included).
+        assert!((2..=6).contains(&accepted), "{accepted} connections in 1.6 s");
+        assert_eq!(spool.stats().shipped(), 0);
+        assert!(spool.stats().last_error().is_some_and(|e| e.contains("handshake")));
     }
 
     #[test]

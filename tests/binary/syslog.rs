@@ -357,10 +357,18 @@ fn across_receiver_outage(signal: &str) {
     // Every arrival is one of the lines, whole, with the decision's PRI, APP-NAME, MSGID.
     let sent: Vec<String> = [batch("a", 0..total)]
         .iter()
-        .flat_map(|b| String::from_utf8_lossy(b).lines().map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|b| {
+            String::from_utf8_lossy(b)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .collect();
     for (pri, app, msgid, msg) in receiver.received() {
-        assert_eq!((pri.as_str(), app.as_str(), msgid.as_str()), ("110", "portcullis", "decision"));
+        assert_eq!(
+            (pri.as_str(), app.as_str(), msgid.as_str()),
+            ("110", "portcullis", "decision")
+        );
         assert!(sent.contains(&msg), "not a line that was sent: {msg}");
     }
     drop(spool);
@@ -480,4 +488,83 @@ async fn the_server_ships_its_decisions_audit_lines() {
         server.log(),
         receiver.log_text()
     );
+}
+
+/// Through the real server: while the receiver is away the spool fills, and past
+/// `spool_max` requests are denied (`disk_full_action = "deny"`: gRPC UNAVAILABLE) with
+/// their lines in neither the audit file nor the spool; once the receiver is back, the
+/// spool drains, requests are allowed again, and every line of the audit file arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_denies_until_the_receiver_is_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = Authority::root("siem test ca");
+    let pki = Pki::write(dir.path(), &ca, &ca);
+    let port = free_port();
+    let receiver_dir = dir.path().join("receiver");
+    std::fs::create_dir_all(&receiver_dir).expect("mkdir");
+    std::fs::create_dir_all(dir.path().join("policies")).expect("mkdir policies");
+    std::fs::write(
+        dir.path().join("policies/policies.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .expect("write policy");
+    let config = format!(
+        "[server]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\n\
+         [policy]\ndir = \"policies\"\n\n[log]\naudit = \"audit.log\"\n\n{}spool_max = \"4KiB\"\n",
+        syslog_toml(&pki, port, &dir.path().join("spool"), true)
+    );
+    let server = Binary::start_in(dir, &config);
+    let mut denied = 0;
+    for n in 0..30 {
+        let reply = server.check(request("GET", "/full", None, None)).await;
+        match reply.status.as_ref().map(|s| s.code) {
+            Some(0) => assert_eq!(denied, 0, "allowed after a denial: request {n}"),
+            Some(14) => denied += 1,
+            other => panic!("request {n}: {other:?} {reply:?}"),
+        }
+    }
+    assert!(denied >= 10, "only {denied} of 30 denied with a full spool");
+    let written = || -> Vec<String> {
+        std::fs::read_to_string(server.path("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        written().len(),
+        30 - denied,
+        "denied lines were not cut back"
+    );
+
+    let receiver = Rsyslog::start(&receiver_dir, &pki, port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = server.check(request("GET", "/after", None, None)).await;
+        if reply.status.as_ref().map(|s| s.code) == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still denied 30 s after the receiver came back:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let arrived = eventually(Duration::from_secs(30), || {
+        let received: Vec<String> = receiver.received().into_iter().map(|r| r.3).collect();
+        written().iter().all(|line| received.contains(line))
+    });
+    assert!(
+        arrived,
+        "not every audit line reached rsyslog:\nwritten {:?}\nreceived {:?}",
+        written(),
+        receiver.received()
+    );
+    let recovered = receiver
+        .received()
+        .into_iter()
+        .filter(|(pri, _, msgid, _)| pri == "110" && msgid == "audit_recovered")
+        .count();
+    assert_eq!(recovered, 1, "the gap's line, with its type as MSGID");
 }
