@@ -265,6 +265,12 @@ fn write_state(dir: &Path, pos: Pos) -> io::Result<()> {
 /// earlier, never later: a duplicate, never a loss.
 fn recover(dir: &Path) -> io::Result<(Pos, u64, u64)> {
     let mut segs = segments(dir)?;
+    // Empty segments (a run that wrote nothing) hold no line: gone, so they cannot pile up
+    // over restarts while the receiver is away.
+    for &(seg, _) in segs.iter().filter(|(_, len)| *len == 0) {
+        std::fs::remove_file(segment_path(dir, seg))?;
+    }
+    segs.retain(|(_, len)| *len > 0);
     let state = read_state(dir);
     let start = match (state, segs.first()) {
         (_, None) => Pos {
@@ -1233,6 +1239,13 @@ mod tests {
         }
         write_state(d, Pos { seg: 5, off: 16 }).unwrap();
         assert_eq!(recover(d).unwrap(), (Pos { seg: 6, off: 0 }, 6, 0));
+        // Empty segments left by runs that wrote nothing go; numbering continues.
+        write_segment(d, 6, "");
+        write_segment(d, 7, "{\"c\":3}\n");
+        write_segment(d, 8, "");
+        write_state(d, Pos { seg: 6, off: 0 }).unwrap();
+        assert_eq!(recover(d).unwrap(), (Pos { seg: 7, off: 0 }, 8, 8));
+        assert_eq!(segments(d).unwrap(), [(7, 8)]);
         assert!(!d.join(STATE_TMP).exists());
     }
 
