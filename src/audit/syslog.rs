@@ -436,6 +436,12 @@ impl Spool {
         let size = batch.len() as u64;
         let stats = self.shared.stats.clone();
         if stats.spooled_bytes().saturating_add(size) > self.max {
+            // The segment being written counts with its delivered lines, and the shipper
+            // deletes only finished segments: finish it, so that once delivered it goes
+            // and a later batch finds room.
+            if self.len > 0 {
+                let _ = self.rotate();
+            }
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
                 format!("syslog spool full ({} bytes at most)", self.max),
@@ -1181,6 +1187,9 @@ mod tests {
         spool.append(line(9, 100).as_bytes()).unwrap();
         let error = spool.append(b"{}\n").unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::StorageFull);
+        // The segment being written was finished, so the shipper may delete it.
+        let segs = segments(&f.settings.spool_dir).unwrap();
+        assert_eq!(segs.last(), Some(&(segs.len() as u64, 0)), "{segs:?}");
         drop(spool);
         // The bound holds across a restart: the next run counts what is left.
         let mut spool = Spool::open(&f.settings).unwrap();
