@@ -18,7 +18,8 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["facts"],
     &["identity"],
-    &["fetch", "reload", "policy", "audit"],
+    // `security` classifies decisions from identity outcomes, so the engine can hold it.
+    &["fetch", "reload", "policy", "audit", "security"],
     &["engine", "policytest"],
     &["builder"],
     &["reply"],

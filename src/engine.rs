@@ -239,6 +239,8 @@ pub struct Engine {
     fetcher: KeyFetcher,
     metrics: Arc<Metrics>,
     audit: crate::audit::AuditLog,
+    /// Security events found in the decisions (docs/security-events.md).
+    security: crate::security::SecurityWatch,
     /// The problems of the last failed reload, until a reload succeeds.
     reload_error: Mutex<Option<Vec<String>>>,
     /// The problem of the last failed revocation list reload, until one succeeds.
@@ -353,6 +355,7 @@ impl Engine {
                     require_peer: settings.peer.as_ref().is_some_and(|p| p.require),
                     reply: settings.response.clone(),
                     fetcher,
+                    security: crate::security::SecurityWatch::new(metrics.clone()),
                     metrics,
                     audit,
                     reload_error: Mutex::new(None),
@@ -614,18 +617,25 @@ impl Engine {
     /// rate-limited) and decides again; `now` is read for each attempt.
     pub async fn answer(&self, question: Question<'_>, now: impl Fn() -> SystemTime) -> Answer<'_> {
         let deadline = Instant::now() + self.settings.limits.request_timeout;
+        let mut source = None;
         let decision = match question {
             Question::Check(request) => {
                 match RequestFacts::from_check(request, &self.settings.limits) {
-                    Ok(facts) => self.decide_refreshing_by(&facts, now, deadline).await,
+                    Ok(facts) => {
+                        source = crate::security::source_of(&facts);
+                        self.decide_refreshing_by(&facts, now, deadline).await
+                    }
                     Err(e) => self.unreadable(e),
                 }
             }
-            Question::Facts(facts) => self.decide_refreshing_by(facts, now, deadline).await,
+            Question::Facts(facts) => {
+                source = crate::security::source_of(facts);
+                self.decide_refreshing_by(facts, now, deadline).await
+            }
             Question::Unreadable(e) => self.unreadable(e),
             Question::TooLarge(size) => self.too_large(size),
         };
-        let decision = self.observe(decision).await;
+        let decision = self.observe(decision, source).await;
         Answer {
             decision,
             settings: &self.reply,
@@ -672,12 +682,13 @@ impl Engine {
         )
     }
 
-    /// Records a final decision: its audit line, then its metrics. Once per request.
+    /// Records a final decision: its audit line, its metrics, and the security events it
+    /// completes (`source`: the client's address). Once per request.
     ///
     /// SECURITY: the answer waits for its audit line to be written. When it cannot be,
     /// `[audit]` chooses: deny (`audit_unavailable`, the default, enforced even in dry-run
     /// mode) or serve with the line counted as dropped.
-    async fn observe(&self, mut decision: Decision) -> Decision {
+    async fn observe(&self, mut decision: Decision, source: Option<std::net::IpAddr>) -> Decision {
         if let crate::audit::Recorded::Refused(why) =
             self.audit.record(&decision.audit_json()).await
         {
@@ -693,6 +704,13 @@ impl Engine {
         let reason = decision.denial.as_ref().map_or("", DenyReason::code);
         self.metrics.decision(outcome, reason);
         self.metrics.latency(decision.latency_us);
+        let seen = crate::security::Seen {
+            decision_id: &decision.id,
+            identity: decision.identity.as_ref(),
+            overloaded: matches!(decision.denial, Some(DenyReason::Overloaded)),
+            source,
+        };
+        self.security.record(&seen, |line| self.audit.write(line));
         decision
     }
 

@@ -108,6 +108,7 @@ internal! {
     ratelog,
     reload,
     reply,
+    security,
     spiffe,
 }
 
@@ -131,6 +132,15 @@ pub use problem::{LoadError, Problem};
 pub use proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 pub use reply::{DECISION_ID_HEADER, DRY_RUN_HEADER, HttpReply};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain};
+
+/// The audit log's tamper evidence, for `portcullis audit`: checking a log's hash chain
+/// and signed checkpoints, and making the checkpoint signing key (docs/AUDIT.md).
+pub mod audit_chain {
+    pub use crate::audit::verify::{
+        Broken, MAX_LINE_BYTES, Problem, PublicKey, Report, Torn, VerifyError, generate_key,
+        public_key_pem, verify,
+    };
+}
 
 /// Caps the size of every file Portcullis reads (policies, entities, keys, certificates),
 /// for the whole process. The binary sets it from `[limits] max_file_bytes` before it

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use portcullis::Engine;
+use portcullis::audit_chain;
 use portcullis::config::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,42 @@ enum Command {
         #[arg(long, short, default_value = "demo")]
         out: PathBuf,
     },
+    /// Check an audit log's hash chain and signed checkpoints; make checkpoint keys.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check audit files' hash chain and, with --key, their signed checkpoints.
+    ///
+    /// Shows the first line where a file was cut, edited or reordered. Exit 0 when intact,
+    /// 1 when broken, 2 when a file or the key cannot be read.
+    Verify {
+        /// The audit files, oldest first (as rotation names them: audit.log.2 audit.log.1
+        /// audit.log); they are checked as one chain.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The checkpoint signing key's public key (PEM, from `portcullis audit public-key`);
+        /// without it the checkpoints' signatures are not checked.
+        #[arg(long, value_name = "PUBLIC.pem")]
+        key: Option<PathBuf>,
+    },
+    /// Write a new Ed25519 checkpoint signing key and print its public key.
+    ///
+    /// The private key (PKCS#8 PEM, mode 0600) is for `[audit] signing_key`; the public key
+    /// (PEM, on standard output) for `audit verify --key`.
+    Keygen {
+        /// Where to write the private key; an existing file is never overwritten.
+        #[arg(long, short, value_name = "KEY.pem")]
+        out: PathBuf,
+    },
+    /// Print the public key (PEM) of a checkpoint signing key, for `audit verify --key`.
+    PublicKey {
+        /// The private key (PKCS#8 PEM).
+        #[arg(value_name = "KEY.pem")]
+        key: PathBuf,
+    },
 }
 
 fn load(config: &std::path::Path) -> Result<(Settings, Engine), String> {
@@ -105,6 +142,69 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         }
     }
     filter
+}
+
+/// `portcullis audit ...`. Errors (exit 2) are printed here: `main`'s exit 1 means a
+/// broken log for `audit verify`.
+fn audit(command: AuditCommand) -> ExitCode {
+    let usage = |msg: String| {
+        eprintln!("portcullis: {msg}");
+        ExitCode::from(2)
+    };
+    match command {
+        AuditCommand::Verify { files, key } => {
+            let key = match key.as_deref().map(audit_chain::PublicKey::load).transpose() {
+                Ok(key) => key,
+                Err(e) => return usage(e.to_string()),
+            };
+            match audit_chain::verify(&files, key.as_ref()) {
+                Ok(report) => {
+                    println!("{report}");
+                    if report.intact() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => usage(e.to_string()),
+            }
+        }
+        AuditCommand::Keygen { out } => {
+            let (private, public) = match audit_chain::generate_key() {
+                Ok(pair) => pair,
+                Err(e) => return usage(e),
+            };
+            if let Err(e) = write_new_private(&out, private.as_bytes()) {
+                return usage(format!("{}: cannot write: {e}", out.display()));
+            }
+            eprintln!(
+                "wrote {} (keep it private; [audit] signing_key); its public key, for `audit verify --key`:",
+                out.display()
+            );
+            print!("{public}");
+            ExitCode::SUCCESS
+        }
+        AuditCommand::PublicKey { key } => match audit_chain::public_key_pem(&key) {
+            Ok(public) => {
+                print!("{public}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage(e),
+        },
+    }
+}
+
+/// Creates `path` with `bytes`, readable by its owner only; fails if it exists.
+fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn run(command: Command) -> Result<ExitCode, String> {
@@ -187,5 +287,6 @@ fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit(command) => Ok(audit(command)),
     }
 }

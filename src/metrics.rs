@@ -36,6 +36,12 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabels {
+    pub event: String,
+    pub severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -67,6 +73,7 @@ pub struct Metrics {
     revocation_reloads: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     listener_events: Family<ListenerLabels, Counter>,
+    security_events: Family<SecurityLabels, Counter>,
     latency: Histogram,
     /// Last successful fetch per issuer, seconds since the epoch; ages are computed at scrape.
     last_success: Mutex<BTreeMap<String, f64>>,
@@ -141,6 +148,12 @@ impl Metrics {
             "Connections the listeners dropped or evicted, by listener and event",
             listener_events.clone(),
         );
+        let security_events = Family::default();
+        registry.register(
+            "security_events",
+            "Security events (docs/security-events.md) by event and severity",
+            security_events.clone(),
+        );
         // 10 us to ~80 ms: decisions are fast; the tail matters against Envoy's 200 ms budget.
         let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
             0.00001, 2.0, 14,
@@ -175,6 +188,7 @@ impl Metrics {
             audit,
             reloads,
             listener_events,
+            security_events,
             latency,
             registry,
             decisions,
@@ -257,6 +271,16 @@ impl Metrics {
                 event: event.into(),
             })
             .inc();
+    }
+
+    /// `n` security events of kind `event` with `severity` (`n` = 0 creates the series).
+    pub fn security_events(&self, event: &str, severity: &str, n: u64) {
+        self.security_events
+            .get_or_create(&SecurityLabels {
+                event: event.into(),
+                severity: severity.into(),
+            })
+            .inc_by(n);
     }
 
     pub fn latency(&self, micros: u128) {

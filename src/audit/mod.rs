@@ -15,7 +15,7 @@
 //! failed write is undone (the file is cut back to its last whole line), so the file never
 //! holds half a line and the chain never skips one.
 
-use crate::config::{AuditFailureAction, AuditFsync, AuditSettings, AuditSink};
+use crate::config::{AuditFailureAction, AuditFormat, AuditFsync, AuditSettings, AuditSink};
 use crate::metrics::AuditCounters;
 use crate::ratelog::RateLog;
 use std::fs::File;
@@ -28,6 +28,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 mod chain;
+pub(crate) mod ecs;
+pub(crate) mod verify;
 pub mod syslog;
 
 /// Lines that may wait for the writer before requests wait for room.
@@ -38,6 +40,8 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 const RETRY: Duration = Duration::from_secs(1);
 /// How often the file's path is checked for a rename (logrotate without a SIGHUP).
 const RENAME_CHECK: Duration = Duration::from_millis(500);
+/// How often a signing writer looks whether a timed checkpoint is due while idle.
+const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
 /// The longest line looked at when the chain is resumed from an existing file.
 const RESUME_TAIL: u64 = 1024 * 1024;
 
@@ -89,6 +93,7 @@ pub struct AuditLog {
     counters: AuditCounters,
     full_action: AuditFailureAction,
     error_action: AuditFailureAction,
+    format: AuditFormat,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -106,12 +111,23 @@ impl AuditLog {
             .as_ref()
             .map(syslog::Spool::open)
             .transpose()?;
+        let signer = match &settings.signing_key {
+            Some(path) => Some(
+                chain::Signer::load(path).map_err(|e| format!("audit.signing_key: {e}"))?,
+            ),
+            None => None,
+        };
         let chain = settings.chain.then(|| {
             let last = match &sink.out {
                 Out::File { path, .. } => last_line(path),
                 _ => None,
             };
-            chain::Chain::resume(last.as_deref())
+            chain::Chain::resume(
+                last.as_deref(),
+                signer,
+                settings.checkpoint_every,
+                settings.checkpoint_interval,
+            )
         });
         let health = Arc::new(Health::default());
         counters.sink_up.set(1);
@@ -138,6 +154,7 @@ impl AuditLog {
             counters,
             full_action: settings.disk_full_action,
             error_action: settings.disk_error_action,
+            format: settings.format,
         })
     }
 
@@ -149,7 +166,7 @@ impl AuditLog {
         let sent = self
             .queue
             .as_ref()
-            .is_some_and(|q| q.send(Message::Line(event.to_string(), Some(ack))).is_ok());
+            .is_some_and(|q| q.send(Message::Line(self.render(event), Some(ack))).is_ok());
         let failure = if sent {
             match written.await {
                 Ok(Ok(())) => return Recorded::Written,
@@ -181,14 +198,21 @@ impl AuditLog {
 
     /// Queues one line without waiting for it (security events): a failure is counted as
     /// a dropped line.
-    #[allow(dead_code)] // the security events' (issue 17) writer, landing beside it
     pub fn write(&self, event: &serde_json::Value) {
         let sent = self
             .queue
             .as_ref()
-            .is_some_and(|q| q.send(Message::Line(event.to_string(), None)).is_ok());
+            .is_some_and(|q| q.send(Message::Line(self.render(event), None)).is_ok());
         if !sent {
             self.counters.dropped.inc();
+        }
+    }
+
+    /// The line in the configured format (the chain's fields are added by the writer).
+    fn render(&self, event: &serde_json::Value) -> String {
+        match self.format {
+            AuditFormat::Json => event.to_string(),
+            AuditFormat::Ecs => ecs::ecs(event).to_string(),
         }
     }
 
@@ -245,6 +269,36 @@ fn last_line(path: &Path) -> Option<String> {
     whole.rsplit('\n').next().map(str::to_string)
 }
 
+/// Cuts a torn last line (a write the host crashed in) off a file, so that the next line
+/// does not join it: a line's reply waits for its whole write, so that line's decision was
+/// never answered. Returns the new length.
+fn cut_torn_tail(path: &Path, file: &File, len: u64) -> std::io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut reader = File::open(path)?;
+    let start = len.saturating_sub(RESUME_TAIL);
+    reader.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    reader.take(RESUME_TAIL).read_to_end(&mut tail)?;
+    if tail.last() == Some(&b'\n') {
+        return Ok(len);
+    }
+    let whole = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(at) => start + at as u64 + 1,
+        None if start == 0 => 0,
+        // No line end in the last MiB: not a torn line of ours; leave it to `audit verify`.
+        None => return Ok(len),
+    };
+    file.set_len(whole)?;
+    tracing::warn!(
+        "audit log {}: cut a torn last line of {} bytes (a write cut short by a crash; its decision was never answered)",
+        path.display(),
+        len - whole
+    );
+    Ok(whole)
+}
+
 enum Out {
     Stdout,
     Stderr,
@@ -296,8 +350,10 @@ impl Sink {
                         path.display()
                     ));
                 }
-                let (file, len, id) = open_append(path)
+                let (file, mut len, id) = open_append(path)
                     .map_err(|e| format!("log.audit: {}: cannot open: {e}", path.display()))?;
+                len = cut_torn_tail(path, &file, len)
+                    .map_err(|e| format!("log.audit: {}: cannot repair: {e}", path.display()))?;
                 Out::File {
                     path: path.clone(),
                     file,
@@ -503,6 +559,7 @@ impl Writer {
             }
         }
         let _ = self.commit(&[]);
+        self.close_with_checkpoint();
         if self.fsync != AuditFsync::Never {
             let _ = self.sink.sync();
         }
@@ -514,6 +571,9 @@ impl Writer {
         let mut wait = Duration::from_secs(3600);
         if self.broken_since.is_some() {
             wait = wait.min(RETRY);
+        }
+        if self.chain.as_ref().is_some_and(chain::Chain::signs) {
+            wait = wait.min(CHECKPOINT_POLL);
         }
         if let (AuditFsync::Every(every), Some(since)) = (self.fsync, self.dirty_since) {
             wait = wait.min(every.saturating_sub(since.elapsed()));
@@ -531,13 +591,19 @@ impl Writer {
     /// Writes `lines` as one batch, with the line marking a recovery first when the sink
     /// was broken (with no lines, only that line: the retry of a broken sink).
     fn commit(&mut self, lines: &[String]) -> Result<(), Failure> {
-        if lines.is_empty() && self.broken_since.is_none() {
+        let checkpoint_due = self
+            .chain
+            .as_ref()
+            .is_some_and(|c| c.checkpoint_due(Instant::now()));
+        if lines.is_empty() && self.broken_since.is_none() && !checkpoint_due {
             return Ok(());
         }
-        if self.sink.rotation_due()
-            && let Err(e) = self.sink.rotate()
-        {
-            WRITE_FAILED.event(|| tracing::error!("audit log: rotation failed: {e}"));
+        if self.sink.rotation_due() {
+            // The old file ends with a checkpoint over its last line.
+            self.close_with_checkpoint();
+            if let Err(e) = self.sink.rotate() {
+                WRITE_FAILED.event(|| tracing::error!("audit log: rotation failed: {e}"));
+            }
         }
         let mark = self.chain.as_ref().map(chain::Chain::mark);
         let mut batch = Vec::with_capacity(lines.iter().map(|l| l.len() + 120).sum());
@@ -552,6 +618,11 @@ impl Writer {
         }
         for line in lines {
             self.append(line, &mut batch);
+        }
+        if let Some(chain) = &mut self.chain
+            && chain.checkpoint_due(Instant::now())
+        {
+            chain.checkpoint(&mut batch);
         }
         let written = self
             .sink
@@ -603,6 +674,24 @@ impl Writer {
                 }
                 Err(failure)
             }
+        }
+    }
+
+    /// Writes a checkpoint over the lines since the last one, if signing (before a rotation
+    /// and at shutdown).
+    fn close_with_checkpoint(&mut self) {
+        let Some(chain) = &mut self.chain else {
+            return;
+        };
+        let mark = chain.mark();
+        let mut line = Vec::new();
+        chain.checkpoint(&mut line);
+        if line.is_empty() {
+            return;
+        }
+        if let Err(e) = self.sink.write(&line) {
+            chain.rewind(mark);
+            WRITE_FAILED.event(|| tracing::error!("audit log: checkpoint not written: {e}"));
         }
     }
 

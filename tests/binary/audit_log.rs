@@ -466,3 +466,122 @@ async fn the_chain_resumes_after_a_restart() {
         }
     }
 }
+
+/// `portcullis audit ...` run to completion.
+fn audit_command(dir: &Path, args: &[&str]) -> crate::common::binary::Ran {
+    let mut all = vec!["audit"];
+    all.extend_from_slice(args);
+    crate::common::binary::run_command(&all, dir, None, Duration::from_secs(30))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecs_lines_are_sealed_and_checkpoints_come_on_time_and_at_shutdown() {
+    let keys = tempfile::tempdir().expect("key dir");
+    let made = audit_command(keys.path(), &["keygen", "--out", "key.pem"]);
+    assert_eq!(made.status.code(), Some(0), "{}", made.stderr);
+    std::fs::write(keys.path().join("public.pem"), &made.stdout).expect("public key");
+    let audit = keys.path().join("audit.log");
+    let server = serve(
+        tempfile::tempdir().expect("dir"),
+        &audit,
+        &format!(
+            "[audit]\nformat = \"ecs\"\nsigning_key = \"{}\"\ncheckpoint_interval = \"1s\"\n",
+            keys.path().join("key.pem").display()
+        ),
+    );
+    for _ in 0..3 {
+        server.check(request("GET", "/x", None, None)).await;
+    }
+    // A checkpoint within the interval (and the writer's one-second look) with no new line.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&audit)
+        .unwrap_or_default()
+        .contains(r#""type":"checkpoint""#)
+    {
+        assert!(Instant::now() < deadline, "no timed checkpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.check(request("GET", "/deny", None, None)).await;
+    signal(server.pid, "-TERM");
+    assert!(
+        server.wait_exit(Duration::from_secs(15)).is_some(),
+        "no exit"
+    );
+    let all = lines(std::slice::from_ref(&audit));
+    let decisions: Vec<_> = all
+        .iter()
+        .filter(|l| {
+            l.get("@timestamp").is_some()
+                && l["event"]["kind"] == "event"
+                && l.get("type").is_none()
+        })
+        .collect();
+    assert_eq!(decisions.len(), 4, "{all:?}");
+    assert_eq!(decisions[0]["event"]["outcome"], "success");
+    assert_eq!(decisions[3]["event"]["outcome"], "failure");
+    assert_eq!(
+        all[3]["type"], "checkpoint",
+        "timed checkpoint after 3 lines: {all:?}"
+    );
+    assert_eq!(
+        all.last().expect("lines")["type"],
+        "checkpoint",
+        "shutdown checkpoint"
+    );
+    let verified = audit_command(keys.path(), &["verify", "audit.log", "--key", "public.pem"]);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}{}",
+        verified.stdout,
+        verified.stderr
+    );
+    assert!(
+        verified.stdout.contains("intact: 6 lines"),
+        "{}",
+        verified.stdout
+    );
+    assert!(
+        !verified.stdout.contains("not signed"),
+        "{}",
+        verified.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_is_cut_before_the_chain_goes_on() {
+    let keep = tempfile::tempdir().expect("audit dir");
+    let audit = keep.path().join("audit.log");
+    let server = serve(tempfile::tempdir().expect("dir"), &audit, "");
+    for _ in 0..2 {
+        server.check(request("GET", "/x", None, None)).await;
+    }
+    signal(server.pid, "-KILL");
+    assert!(server.wait_exit(Duration::from_secs(5)).is_some());
+    // What a host crash in the middle of a write leaves.
+    let mut text = std::fs::read_to_string(&audit).expect("audit");
+    text.push_str(r#"{"time":"2026-12-03T00:00:00Z","decision_id":"torn"#);
+    std::fs::write(&audit, &text).expect("tear");
+    let server = serve(tempfile::tempdir().expect("dir"), &audit, "");
+    server.check(request("GET", "/x", None, None)).await;
+    assert!(
+        server.log().contains("cut a torn last line"),
+        "{}",
+        server.log()
+    );
+    drop(server);
+    let all = lines(std::slice::from_ref(&audit));
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        all[2]["seq"], 2,
+        "the chain goes on after the last whole line"
+    );
+    let verified = audit_command(keep.path(), &["verify", "audit.log"]);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}{}",
+        verified.stdout,
+        verified.stderr
+    );
+}

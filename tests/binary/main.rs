@@ -1,7 +1,8 @@
 //! Integration tests that run the real `portcullis` binary (`CARGO_BIN_EXE_portcullis`):
 //! the command line, servers started through `common::binary::Binary`, hostile input,
-//! listener floods, reloads of operator files, fail-open classes, and Envoy's own gRPC
-//! client. One test binary (one link); each module was once a binary of its own.
+//! listener floods, reloads of operator files, fail-open classes, security events (and the
+//! alert rules, through promtool), and Envoy's own gRPC client. One test binary (one link);
+//! each module was once a binary of its own.
 //!
 //! Every server is a child process of its own on 127.0.0.1:0, so tests running in parallel
 //! threads share no server state. Tests that measure a server alone (the soak, SIGTERM
@@ -11,10 +12,12 @@
 mod common;
 
 mod audit_log;
+mod audit_verify;
 mod cli;
 mod envoy_wire;
 mod fail_open;
 mod hostile;
 mod listeners;
 mod reload;
+mod security_events;
 mod syslog;

@@ -226,12 +226,7 @@ impl World {
         write("policies/load.cedar", POLICIES)?;
         write(
             "portcullis.toml",
-            &config_text(
-                grpc,
-                &world.audit,
-                &world.spec,
-                &Extras::default(),
-            ),
+            &config_text(grpc, &world.audit, &world.spec, &Extras::default()),
         )?;
         Ok(world)
     }
