@@ -445,7 +445,8 @@ fn lines_sent_to_a_receiver_that_refuses_the_client_are_not_counted_delivered() 
 }
 
 /// Through the real server: each decision's audit line reaches the SIEM as it is in the
-/// audit file.
+/// audit file, and a security event (a client certificate from an unknown CA, severity
+/// medium) arrives with its severity in the PRI and its type as MSGID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_ships_its_decisions_audit_lines() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -462,8 +463,11 @@ async fn the_server_ships_its_decisions_audit_lines() {
          forbid (principal, action == Action::\"GET\", resource == Path::\"/deny\");\n",
     )
     .expect("write policy");
+    let peers = Authority::root("peer ca");
+    std::fs::write(dir.path().join("peer-ca.pem"), peers.cert_pem()).expect("write peer ca");
     let config = format!(
         "[server]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n\n\
+         [peer]\ntrust_bundle = \"peer-ca.pem\"\n\n\
          [policy]\ndir = \"policies\"\n\n[log]\naudit = \"audit.log\"\n\n{}",
         syslog_toml(&pki, port, &dir.path().join("spool"), true)
     );
@@ -471,6 +475,16 @@ async fn the_server_ships_its_decisions_audit_lines() {
     for path in ["/a", "/deny", "/b"] {
         server.check(request("GET", path, None, None)).await;
     }
+    let stranger =
+        Authority::root("stranger ca").issue(&LeafSpec::spiffe("spiffe://example.org/stranger"));
+    let cert = stranger.envoy_encoded();
+    server.check(request("GET", "/a", Some(&cert), None)).await;
+    let security = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(server.path("audit.log"))
+            .unwrap_or_default()
+            .contains("\"security_event\"")
+    });
+    assert!(security, "no security event in the audit file");
     let written: Vec<String> = std::fs::read_to_string(server.path("audit.log"))
         .unwrap_or_default()
         .lines()
@@ -487,6 +501,27 @@ async fn the_server_ships_its_decisions_audit_lines() {
         receiver.received(),
         server.log(),
         receiver.log_text()
+    );
+    let headers: Vec<(String, String, String)> = receiver
+        .received()
+        .into_iter()
+        .map(|(pri, app, msgid, _)| (pri, app, msgid))
+        .collect();
+    // Facility 13: a decision is 13 * 8 + 6, a medium security event 13 * 8 + 4.
+    let event = (
+        "108".to_string(),
+        "portcullis".to_string(),
+        "security_event".to_string(),
+    );
+    assert!(headers.contains(&event), "{headers:?}");
+    let decision = (
+        "110".to_string(),
+        "portcullis".to_string(),
+        "decision".to_string(),
+    );
+    assert!(
+        headers.iter().filter(|h| **h == decision).count() >= 4,
+        "{headers:?}"
     );
 }
 
