@@ -547,21 +547,16 @@ impl Header {
     /// `MSG-LEN SP SYSLOG-MSG`) of an RFC 5424 message whose MSG is the line itself.
     fn frame(&self, line: &[u8], now: SystemTime, out: &mut Vec<u8>) {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let fields: Fields = serde_json::from_slice(line).unwrap_or_default();
-        let severity = fields
-            .severity
-            .as_ref()
-            .and_then(|s| s.as_str())
-            .map_or(INFORMATIONAL, severity);
+        let value = serde_json::from_slice(line).unwrap_or(serde_json::Value::Null);
+        let fields = Fields::of(&value);
+        let severity = fields.severity.map_or(INFORMATIONAL, severity);
         let time = fields
             .time
-            .as_ref()
-            .and_then(|t| t.as_str())
             .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
             .unwrap_or(now);
-        let msgid = match &fields.kind {
+        let msgid = match fields.kind {
             None => "decision".to_string(),
-            Some(kind) => field(kind.as_str().unwrap_or(""), MSGID_MAX),
+            Some(kind) => field(kind.unwrap_or(""), MSGID_MAX),
         };
         // RFC 5424 §6.2.1: PRI = facility * 8 + severity.
         let pri = u16::from(self.facility) * 8 + u16::from(severity);
@@ -581,13 +576,38 @@ impl Header {
     }
 }
 
-/// The members of a line that shape its header; anything else in it is left alone.
-#[derive(Debug, Default, serde::Deserialize)]
-struct Fields {
-    time: Option<serde_json::Value>,
-    severity: Option<serde_json::Value>,
-    #[serde(rename = "type")]
-    kind: Option<serde_json::Value>,
+/// The members of a line that shape its header, in our format or in ECS
+/// (`format = "ecs"`, src/audit/ecs.rs); anything else in the line is left alone.
+struct Fields<'a> {
+    time: Option<&'a str>,
+    severity: Option<&'a str>,
+    /// The line's type: absent for a decision; `Some(None)` when it is not a string.
+    kind: Option<Option<&'a str>>,
+}
+
+/// ECS's `event.action` for a decision (src/audit/ecs.rs).
+const ECS_DECISION: &str = "authorization-decision";
+
+impl<'a> Fields<'a> {
+    fn of(value: &'a serde_json::Value) -> Fields<'a> {
+        let text = |pointer: &str| value.pointer(pointer).and_then(serde_json::Value::as_str);
+        let kind = match value.get("type") {
+            Some(kind) => Some(kind.as_str()),
+            None => text("/event/action")
+                .filter(|action| *action != ECS_DECISION)
+                .map(Some),
+        };
+        // ECS keeps an event line's own members under `portcullis.<type>`.
+        let severity = text("/severity").or_else(|| {
+            let kind = kind.flatten()?;
+            value.get("portcullis")?.get(kind)?.get("severity")?.as_str()
+        });
+        Fields {
+            time: text("/time").or_else(|| text("/@timestamp")),
+            severity,
+            kind,
+        }
+    }
 }
 
 /// A security event's severity as an RFC 5424 severity (§6.2.1); unknown ones are
@@ -1077,6 +1097,14 @@ mod tests {
             (r#"{"type":7}"#, "<110>", "-"),
             // Not JSON at all: shipped as it is, with every default.
             ("not json", "<110>", "decision"),
+            // The same lines in ECS (format = "ecs").
+            (r#"{"event":{"action":"authorization-decision"},"portcullis":{}}"#, "<110>", "decision"),
+            (
+                r#"{"event":{"action":"security_event"},"portcullis":{"security_event":{"severity":"high"}}}"#,
+                "<107>",
+                "security_event",
+            ),
+            (r#"{"event":{"action":"checkpoint"}}"#, "<110>", "checkpoint"),
         ];
         for (line, pri, msgid) in cases {
             let frame = framed(line);
@@ -1086,6 +1114,13 @@ mod tests {
             assert_eq!(fields[5], msgid, "{line}");
             assert_eq!(fields[7], line, "{line}");
         }
+    }
+
+    #[test]
+    fn an_ecs_line_gives_its_timestamp() {
+        let line = r#"{"@timestamp":"2026-12-03T15:40:34.123456Z","event":{"action":"authorization-decision"}}"#;
+        let msg = unframe(&framed(line)).to_string();
+        assert!(msg.starts_with("<110>1 2026-12-03T15:40:34.123456Z gate-1 "), "{msg}");
     }
 
     #[test]
