@@ -1482,6 +1482,42 @@ mod tests {
         drop(conn);
     }
 
+    /// SECURITY: a receiver whose certificate (from the right CA) is not for `server_name`
+    /// gets nothing; the lines stay spooled.
+    #[test]
+    fn a_receiver_certificate_for_another_name_gets_nothing() {
+        let mut f = fixture(1 << 20);
+        let (listener, config, ca) = tls_receiver(f.dir.path());
+        f.settings.address = listener.local_addr().unwrap().to_string();
+        f.settings.ca = ca;
+        f.settings.server_name = "siem.example".into();
+        let mut spool = Spool::open(&f.settings).unwrap();
+        let stats = spool.stats();
+        spool.append(line(0, 60).as_bytes()).unwrap();
+        let mut conn = accept(&listener, &config);
+        let mut buf = [0u8; 64];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match conn.read(&mut buf) {
+                Ok(n) => panic!("the receiver got {n} bytes"),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    assert!(Instant::now() < deadline, "the shipper neither sent nor failed");
+                }
+                // The client refused the handshake.
+                Err(_) => break,
+            }
+        }
+        assert!(
+            wait_for(Duration::from_secs(5), || stats
+                .last_error()
+                .is_some_and(|e| e.contains("not valid for name \"siem.example\""))),
+            "{:?}",
+            stats.last_error()
+        );
+        assert_eq!(stats.shipped(), 0);
+        assert_eq!(stats.spooled_bytes(), 60);
+    }
+
     #[test]
     fn a_bad_ca_file_or_server_name_fails_open() {
         let mut f = fixture(1000);
