@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 mod chain;
 pub(crate) mod ecs;
 pub(crate) mod verify;
+pub mod syslog;
 
 /// Lines that may wait for the writer before requests wait for room.
 const QUEUE: usize = 64 * 1024;
@@ -105,6 +106,11 @@ impl AuditLog {
     /// Opens the sink (resuming the chain of an existing file) and starts the writer.
     pub fn open(settings: &AuditSettings, counters: AuditCounters) -> Result<AuditLog, String> {
         let sink = Sink::open(settings)?;
+        let spool = settings
+            .syslog
+            .as_ref()
+            .map(syslog::Spool::open)
+            .transpose()?;
         let signer = match &settings.signing_key {
             Some(path) => Some(
                 chain::Signer::load(path).map_err(|e| format!("audit.signing_key: {e}"))?,
@@ -128,6 +134,7 @@ impl AuditLog {
         let (queue, lines) = sync_channel(QUEUE);
         let writer = Writer {
             sink,
+            spool,
             chain,
             fsync: settings.fsync,
             health: health.clone(),
@@ -388,7 +395,6 @@ impl Sink {
     }
 
     /// Takes back the last `bytes` written (a batch that another sink failed to take).
-    #[allow(dead_code)] // for the syslog spool (HOOK(syslog))
     fn undo(&mut self, bytes: usize) {
         if let Out::File { file, len, .. } = &mut self.out {
             let to = len.saturating_sub(bytes as u64);
@@ -480,6 +486,8 @@ impl Sink {
 /// The writer thread's state.
 struct Writer {
     sink: Sink,
+    /// With `[audit.syslog]`: every batch the sink took goes to the spool too.
+    spool: Option<syslog::Spool>,
     chain: Option<chain::Chain>,
     fsync: AuditFsync,
     health: Arc<Health>,
@@ -616,18 +624,22 @@ impl Writer {
         {
             chain.checkpoint(&mut batch);
         }
-        // HOOK(syslog): with `[audit.syslog]`, `Writer` holds a `syslog::Spool` (opened in
-        // `AuditLog::open` from `settings.syslog`; an error there is returned like the
-        // file's), and the same `batch` is appended to it right after the sink's write
-        // succeeds; when the append fails, `self.sink.undo(batch.len())` and the batch fails
-        // with `classify(&e)` (a full spool is `StorageFull`, so `disk_full_action`).
-        let written = self.sink.write(&batch).and_then(|()| {
-            if self.fsync == AuditFsync::Always {
-                self.sink.sync()
-            } else {
-                Ok(())
-            }
-        });
+        let written = self
+            .sink
+            .write(&batch)
+            .and_then(|()| {
+                if self.fsync == AuditFsync::Always {
+                    self.sink.sync()
+                } else {
+                    Ok(())
+                }
+            })
+            // The same batch to the syslog spool (a full one is `StorageFull`, so
+            // `disk_full_action`); when it refuses it, the sink gives it back too.
+            .and_then(|()| match &mut self.spool {
+                Some(spool) => spool.append(&batch).inspect_err(|_| self.sink.undo(batch.len())),
+                None => Ok(()),
+            });
         match written {
             Ok(()) => {
                 if self.broken_since.take().is_some() {

@@ -20,3 +20,4 @@ mod hostile;
 mod listeners;
 mod reload;
 mod security_events;
+mod syslog;
