@@ -328,6 +328,9 @@ impl Engine {
         let audit = crate::audit::AuditLog::open(&settings.audit, metrics.audit())
             .map_err(|e| problems.push(Problem::new(e)))
             .ok();
+        if let Some(hook) = audit.as_ref().and_then(crate::audit::AuditLog::scrape_hook) {
+            metrics.on_scrape(hook);
+        }
         match (tokens, fetcher, loaded, audit) {
             (Some(tokens), Some(fetcher), Some((loaded, _)), Some(audit))
                 if problems.is_empty() =>

@@ -110,7 +110,11 @@ fn load(config: &std::path::Path, serving: bool) -> Result<(Settings, Engine), S
         let checked = match std::fs::metadata(path) {
             Ok(m) if !m.is_file() => Err("not a regular file".to_string()),
             Ok(_) => Ok(()),
-            Err(_) if path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) => {
+            Err(_)
+                if path
+                    .parent()
+                    .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) =>
+            {
                 Err("its directory does not exist".to_string())
             }
             Err(_) => Ok(()),

@@ -59,11 +59,23 @@ pub struct AuditCounters {
     pub dropped: Counter,
     /// 1 while the sink writes, 0 while its writes fail.
     pub sink_up: Gauge,
+    /// Lines known delivered to the syslog receiver.
+    pub syslog_shipped: Counter,
+    /// Lines sent to the syslog receiver again after a connection broke.
+    pub syslog_resent: Counter,
+    /// Bytes in the syslog spool.
+    pub syslog_spool_bytes: Gauge,
+    /// 1 while connected to the syslog receiver.
+    pub syslog_connected: Gauge,
 }
+
+/// Work done just before each scrape (copying counters kept elsewhere into the metrics).
+type ScrapeHook = Box<dyn Fn() + Send + Sync>;
 
 /// Every metric Portcullis exports.
 pub struct Metrics {
     audit: AuditCounters,
+    scrape_hooks: Mutex<Vec<ScrapeHook>>,
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     key_fetches: Family<FetchLabels, Counter>,
@@ -184,8 +196,29 @@ impl Metrics {
             "1 while the audit sink accepts writes, 0 while its writes fail",
             audit.sink_up.clone(),
         );
+        registry.register(
+            "audit_syslog_lines_shipped",
+            "Audit lines known delivered to the syslog receiver",
+            audit.syslog_shipped.clone(),
+        );
+        registry.register(
+            "audit_syslog_lines_resent",
+            "Audit lines sent to the syslog receiver again after a connection broke",
+            audit.syslog_resent.clone(),
+        );
+        registry.register(
+            "audit_syslog_spool_bytes",
+            "Bytes waiting in the syslog spool (with delivered lines of segments not yet deleted)",
+            audit.syslog_spool_bytes.clone(),
+        );
+        registry.register(
+            "audit_syslog_connected",
+            "1 while connected to the syslog receiver",
+            audit.syslog_connected.clone(),
+        );
         Metrics {
             audit,
+            scrape_hooks: Mutex::new(Vec::new()),
             reloads,
             listener_events,
             security_events,
@@ -287,8 +320,20 @@ impl Metrics {
         self.latency.observe(micros as f64 / 1e6);
     }
 
+    /// Runs `hook` before each scrape.
+    pub fn on_scrape(&self, hook: ScrapeHook) {
+        if let Ok(mut hooks) = self.scrape_hooks.lock() {
+            hooks.push(hook);
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
+        if let Ok(hooks) = self.scrape_hooks.lock() {
+            for hook in hooks.iter() {
+                hook();
+            }
+        }
         let now = epoch_secs();
         if let Ok(m) = self.last_success.lock() {
             for (issuer, at) in m.iter() {

@@ -94,6 +94,7 @@ pub struct AuditLog {
     full_action: AuditFailureAction,
     error_action: AuditFailureAction,
     format: AuditFormat,
+    syslog_stats: Option<Arc<syslog::SyslogStats>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -111,6 +112,7 @@ impl AuditLog {
             .as_ref()
             .map(syslog::Spool::open)
             .transpose()?;
+        let syslog_stats = spool.as_ref().map(syslog::Spool::stats);
         let signer = match &settings.signing_key {
             Some(path) => Some(
                 chain::Signer::load(path).map_err(|e| format!("audit.signing_key: {e}"))?,
@@ -155,6 +157,7 @@ impl AuditLog {
             full_action: settings.disk_full_action,
             error_action: settings.disk_error_action,
             format: settings.format,
+            syslog_stats,
         })
     }
 
@@ -214,6 +217,24 @@ impl AuditLog {
             AuditFormat::Json => event.to_string(),
             AuditFormat::Ecs => ecs::ecs(event).to_string(),
         }
+    }
+
+    /// With `[audit.syslog]`: what copies the shipper's counters into the metrics at each
+    /// scrape.
+    pub fn scrape_hook(&self) -> Option<Box<dyn Fn() + Send + Sync>> {
+        let stats = self.syslog_stats.clone()?;
+        let counters = self.counters.clone();
+        Some(Box::new(move || {
+            let raise = |counter: &prometheus_client::metrics::counter::Counter, to: u64| {
+                counter.inc_by(to.saturating_sub(counter.get()));
+            };
+            raise(&counters.syslog_shipped, stats.shipped());
+            raise(&counters.syslog_resent, stats.resent());
+            counters
+                .syslog_spool_bytes
+                .set(i64::try_from(stats.spooled_bytes()).unwrap_or(i64::MAX));
+            counters.syslog_connected.set(i64::from(stats.connected()));
+        }))
     }
 
     /// Reopens the file at its configured path (after logrotate renamed it).
@@ -624,22 +645,7 @@ impl Writer {
         {
             chain.checkpoint(&mut batch);
         }
-        let written = self
-            .sink
-            .write(&batch)
-            .and_then(|()| {
-                if self.fsync == AuditFsync::Always {
-                    self.sink.sync()
-                } else {
-                    Ok(())
-                }
-            })
-            // The same batch to the syslog spool (a full one is `StorageFull`, so
-            // `disk_full_action`); when it refuses it, the sink gives it back too.
-            .and_then(|()| match &mut self.spool {
-                Some(spool) => spool.append(&batch).inspect_err(|_| self.sink.undo(batch.len())),
-                None => Ok(()),
-            });
+        let written = self.write_batch(&batch);
         match written {
             Ok(()) => {
                 if self.broken_since.take().is_some() {
@@ -689,10 +695,33 @@ impl Writer {
         if line.is_empty() {
             return;
         }
-        if let Err(e) = self.sink.write(&line) {
-            chain.rewind(mark);
+        if let Err(e) = self.write_batch(&line) {
+            if let Some(chain) = &mut self.chain {
+                chain.rewind(mark);
+            }
             WRITE_FAILED.event(|| tracing::error!("audit log: checkpoint not written: {e}"));
         }
+    }
+
+    /// Writes a batch to the sink (with its `fsync` when `always`) and to the syslog spool
+    /// (a full one is `StorageFull`, so `disk_full_action`): to both or, as far as the sink
+    /// can be cut back, to neither.
+    fn write_batch(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        self.sink
+            .write(batch)
+            .and_then(|()| {
+                if self.fsync == AuditFsync::Always {
+                    self.sink.sync()
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| match &mut self.spool {
+                Some(spool) => spool
+                    .append(batch)
+                    .inspect_err(|_| self.sink.undo(batch.len())),
+                None => Ok(()),
+            })
     }
 
     fn append(&mut self, line: &str, batch: &mut Vec<u8>) {

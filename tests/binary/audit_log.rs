@@ -216,7 +216,10 @@ async fn grpc_health(server: &Binary) -> i32 {
 async fn grpc_health_becomes(server: &Binary, status: i32) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while grpc_health(server).await != status {
-        assert!(Instant::now() < deadline, "gRPC health never became {status}");
+        assert!(
+            Instant::now() < deadline,
+            "gRPC health never became {status}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -523,6 +523,28 @@ async fn the_server_ships_its_decisions_audit_lines() {
         headers.iter().filter(|h| **h == decision).count() >= 4,
         "{headers:?}"
     );
+    // The shipper's counters are in the metrics (confirmed one second after sending).
+    let shipped = eventually(Duration::from_secs(10), || {
+        let text = std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Runtime::new()
+                    .expect("runtime")
+                    .block_on(server.http("GET", "/metrics", &[], ""))
+                    .body
+            })
+            .join()
+            .expect("scrape")
+        });
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        value("portcullis_audit_syslog_lines_shipped_total") >= Some(written.len() as f64)
+            && value("portcullis_audit_syslog_connected") == Some(1.0)
+    });
+    assert!(shipped, "the metrics do not show the lines shipped");
 }
 
 /// Through the real server: while the receiver is away the spool fills, and past
