@@ -63,11 +63,18 @@ pub(crate) struct Chain {
 
 /// Lower-case hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(bytes, &mut out);
+    out
+}
+
+/// Appends `bytes` in lower-case hex (once per audit line: no formatter).
+fn push_hex(bytes: &[u8], out: &mut String) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 /// The SHA-256 of `bytes`.
@@ -238,22 +245,16 @@ impl Chain {
         if open.trim_end() != "{" {
             out.push(b',');
         }
-        out.extend_from_slice(
-            format!(
-                "\"seq\":{},\"prev\":\"{}\"}}",
-                self.at.seq,
-                hex(&self.at.prev)
-            )
-            .as_bytes(),
-        );
+        let mut tail = String::with_capacity(100);
+        tail.push_str("\"seq\":");
+        tail.push_str(&self.at.seq.to_string());
+        tail.push_str(",\"prev\":\"");
+        push_hex(&self.at.prev, &mut tail);
+        tail.push_str("\"}");
+        out.extend_from_slice(tail.as_bytes());
         self.at.seq = self.at.seq.saturating_add(1);
         self.at.prev = sha256(&out[start..]);
         out.push(b'\n');
-    }
-
-    /// Whether checkpoints are signed (a key is configured).
-    pub(crate) fn signs(&self) -> bool {
-        self.signer.is_some()
     }
 
     /// Whether a checkpoint is due at `now`: there is a signer, lines were sealed since the

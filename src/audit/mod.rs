@@ -1,13 +1,15 @@
 //! The audit log: one line per decision (and per security event), to stdout, stderr or an
-//! append-only file, sealed into a hash chain. Lines carry decision data only (ids,
-//! principal, action, resource, decision, policies, reasons, latency), never a token, key
-//! or certificate body.
+//! append-only file, sealed into a hash chain, and optionally shipped to syslog. Lines carry
+//! decision data only (ids, principal, action, resource, decision, policies, reasons,
+//! latency), never a token, key or certificate body.
 //!
-//! Nothing is answered without its line: [`AuditLog::record`] hands the line to the writer
-//! thread and waits until the writer's `write` of it has completed (the line is in the
-//! kernel, so killing the process loses nothing answered), or failed. The writer writes
-//! whatever has queued up meanwhile in one `write` (group commit): under load one system
-//! call serves many decisions. When a line cannot be written, the settings choose: deny
+//! Nothing is answered without its line: [`AuditLog::record`] returns once the `write` of
+//! the line has completed (the line is in the kernel, so killing the process loses nothing
+//! answered), or failed. A line for a file is written by the request itself, under the
+//! writer's lock: a page-cache write costs a system call, less than handing it to a thread
+//! and waiting. A line that may block (a pipe: stdout, stderr) or must be `fsync`ed first
+//! goes to the writer thread, which writes whatever has queued up meanwhile in one `write`
+//! and one `fsync` (group commit). When a line cannot be written, the settings choose: deny
 //! the decision (`deny`, the default) or serve it and count the line as dropped (`serve`).
 //!
 //! The file sink follows logrotate (it reopens its path on SIGHUP, [`AuditLog::reopen`],
@@ -36,12 +38,11 @@ pub mod syslog;
 const QUEUE: usize = 64 * 1024;
 /// The most one `write` carries: a bound on how long a batch holds its requests.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
-/// How often a broken sink is tried again while no line comes to try it.
+/// How often the writer thread looks at an idle log: a broken sink tried again while no
+/// line comes to try it, a timed checkpoint.
 const RETRY: Duration = Duration::from_secs(1);
 /// How often the file's path is checked for a rename (logrotate without a SIGHUP).
 const RENAME_CHECK: Duration = Duration::from_millis(500);
-/// How often a signing writer looks whether a timed checkpoint is due while idle.
-const CHECKPOINT_POLL: Duration = Duration::from_secs(1);
 /// The longest line looked at when the chain is resumed from an existing file.
 const RESUME_TAIL: u64 = 1024 * 1024;
 
@@ -89,6 +90,11 @@ struct Health {
 pub struct AuditLog {
     queue: Option<SyncSender<Message>>,
     writer: Option<JoinHandle<()>>,
+    /// The writer's state; a request writes its own line under this lock when `inline`.
+    shared: Arc<Mutex<Writer>>,
+    /// Whether requests write their lines themselves (a file, without `fsync = "always"`),
+    /// rather than hand them to the writer thread.
+    inline: bool,
     health: Arc<Health>,
     counters: AuditCounters,
     full_action: AuditFailureAction,
@@ -145,13 +151,25 @@ impl AuditLog {
             failed_since_broken: 0,
             dirty_since: None,
         };
+        // A write to a file lands in the page cache: cheaper done by the request itself (a
+        // system call) than handed to a thread and waited for (two wake-ups and the
+        // context switches, which cost a quarter of the server's CPU per request under
+        // load). A pipe may block, and an `fsync` takes milliseconds: those lines go to
+        // the writer thread, whose group commit shares one write and one `fsync` among the
+        // requests waiting meanwhile, without holding the runtime's threads.
+        let inline =
+            matches!(settings.sink, AuditSink::File(_)) && settings.fsync != AuditFsync::Always;
+        let shared = Arc::new(Mutex::new(writer));
+        let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || writer.run(lines))
+            .spawn(move || Writer::run(thread_shared, lines))
             .map_err(|e| format!("log.audit: cannot start the writer thread: {e}"))?;
         Ok(AuditLog {
             queue: Some(queue),
             writer: Some(thread),
+            shared,
+            inline,
             health,
             counters,
             full_action: settings.disk_full_action,
@@ -161,10 +179,17 @@ impl AuditLog {
         })
     }
 
-    /// Writes one decision's line and waits until it is written or has failed; what
-    /// became of it follows the settings' failure actions. The wait is the group commit:
-    /// lines from concurrent requests share one `write`.
+    /// Writes one decision's line and returns once it is written or has failed; what
+    /// became of it follows the settings' failure actions. A file's line is written here;
+    /// other lines wait for the writer thread's group commit.
     pub async fn record(&self, event: &serde_json::Value) -> Recorded {
+        if self.inline {
+            let line = self.render(event);
+            return match lock(&self.shared).commit(std::slice::from_ref(&line)) {
+                Ok(()) => Recorded::Written,
+                Err(failure) => self.failed(failure),
+            };
+        }
         let (ack, written) = tokio::sync::oneshot::channel();
         let sent = self
             .queue
@@ -179,6 +204,11 @@ impl AuditLog {
         } else {
             Failure::Error
         };
+        self.failed(failure)
+    }
+
+    /// What becomes of a decision whose line was not written, by the failure actions.
+    fn failed(&self, failure: Failure) -> Recorded {
         let action = match failure {
             Failure::Full => self.full_action,
             Failure::Error => self.error_action,
@@ -274,6 +304,12 @@ impl Drop for AuditLog {
             let _ = writer.join();
         }
     }
+}
+
+/// The writer's state, also after a thread panicked holding it (the state stays
+/// consistent: a batch is written whole or cut back).
+fn lock(shared: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The last complete line of a file, for resuming its chain.
@@ -531,9 +567,13 @@ fn classify(e: &std::io::Error) -> Failure {
 }
 
 impl Writer {
-    fn run(mut self, queue: Receiver<Message>) {
+    /// The writer thread: group commit for the lines sent to it (sinks that may block,
+    /// `fsync = "always"`, security events), and the housekeeping of an idle log (a
+    /// broken sink tried again, timed checkpoints and `fsync`, reopening).
+    fn run(shared: Arc<Mutex<Writer>>, queue: Receiver<Message>) {
         loop {
-            let first = match queue.recv_timeout(self.idle_wait()) {
+            let wait = lock(&shared).idle_wait();
+            let first = match queue.recv_timeout(wait) {
                 Ok(m) => Some(m),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -560,44 +600,47 @@ impl Writer {
                     None
                 };
             }
-            if reopen || self.sink.renamed() {
-                self.reopen();
+            let mut writer = lock(&shared);
+            if reopen {
+                writer.reopen();
             }
-            let result = self.commit(&lines);
+            let result = writer.commit(&lines);
             if result.is_err() {
-                self.failed_since_broken += lines.len() as u64;
                 // Lines nobody waits for (security events) are counted here; the others
                 // by their requests, which know the failure action.
                 let unwaited = acks.iter().filter(|a| a.is_none()).count();
-                self.counters.dropped.inc_by(unwaited as u64);
+                writer.counters.dropped.inc_by(unwaited as u64);
             }
+            writer.sync_if_due();
+            drop(writer);
             for ack in acks.into_iter().flatten() {
                 let _ = ack.send(result);
             }
-            self.sync_if_due();
             for flush in flushes {
                 let _ = flush.send(());
             }
         }
-        let _ = self.commit(&[]);
-        self.close_with_checkpoint();
-        if self.fsync != AuditFsync::Never {
-            let _ = self.sink.sync();
+        let mut writer = lock(&shared);
+        let _ = writer.commit(&[]);
+        writer.close_with_checkpoint();
+        if writer.fsync != AuditFsync::Never {
+            let _ = writer.sink.sync();
         }
     }
 
     /// How long to wait for a line before doing housekeeping: trying a broken sink
     /// again, an `fsync` that is due.
+    ///
+    /// Requests write a file's lines themselves, so the thread does not see the sink break
+    /// or lines wait for their `fsync` while it sleeps: it looks at least every [`RETRY`],
+    /// and every `fsync` interval.
     fn idle_wait(&self) -> Duration {
-        let mut wait = Duration::from_secs(3600);
-        if self.broken_since.is_some() {
-            wait = wait.min(RETRY);
-        }
-        if self.chain.as_ref().is_some_and(chain::Chain::signs) {
-            wait = wait.min(CHECKPOINT_POLL);
-        }
-        if let (AuditFsync::Every(every), Some(since)) = (self.fsync, self.dirty_since) {
-            wait = wait.min(every.saturating_sub(since.elapsed()));
+        let mut wait = RETRY;
+        if let AuditFsync::Every(every) = self.fsync {
+            wait = wait.min(every);
+            if let Some(since) = self.dirty_since {
+                wait = wait.min(every.saturating_sub(since.elapsed()));
+            }
         }
         wait
     }
@@ -618,6 +661,9 @@ impl Writer {
             .is_some_and(|c| c.checkpoint_due(Instant::now()));
         if lines.is_empty() && self.broken_since.is_none() && !checkpoint_due {
             return Ok(());
+        }
+        if self.sink.renamed() {
+            self.reopen();
         }
         if self.sink.rotation_due() {
             // The old file ends with a checkpoint over its last line.
@@ -664,6 +710,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                self.failed_since_broken += lines.len() as u64;
                 if let (Some(chain), Some(mark)) = (&mut self.chain, mark) {
                     chain.rewind(mark);
                 }

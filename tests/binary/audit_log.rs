@@ -116,9 +116,19 @@ async fn metrics(server: &Binary) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_under_load_loses_no_answered_decision() {
+    sigkill_under_load("").await;
+}
+
+/// The same through the writer thread's group commit (lines that need an `fsync` go there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_load_with_fsync_always_loses_no_answered_decision() {
+    sigkill_under_load("[audit]\nfsync = \"always\"\n").await;
+}
+
+async fn sigkill_under_load(extra: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let audit = dir.path().join("audit.log");
-    let server = serve(dir, &audit, "");
+    let server = serve(dir, &audit, extra);
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
         let stop = stop.clone();
@@ -144,12 +154,12 @@ async fn sigkill_under_load_loses_no_answered_decision() {
         .filter(|id| !recorded.contains(*id))
         .collect();
     eprintln!(
-        "SIGKILL under load: {} answered, {} audit lines, {} answered but unrecorded",
+        "SIGKILL under load ({extra:?}): {} answered, {} audit lines, {} answered but unrecorded",
         answered.len(),
         recorded.len(),
         lost.len()
     );
-    assert!(answered.len() > 500, "too little load: {}", answered.len());
+    assert!(answered.len() > 200, "too little load: {}", answered.len());
     assert!(lost.is_empty(), "answered but never recorded: {lost:?}");
 }
 

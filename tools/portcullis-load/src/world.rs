@@ -191,6 +191,7 @@ impl World {
             std::process::id(),
             unix_now()
         ));
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::create_dir_all(dir.join("policies"))
             .map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
         let root = Authority::root("portcullis-load root CA (throwaway)");
@@ -201,7 +202,9 @@ impl World {
         ];
         let rogue = TokenSigner::generate(Algorithm::ES256, "idp-a");
         let world = World {
-            audit: dir.join("audit.log"),
+            // Not beside the watched trust files: each write to a watched directory wakes
+            // the file watcher, which a deployment avoids (/var/log, not /etc).
+            audit: dir.join("logs/audit.log"),
             config: dir.join("portcullis.toml"),
             template: mix(&spec),
             dir,
