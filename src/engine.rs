@@ -608,8 +608,10 @@ impl Engine {
     }
 
     /// Answers one request as a door received it: decides it (with `[limits]` and one
-    /// early key refresh), records the decision (its metrics and its audit line), and
-    /// returns it with what its reply is rendered with ([`Answer::check_response`] for
+    /// early key refresh), records the decision (its metrics and its audit line, which is
+    /// written before this returns: a decision whose line cannot be written is denied,
+    /// `audit_unavailable`, unless `[audit]` says `serve`), and returns it with what its
+    /// reply is rendered with ([`Answer::check_response`] for
     /// Envoy, [`Answer::http_reply`] for a plain HTTP proxy). Every door of the server
     /// calls this, once per request, and an embedding proxy should too.
     ///
