@@ -1280,3 +1280,38 @@ fn settings_properties(s: &Settings) {
     }
     assert!(s.policy.dir.is_absolute());
 }
+
+/// `portcullis audit verify` over a file of arbitrary bytes (a tampered audit log is an
+/// attacker's input), without and with a checkpoint key: never a panic; a broken line is one
+/// of the file's lines; a report and an error always render.
+pub fn audit_verify(data: &[u8]) {
+    use crate::audit::verify::{PublicKey, verify};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "portcullis-fuzz-audit-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let lines = data.split(|&b| b == b'\n').count() as u64;
+    let key = PublicKey::from_raw([7; 32]);
+    for key in [None, Some(&key)] {
+        match verify(std::slice::from_ref(&path), key) {
+            Ok(report) => {
+                assert!(!report.to_string().is_empty(), "an empty report");
+                if let Some(broken) = &report.broken {
+                    assert!(
+                        (1..=lines).contains(&broken.line),
+                        "broken at line {} of a file of {lines}",
+                        broken.line
+                    );
+                }
+            }
+            Err(e) => assert_message(&e.to_string()),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -66,7 +66,7 @@ impl PublicKey {
     }
 
     /// From the raw 32 bytes.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn from_raw(raw: [u8; 32]) -> PublicKey {
         PublicKey { raw }
     }

@@ -46,6 +46,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("check_request_json", fuzzing::check_request_json),
     ("forward_auth", fuzzing::forward_auth),
     ("config", fuzzing::config),
+    ("audit_verify", fuzzing::audit_verify),
     ("decision_oracle", decision_oracle),
 ];
 
@@ -129,6 +130,7 @@ mod replay {
         check_request_json,
         forward_auth,
         config,
+        audit_verify,
         decision_oracle,
     );
 }
@@ -1184,4 +1186,37 @@ request_timeout = "0s"
     ] {
         s.put(name, text);
     }
+
+    // audit_verify: a chain as the server writes it, then each way of breaking it.
+    let s = Seeds::new("audit_verify");
+    let chain = |bodies: &[&str]| {
+        let mut prev = [0u8; 32];
+        let mut out = Vec::new();
+        for (seq, body) in bodies.iter().enumerate() {
+            let hex: String = prev.iter().map(|b| format!("{b:02x}")).collect();
+            let line = format!(
+                "{},\"seq\":{seq},\"prev\":\"{hex}\"}}",
+                body.trim_end_matches('}')
+            );
+            prev.copy_from_slice(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, line.as_bytes()).as_ref(),
+            );
+            out.push(line);
+        }
+        out
+    };
+    let good = chain(&[
+        r#"{"time":"2026-12-03T00:00:00Z","decision_id":"a","decision":"allow"}"#,
+        r#"{"time":"2026-12-03T00:00:01Z","decision_id":"b","decision":"deny"}"#,
+        r#"{"type":"audit_recovered","lines_not_written":2}"#,
+        r#"{"type":"checkpoint","covers":2,"head":"00","every":3,"key_id":"x","sig":"AAAA"}"#,
+    ]);
+    let joined = |lines: &[String]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    s.put("intact", joined(&good));
+    s.put("cut", joined(&[good[0].clone(), good[2].clone()]));
+    s.put("reordered", joined(&[good[1].clone(), good[0].clone()]));
+    s.put("edited", joined(&good).replacen("allow", "deny", 1));
+    s.put("torn", joined(&good[..2]) + &good[2][..10]);
+    s.put("not-json", "{\"seq\":0\nnot json\n");
+    s.put("empty", "");
 }
