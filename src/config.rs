@@ -845,6 +845,11 @@ fn audit_settings(
             AuditFormat::Json
         }
     };
+    if fsync != AuditFsync::Never && !matches!(sink, AuditSink::File(_)) {
+        problems.push(
+            "audit.fsync: only a file audit log (`[log] audit = \"PATH\"`) can be fsynced".into(),
+        );
+    }
     let rotate_size = size("audit.rotate_size", raw.rotate_size, problems);
     if rotate_size.is_some() && !matches!(sink, AuditSink::File(_)) {
         problems.push(
@@ -1484,6 +1489,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only a file audit log"), "{err}");
+        // Only a file is fsynced: stdout would promise a durability it cannot give.
+        let err = Settings::from_toml("[audit]\nfsync = \"always\"", Path::new(""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("audit.fsync: only a file audit log"), "{err}");
     }
 
     #[test]

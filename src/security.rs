@@ -211,6 +211,10 @@ impl Seen<'_> {
 pub struct Thresholds {
     /// Failures of one kind from one source that make a burst.
     pub burst: u32,
+    /// Failures of one kind from all sources together that make a burst: the sources are
+    /// what the proxy reports (for forward-auth, the left-most `X-Forwarded-For` unless the
+    /// proxy overwrites it), so an attacker can give each request a new one.
+    pub burst_all_sources: u32,
     /// The window a burst is counted in, from the source's first failure in it.
     pub window: Duration,
     /// Sources followed at once per burst kind; past it the oldest window is forgotten.
@@ -223,6 +227,7 @@ impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {
             burst: 10,
+            burst_all_sources: 100,
             window: Duration::from_secs(60),
             max_sources: 10_000,
             overload_interval: Duration::from_secs(60),
@@ -339,6 +344,9 @@ pub struct SecurityWatch {
     thresholds: Thresholds,
     forged: Mutex<Bursts>,
     expired: Mutex<Bursts>,
+    /// The same failures counted across all sources (one window, keyed by no source).
+    forged_all: Mutex<Bursts>,
+    expired_all: Mutex<Bursts>,
     overloads: Mutex<Overloads>,
     metrics: Arc<Metrics>,
     /// One log budget per kind, in the order of [`EventKind::ALL`].
@@ -368,6 +376,8 @@ impl SecurityWatch {
             thresholds,
             forged: Mutex::default(),
             expired: Mutex::default(),
+            forged_all: Mutex::default(),
+            expired_all: Mutex::default(),
             overloads: Mutex::default(),
             metrics,
             logs: [
@@ -446,19 +456,33 @@ impl SecurityWatch {
         let TokenOutcome::Rejected(rejection) = &identity.token else {
             return events;
         };
-        let burst = |bursts: &Mutex<Bursts>, kind, severity, what: &str| {
-            lock(bursts)
+        // One source's burst, and the burst of all sources together, which no choice of
+        // source addresses escapes (each fires once per window).
+        let burst = |one: &Mutex<Bursts>, all: &Mutex<Bursts>, kind, severity, what: &str| {
+            let within = humantime::format_duration(self.thresholds.window);
+            let from_one = lock(one)
                 .hit(source, now, &self.thresholds)
                 .map(|count| SecurityEvent {
                     kind,
                     severity,
                     source,
                     count,
-                    detail: format!(
-                        "{count} {what} from one source within {}",
-                        humantime::format_duration(self.thresholds.window)
-                    ),
-                })
+                    detail: format!("{count} {what} from one source within {within}"),
+                });
+            let everywhere = Thresholds {
+                burst: self.thresholds.burst_all_sources,
+                ..self.thresholds
+            };
+            let from_all = lock(all)
+                .hit(None, now, &everywhere)
+                .map(|count| SecurityEvent {
+                    kind,
+                    severity,
+                    source: None,
+                    count,
+                    detail: format!("{count} {what} from all sources together within {within}"),
+                });
+            from_one.into_iter().chain(from_all)
         };
         match rejection {
             // RFC 8705 §3: the token verified (signature, issuer, time), so it was issued
@@ -503,12 +527,14 @@ impl SecurityWatch {
             TokenRejection::BadSignature | TokenRejection::AlgorithmNotAllowed(_) => events
                 .extend(burst(
                     &self.forged,
+                    &self.forged_all,
                     EventKind::ForgedTokenBurst,
                     Severity::High,
                     "tokens failed signature verification",
                 )),
             TokenRejection::Expired => events.extend(burst(
                 &self.expired,
+                &self.expired_all,
                 EventKind::ExpiredTokenBurst,
                 Severity::Medium,
                 "expired tokens",
@@ -716,6 +742,27 @@ mod tests {
         }
     }
 
+    /// SECURITY: the sources are the proxy's report (a client-written `X-Forwarded-For`
+    /// behind some proxies): a burst spread over a new source per request still fires,
+    /// once per window, counted across all sources.
+    #[test]
+    fn a_burst_spread_over_many_sources_fires_once_across_them() {
+        let w = watch(Thresholds::default());
+        let id = token(TokenRejection::BadSignature);
+        let t0 = Instant::now();
+        let mut events = Vec::new();
+        for i in 0..250u32 {
+            let source = format!("198.51.{}.{}", i / 250, i % 250);
+            events.extend(w.observe(&seen(Some(&id), &source), t0 + Duration::from_millis(i.into())));
+            if i == 98 {
+                assert!(events.is_empty(), "fired below 100: {events:?}");
+            }
+        }
+        assert_eq!(kinds(&events), vec![(EventKind::ForgedTokenBurst, Severity::High)]);
+        assert_eq!((events[0].count, events[0].source), (100, None));
+        assert!(events[0].detail.contains("all sources"), "{}", events[0].detail);
+    }
+
     #[test]
     fn nine_per_window_never_fires() {
         let w = watch(Thresholds::default());
@@ -764,7 +811,11 @@ mod tests {
 
     #[test]
     fn the_per_source_state_stays_bounded_under_100k_sources() {
-        let t = Thresholds::default();
+        // The burst across all sources (which this spread makes) is another test's.
+        let t = Thresholds {
+            burst_all_sources: u32::MAX,
+            ..Thresholds::default()
+        };
         let w = watch(t);
         let forged = token(TokenRejection::BadSignature);
         let expired = token(TokenRejection::Expired);

@@ -149,7 +149,7 @@ impl Signer {
         let bytes = read_key_file(path)?;
         let der = PrivatePkcs8KeyDer::from_pem_slice(&bytes).map_err(|_| {
             format!(
-                "{}: no PKCS#8 private key (a \"-----BEGIN PRIVATE KEY-----\" PEM block) in it",
+                "{}: no PKCS#8 private key (a PEM block labelled \"PRIVATE KEY\", as `portcullis audit keygen` and `openssl genpkey` write) in it",
                 path.display()
             )
         })?;

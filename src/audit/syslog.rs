@@ -1008,11 +1008,23 @@ fn alive(tls: &mut Tls) -> Result<(), ShipError> {
     result
 }
 
+/// The most a receiver may send between two looks: a syslog receiver has nothing to say
+/// (RFC 5425 has no replies), so one that keeps talking is dropped rather than read without
+/// end while lines wait.
+const MAX_UNSOLICITED: usize = 64 * 1024;
+
 fn poll(tls: &mut Tls) -> Result<(), ShipError> {
+    let mut heard = 0usize;
     loop {
         match tls.conn.read_tls(&mut tls.sock) {
             Ok(0) => return Err(ShipError::Closed),
-            Ok(_) => {
+            Ok(n) => {
+                heard = heard.saturating_add(n);
+                if heard > MAX_UNSOLICITED {
+                    return Err(ShipError::Broken(io::Error::other(format!(
+                        "the receiver sent more than {MAX_UNSOLICITED} bytes unasked"
+                    ))));
+                }
                 tls.conn
                     .process_new_packets()
                     .map_err(|e| ShipError::Broken(io::Error::other(e)))?;
@@ -1479,6 +1491,35 @@ mod tests {
         assert_eq!(stats.resent(), 5);
         drop(spool);
         drop(conn);
+    }
+
+    /// A receiver that talks without end (RFC 5425 receivers say nothing) is dropped at
+    /// the next look, not read for ever; what it got is not counted as delivered.
+    #[test]
+    fn a_receiver_that_keeps_talking_is_dropped_and_its_lines_not_confirmed() {
+        let mut f = fixture(1 << 20);
+        let (listener, config, ca) = tls_receiver(f.dir.path());
+        f.settings.address = listener.local_addr().unwrap().to_string();
+        f.settings.ca = ca;
+        let mut spool = Spool::open(&f.settings).unwrap();
+        let stats = spool.stats();
+        spool.append(line(0, 60).as_bytes()).unwrap();
+        let mut conn = accept(&listener, &config);
+        read_until(&mut conn, "\"d-0\"");
+        let chatter = vec![b'x'; 16 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats
+            .last_error()
+            .is_none_or(|e| !e.contains("unasked"))
+        {
+            assert!(Instant::now() < deadline, "the chatter was read without end");
+            // The shipper hangs up at some point: stop writing then.
+            if conn.write_all(&chatter).and_then(|()| conn.flush()).is_err() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert_eq!(stats.shipped(), 0, "a line counted delivered to a broken receiver");
+        drop(spool);
     }
 
     /// SECURITY: a receiver whose certificate (from the right CA) is not for `server_name`

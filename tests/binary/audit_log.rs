@@ -102,16 +102,18 @@ fn signal(pid: u32, signal: &str) {
     assert!(sent.success(), "kill {signal} {pid}");
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+/// SIGTERM, and the exit within 15 s (the writer's last lines and checkpoint written).
+fn terminate(server: &Binary) {
+    signal(server.pid, "-TERM");
+    assert!(
+        server.wait_exit(Duration::from_secs(15)).is_some(),
+        "no exit after SIGTERM"
+    );
 }
 
-async fn metrics(server: &Binary) -> String {
-    server.http("GET", "/metrics", &[], "").await.body
+fn metric(text: &str, name: &str) -> f64 {
+    crate::common::binary::metric(text, name)
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -269,7 +271,7 @@ async fn disk_full_denies_until_space_returns() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("audit log cannot be written"), "{body}");
     grpc_health_becomes(&server, 2).await;
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(
         metric(&m, "portcullis_audit_lines_failed_total"),
         denied as f64
@@ -302,7 +304,7 @@ async fn disk_full_denies_until_space_returns() {
     for (n, l) in written.iter().enumerate() {
         assert_eq!(l["seq"], n as u64, "{written:?}");
     }
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(metric(&m, "portcullis_audit_sink_up"), 1.0);
 }
 
@@ -322,7 +324,7 @@ async fn disk_full_with_serve_answers_and_counts_the_drops() {
     }
     let reply = server.check(request("GET", "/deny", None, None)).await;
     assert_eq!(reply.status.map(|s| s.code), Some(7), "a deny stays a deny");
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(metric(&m, "portcullis_audit_lines_dropped_total"), 11.0);
     assert_eq!(metric(&m, "portcullis_audit_lines_failed_total"), 0.0);
     let (status, body) = ready(&server).await;
@@ -404,11 +406,7 @@ async fn logrotate_under_load_loses_and_duplicates_nothing() {
     };
     let answered = load(&server, 4, stop).await;
     rotations.await.expect("rotations");
-    signal(server.pid, "-TERM");
-    assert!(
-        server.wait_exit(Duration::from_secs(15)).is_some(),
-        "no exit"
-    );
+    terminate(&server);
     let files: Vec<PathBuf> = ["audit.log.2", "audit.log.1", "audit.log"]
         .iter()
         .map(|n| logs.path().join(n))
@@ -454,11 +452,7 @@ async fn size_rotation_keeps_the_newest_files_and_one_chain() {
     for _ in 0..120 {
         server.check(request("GET", "/x", None, None)).await;
     }
-    signal(server.pid, "-TERM");
-    assert!(
-        server.wait_exit(Duration::from_secs(15)).is_some(),
-        "no exit"
-    );
+    terminate(&server);
     let named = |n: &str| audit.with_file_name(n);
     assert!(!named("audit.log.3").exists(), "more than rotate_keep kept");
     let files = vec![named("audit.log.2"), named("audit.log.1"), audit.clone()];
@@ -479,16 +473,12 @@ async fn size_rotation_keeps_the_newest_files_and_one_chain() {
 async fn the_chain_resumes_after_a_restart() {
     let keep = tempfile::tempdir().expect("audit dir");
     let audit = keep.path().join("audit.log");
-    for round in 0..2 {
+    for _ in 0..2 {
         let server = serve(tempfile::tempdir().expect("dir"), &audit, "");
         for _ in 0..5 {
             server.check(request("GET", "/x", None, None)).await;
         }
-        signal(server.pid, "-TERM");
-        assert!(
-            server.wait_exit(Duration::from_secs(15)).is_some(),
-            "round {round}"
-        );
+        terminate(&server);
     }
     let text = std::fs::read_to_string(&audit).expect("audit");
     let raw: Vec<&str> = text.lines().collect();
@@ -540,11 +530,7 @@ async fn ecs_lines_are_sealed_and_checkpoints_come_on_time_and_at_shutdown() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.check(request("GET", "/deny", None, None)).await;
-    signal(server.pid, "-TERM");
-    assert!(
-        server.wait_exit(Duration::from_secs(15)).is_some(),
-        "no exit"
-    );
+    terminate(&server);
     let all = lines(std::slice::from_ref(&audit));
     let decisions: Vec<_> = all
         .iter()

@@ -9,7 +9,7 @@ use crate::common;
 
 use base64::Engine as _;
 use common::binary::{Binary, connect};
-use common::keyserver::{KeyServer, Mode};
+use common::keyserver::{KeyServer, Mode, SLOW_ISSUER};
 use common::{
     AUDIENCE, Authority, ClientCert, ISSUER, LeafSpec, READER, TokenSigner, ok_header, outcome,
     request, set_header,
@@ -1301,7 +1301,6 @@ async fn streams_beyond_max_streams_per_connection_are_refused() {
         .await;
 }
 
-const SLOW_ISSUER: &str = "https://slow.test";
 /// The slow issuer's `unknown_kid_wait`: how long an unknown-kid decision waits for the hung
 /// key refresh, holding its place among `max_concurrent` meanwhile.
 const KID_WAIT: Duration = Duration::from_millis(3000);
@@ -1328,23 +1327,9 @@ max_header_bytes = 16777216
 
 [token]
 max_size = 16777216
-
-[[issuer]]
-issuer = "{SLOW_ISSUER}"
-audiences = ["{AUDIENCE}"]
-jwks_uri = "{}"
-ca_bundle = "idp-ca.pem"
-algorithms = ["ES256"]
-required_at_start = false
-refresh_min = "1h"
-refresh_max = "1h"
-fetch_timeout = "60s"
-unknown_kid_interval = "1h"
-unknown_kid_wait = "{}ms"
-"#,
+{}"#,
         timeout.as_millis(),
-        ks.jwks_url(),
-        KID_WAIT.as_millis(),
+        ks.slow_issuer(KID_WAIT),
     );
     let server = server_with(&extra, &[("idp-ca.pem", ks.ca_pem())]);
     let slow_claims = {

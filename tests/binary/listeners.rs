@@ -523,18 +523,11 @@ impl Binary {
     /// The value of the `portcullis_listener_events_total` counter for `listener` and
     /// `event` (0 when absent).
     async fn listener_events(&self, listener: &str, event: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.http_addr()))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = self.metrics().await;
         let wanted = format!(
-            "portcullis_listener_events_total{{listener=\"{listener}\",event=\"{event}\"}} "
+            "portcullis_listener_events_total{{listener=\"{listener}\",event=\"{event}\"}}"
         );
-        text.lines()
-            .find_map(|l| l.strip_prefix(&wanted))
-            .map_or(0, |v| v.trim().parse().expect("a counter"))
+        crate::common::binary::metric(&text, &wanted).map_or(0, |v| v as u64)
     }
 }
 

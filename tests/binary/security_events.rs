@@ -7,7 +7,7 @@
 use crate::common;
 
 use common::binary::Binary;
-use common::keyserver::{KeyServer, Mode};
+use common::keyserver::{KeyServer, Mode, SLOW_ISSUER};
 use common::{AUDIENCE, Authority, ClientCert, ISSUER, LeafSpec, TokenSigner, outcome, request};
 use jsonwebtoken::Algorithm;
 use portcullis::proto::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
@@ -143,18 +143,12 @@ fn decision_id(resp: &CheckResponse) -> String {
 /// `portcullis_security_events_total{event, severity}` now. Every series exists from the
 /// start (at zero), so an absent one fails the test.
 async fn events(server: &Binary, event: &str, severity: &str) -> u64 {
-    let text = reqwest::get(format!("http://{}/metrics", server.http_addr()))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let text = server.metrics().await;
     let series =
-        format!("portcullis_security_events_total{{event=\"{event}\",severity=\"{severity}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series}in\n{text}"))
+        format!("portcullis_security_events_total{{event=\"{event}\",severity=\"{severity}\"}}");
+    common::binary::metric(&text, &series)
+        .map(|n| n as u64)
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
 /// The security-event audit lines of kind `event` so far.
@@ -426,12 +420,38 @@ async fn each_security_event_is_counted_and_audited() {
     assert!(server.log().contains("security event"), "{}", server.log());
 }
 
+/// SECURITY: the source is what the proxy reports (behind some proxies, a client-written
+/// `X-Forwarded-For`): forged tokens from a new source each are still a burst, counted
+/// across all sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_token_burst_from_a_new_source_per_request_is_still_an_event() {
+    let m = material();
+    let server = start(&m, "", &[]);
+    for i in 0..100 {
+        let token = m.forger.sign(&claims(&format!("spread-{i}")));
+        let resp = server
+            .check(get("/a", None, &token, &format!("198.51.100.{i}")))
+            .await;
+        assert_ne!(outcome(&resp).0, 0);
+        if i == 98 {
+            assert_eq!(events(&server, "forged_token_burst", "high").await, 0);
+        }
+    }
+    assert_eq!(events(&server, "forged_token_burst", "high").await, 1);
+    let lines = wait_for_lines(&server, "forged_token_burst", 1).await;
+    assert_line(
+        &server,
+        &lines[0],
+        ("forged_token_burst", "high", None, 100, "invalid_token"),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_one_event_per_interval_however_many_are_refused() {
     // One place (max_concurrent = 1), held by a token whose kid is unknown while the key
     // server hangs: the request waits `unknown_kid_wait` for a refresh. Meanwhile every
     // other request is refused as overloaded.
-    const SLOW_ISSUER: &str = "https://slow.test";
     let m = material();
     let ks = KeyServer::start();
     let known = TokenSigner::generate(Algorithm::ES256, "slow-1");
@@ -442,21 +462,8 @@ async fn overload_is_one_event_per_interval_however_many_are_refused() {
 [limits]
 max_concurrent = 1
 request_timeout = "10s"
-
-[[issuer]]
-issuer = "{SLOW_ISSUER}"
-audiences = ["{AUDIENCE}"]
-jwks_uri = "{}"
-ca_bundle = "idp-ca.pem"
-algorithms = ["ES256"]
-required_at_start = false
-refresh_min = "1h"
-refresh_max = "1h"
-fetch_timeout = "60s"
-unknown_kid_interval = "1h"
-unknown_kid_wait = "6s"
-"#,
-        ks.jwks_url()
+{}"#,
+        ks.slow_issuer(Duration::from_secs(6))
     );
     let server = start(&m, &extra, &[("idp-ca.pem", ks.ca_pem())]);
     let slow = |signer: &TokenSigner| {
@@ -473,6 +480,7 @@ unknown_kid_wait = "6s"
     .await;
     assert!(fetched, "the slow issuer's keys were never fetched");
     ks.set_mode(Mode::Slow(Duration::from_secs(600)));
+    let fetches = ks.jwks_fetches();
 
     let unknown_token = slow(&unknown);
     let held = async {
@@ -485,6 +493,13 @@ unknown_kid_wait = "6s"
     let valid = || get("/a", None, &m.signer.sign(&claims("bob")), "198.51.100.22");
     let overloaded = |r: &CheckResponse| outcome(r) == (14, 503, None);
     let probes = async {
+        // Only once the held request holds the one place (its refresh has reached the key
+        // server): a probe sent sooner could take the place first.
+        let holding = common::eventually(Duration::from_secs(5), || async {
+            ks.jwks_fetches() > fetches
+        })
+        .await;
+        assert!(holding, "the held request never asked for a key refresh");
         let full = common::eventually(Duration::from_secs(5), || {
             let req = valid();
             let server = &server;

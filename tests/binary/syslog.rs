@@ -529,18 +529,12 @@ async fn the_server_ships_its_decisions_audit_lines() {
             s.spawn(|| {
                 tokio::runtime::Runtime::new()
                     .expect("runtime")
-                    .block_on(server.http("GET", "/metrics", &[], ""))
-                    .body
+                    .block_on(server.metrics())
             })
             .join()
             .expect("scrape")
         });
-        let value = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-        };
+        let value = |name: &str| crate::common::binary::metric(&text, name);
         value("portcullis_audit_syslog_lines_shipped_total") >= Some(written.len() as f64)
             && value("portcullis_audit_syslog_connected") == Some(1.0)
     });

@@ -326,6 +326,11 @@ impl Binary {
         }
     }
 
+    /// The HTTP listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http("GET", "/metrics", &[], "").await.body
+    }
+
     /// The audit lines written so far.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path("audit.log"))
@@ -342,6 +347,14 @@ impl Drop for Binary {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// The value of one series in a `/metrics` text: `series` is its name with its labels
+/// exactly as exposed (`portcullis_audit_sink_up`, `name{label="value"}`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A gRPC channel to `addr`, connected within 5 s.

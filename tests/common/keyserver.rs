@@ -43,6 +43,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 const WELL_KNOWN: &str = "/.well-known/openid-configuration";
+/// The issuer of [`KeyServer::slow_issuer`].
+pub const SLOW_ISSUER: &str = "https://slow.test";
 
 /// How the server answers requests. Applies to every route; counters count in every mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -220,6 +222,32 @@ impl KeyServer {
     /// `base_url() + "/jwks"`.
     pub fn jwks_url(&self) -> String {
         self.shared.jwks_url.clone()
+    }
+
+    /// An `[[issuer]]` ([`SLOW_ISSUER`], audience `orders`) fetching this server's key set
+    /// (its CA in `idp-ca.pem`) once, never again on schedule, and waiting `kid_wait` for an
+    /// early refresh when a token names a `kid` it lacks: with the server hung
+    /// ([`Mode`]), a decision holds its place among `max_concurrent` that long.
+    pub fn slow_issuer(&self, kid_wait: Duration) -> String {
+        format!(
+            r#"
+[[issuer]]
+issuer = "{SLOW_ISSUER}"
+audiences = ["{}"]
+jwks_uri = "{}"
+ca_bundle = "idp-ca.pem"
+algorithms = ["ES256"]
+required_at_start = false
+refresh_min = "1h"
+refresh_max = "1h"
+fetch_timeout = "60s"
+unknown_kid_interval = "1h"
+unknown_kid_wait = "{}ms"
+"#,
+            super::AUDIENCE,
+            self.jwks_url(),
+            kid_wait.as_millis()
+        )
     }
 
     /// The PEM of the CA that signed the server certificate (valid for IP 127.0.0.1 and DNS
