@@ -165,6 +165,50 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     Ok(bytes)
 }
 
+/// Whether `path` can be appended to by [`open_append`], without opening or creating it:
+/// a regular file, or nothing yet in a directory that exists. Why not, if not.
+pub fn check_append(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.file_type().is_file() => Err(format!(
+            "not a regular file (it is {})",
+            kind_of(m.file_type())
+        )),
+        Ok(_) => Ok(()),
+        Err(_) if path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) => {
+            Err("its directory does not exist".into())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+/// The regular file at `path` opened to append (created, mode 0600, when missing) and to
+/// read back, never blocking on a FIFO: the audit log.
+pub fn open_append(path: &Path) -> Result<File, FileError> {
+    let io = |source| FileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    // SECURITY: as in `read_capped`, the type is checked on what was opened (fstat), so a
+    // FIFO swapped in for the path neither blocks the opening nor takes the lines. A new
+    // file is readable by its owner only.
+    let file: File = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(FileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(meta.file_type()),
+        });
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

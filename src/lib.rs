@@ -149,6 +149,12 @@ pub fn set_max_file_bytes(max: u64) {
     files::set_max_bytes(max);
 }
 
+/// Checks, without opening or creating it, that `[log] audit = PATH` can be written: a
+/// regular file, or none yet in a directory that exists (`portcullis validate`).
+pub fn check_audit_path(path: &std::path::Path) -> Result<(), String> {
+    files::check_append(path).map_err(|why| format!("log.audit: {}: {why}", path.display()))
+}
+
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

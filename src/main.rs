@@ -107,21 +107,7 @@ fn load(config: &std::path::Path, serving: bool) -> Result<(Settings, Engine), S
     let mut settings = Settings::load(config).map_err(|e| e.to_string())?;
     portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
     if !serving && let portcullis::config::AuditSink::File(path) = &settings.audit.sink {
-        let checked = match std::fs::metadata(path) {
-            Ok(m) if !m.is_file() => Err("not a regular file".to_string()),
-            Ok(_) => Ok(()),
-            Err(_)
-                if path
-                    .parent()
-                    .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) =>
-            {
-                Err("its directory does not exist".to_string())
-            }
-            Err(_) => Ok(()),
-        };
-        if let Err(why) = checked {
-            return Err(format!("log.audit: {}: {why}", path.display()));
-        }
+        portcullis::check_audit_path(path)?;
         settings.audit.sink = portcullis::config::AuditSink::Stdout;
     }
     let engine = Engine::load(&settings).map_err(|e| e.loading(config).to_string())?;

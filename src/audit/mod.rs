@@ -21,7 +21,7 @@ use crate::config::{AuditFailureAction, AuditFormat, AuditFsync, AuditSettings, 
 use crate::metrics::AuditCounters;
 use crate::ratelog::RateLog;
 use std::fs::File;
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
@@ -112,7 +112,7 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// Opens the sink (resuming the chain of an existing file) and starts the writer.
     pub fn open(settings: &AuditSettings, counters: AuditCounters) -> Result<AuditLog, String> {
-        let sink = Sink::open(settings)?;
+        let (sink, last) = Sink::open(settings)?;
         let spool = settings
             .syslog
             .as_ref()
@@ -126,10 +126,6 @@ impl AuditLog {
             None => None,
         };
         let chain = settings.chain.then(|| {
-            let last = match &sink.out {
-                Out::File { path, .. } => last_line(path),
-                _ => None,
-            };
             chain::Chain::resume(
                 last.as_deref(),
                 signer,
@@ -312,48 +308,35 @@ fn lock(shared: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
     shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The last complete line of a file, for resuming its chain.
-fn last_line(path: &Path) -> Option<String> {
-    let mut file = File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
+/// The end of an existing audit file: a torn last line (a write the host crashed in) is cut,
+/// so that the next line does not join it (a line's reply waits for its whole write, so
+/// that line's decision was never answered). Returns the new length and the last whole
+/// line, which the chain resumes after.
+fn repair_tail(path: &Path, file: &File, len: u64) -> std::io::Result<(u64, Option<String>)> {
+    use std::os::unix::fs::FileExt;
     let start = len.saturating_sub(RESUME_TAIL);
-    file.seek(SeekFrom::Start(start)).ok()?;
-    let mut tail = Vec::new();
-    file.take(RESUME_TAIL).read_to_end(&mut tail).ok()?;
-    let text = String::from_utf8_lossy(&tail);
-    // A torn last line (no newline) is not a line: the chain resumes after the last whole one.
-    let whole = &text[..text.rfind('\n')?];
-    whole.rsplit('\n').next().map(str::to_string)
-}
-
-/// Cuts a torn last line (a write the host crashed in) off a file, so that the next line
-/// does not join it: a line's reply waits for its whole write, so that line's decision was
-/// never answered. Returns the new length.
-fn cut_torn_tail(path: &Path, file: &File, len: u64) -> std::io::Result<u64> {
-    if len == 0 {
-        return Ok(0);
-    }
-    let mut reader = File::open(path)?;
-    let start = len.saturating_sub(RESUME_TAIL);
-    reader.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    reader.take(RESUME_TAIL).read_to_end(&mut tail)?;
-    if tail.last() == Some(&b'\n') {
-        return Ok(len);
-    }
+    let mut tail = vec![0; usize::try_from(len - start).unwrap_or(0)];
+    file.read_exact_at(&mut tail, start)?;
     let whole = match tail.iter().rposition(|&b| b == b'\n') {
-        Some(at) => start + at as u64 + 1,
+        Some(at) => at + 1,
         None if start == 0 => 0,
         // No line end in the last MiB: not a torn line of ours; leave it to `audit verify`.
-        None => return Ok(len),
+        None => return Ok((len, None)),
     };
-    file.set_len(whole)?;
-    tracing::warn!(
-        "audit log {}: cut a torn last line of {} bytes (a write cut short by a crash; its decision was never answered)",
-        path.display(),
-        len - whole
-    );
-    Ok(whole)
+    let new_len = start + whole as u64;
+    if new_len < len {
+        file.set_len(new_len)?;
+        tracing::warn!(
+            "audit log {}: cut a torn last line of {} bytes (a write cut short by a crash; its decision was never answered)",
+            path.display(),
+            len - new_len
+        );
+    }
+    let last = tail[..whole]
+        .strip_suffix(b"\n")
+        .and_then(|lines| lines.rsplit(|&b| b == b'\n').next())
+        .map(|line| String::from_utf8_lossy(line).into_owned());
+    Ok((new_len, last))
 }
 
 enum Out {
@@ -377,14 +360,17 @@ struct Sink {
     rotate_keep: usize,
 }
 
+/// The file at `path` opened to append (and read back its tail), with its length and
+/// identity; never blocking on a FIFO, refusing anything but a regular file.
 fn open_append(path: &Path) -> std::io::Result<(File, u64, (u64, u64))> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    // SECURITY: a new audit file is readable by its owner only.
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
+    use std::os::unix::fs::MetadataExt;
+    let file = crate::files::open_append(path).map_err(|e| match e {
+        crate::files::FileError::Io { source, .. } => source,
+        crate::files::FileError::NotRegular { kind, .. } => {
+            std::io::Error::other(format!("not a regular file (it is {kind})"))
+        }
+        other => std::io::Error::other(other.to_string()),
+    })?;
     let meta = file.metadata()?;
     Ok((file, meta.len(), (meta.dev(), meta.ino())))
 }
@@ -395,22 +381,18 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 }
 
 impl Sink {
-    fn open(settings: &AuditSettings) -> Result<Sink, String> {
+    /// The sink, and the last whole line of an existing file (to resume its chain from).
+    fn open(settings: &AuditSettings) -> Result<(Sink, Option<String>), String> {
+        let mut last_line = None;
         let out = match &settings.sink {
             AuditSink::Stdout => Out::Stdout,
             AuditSink::Stderr => Out::Stderr,
             AuditSink::File(path) => {
-                // A FIFO would block the opening (and the start-up) until a reader came.
-                if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-                    return Err(format!(
-                        "log.audit: {}: not a regular file",
-                        path.display()
-                    ));
-                }
-                let (file, mut len, id) = open_append(path)
+                let (file, len, id) = open_append(path)
                     .map_err(|e| format!("log.audit: {}: cannot open: {e}", path.display()))?;
-                len = cut_torn_tail(path, &file, len)
+                let (len, last) = repair_tail(path, &file, len)
                     .map_err(|e| format!("log.audit: {}: cannot repair: {e}", path.display()))?;
+                last_line = last;
                 Out::File {
                     path: path.clone(),
                     file,
@@ -420,11 +402,14 @@ impl Sink {
                 }
             }
         };
-        Ok(Sink {
-            out,
-            rotate_size: settings.rotate_size,
-            rotate_keep: settings.rotate_keep,
-        })
+        Ok((
+            Sink {
+                out,
+                rotate_size: settings.rotate_size,
+                rotate_keep: settings.rotate_keep,
+            },
+            last_line,
+        ))
     }
 
     /// Writes a batch whole or not at all: a failed file write is cut back.

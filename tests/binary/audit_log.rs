@@ -609,3 +609,44 @@ async fn a_torn_last_line_is_cut_before_the_chain_goes_on() {
         verified.stderr
     );
 }
+
+/// SECURITY: an audit path that is a FIFO neither blocks start-up (opening a FIFO with no
+/// reader waits for one) nor takes the lines: `serve` and `validate` refuse it at once.
+#[test]
+fn a_fifo_for_the_audit_file_fails_start_up_promptly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("policies")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("policies/all.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .expect("policy");
+    let fifo = dir.path().join("audit.log");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    std::fs::write(
+        dir.path().join("portcullis.toml"),
+        "[server]\ngrpc = \"127.0.0.1:0\"\n[policy]\ndir = \"policies\"\n[log]\naudit = \"audit.log\"\n",
+    )
+    .expect("config");
+    for command in ["validate", "serve"] {
+        let started = Instant::now();
+        let ran = crate::common::binary::run_command(
+            &[command, "--config", "portcullis.toml"],
+            dir.path(),
+            None,
+            Duration::from_secs(20),
+        );
+        assert!(!ran.status.success(), "{command}: {}", ran.stderr);
+        assert!(
+            ran.stderr.contains("audit.log")
+                && ran.stderr.contains("not a regular file (it is a FIFO)"),
+            "{command}: {}",
+            ran.stderr
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{command} hung"
+        );
+    }
+}
