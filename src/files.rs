@@ -131,20 +131,7 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
         path: path.to_path_buf(),
         source,
     };
-    // SECURITY: O_NONBLOCK so that opening a FIFO with no writer returns at once instead of
-    // waiting for one; the type is then checked on what was opened (fstat).
-    let file: File = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.file_type().is_file() {
-        return Err(FileError::NotRegular {
-            path: path.to_path_buf(),
-            kind: kind_of(meta.file_type()),
-        });
-    }
+    let (file, meta) = open_regular(path, std::fs::OpenOptions::new().read(true))?;
     let too_large = || FileError::TooLarge {
         path: path.to_path_buf(),
         max,
@@ -184,18 +171,32 @@ pub fn check_append(path: &Path) -> Result<(), String> {
 /// The regular file at `path` opened to append (created, mode 0600, when missing) and to
 /// read back, never blocking on a FIFO: the audit log.
 pub fn open_append(path: &Path) -> Result<File, FileError> {
+    // A new file is readable by its owner only.
+    let (file, _) = open_regular(
+        path,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600),
+    )?;
+    Ok(file)
+}
+
+/// Opens `path` with `options`, and only if what was opened is a regular file.
+///
+/// SECURITY: O_NONBLOCK so that opening a FIFO with no writer (or no reader) returns at
+/// once instead of waiting for one; the type is then checked on what was opened (fstat),
+/// so a FIFO swapped in for the path after a check cannot slip through.
+fn open_regular(
+    path: &Path,
+    options: &mut std::fs::OpenOptions,
+) -> Result<(File, std::fs::Metadata), FileError> {
     let io = |source| FileError::Io {
         path: path.to_path_buf(),
         source,
     };
-    // SECURITY: as in `read_capped`, the type is checked on what was opened (fstat), so a
-    // FIFO swapped in for the path neither blocks the opening nor takes the lines. A new
-    // file is readable by its owner only.
-    let file: File = std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
+    let file = options
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(io)?;
@@ -206,7 +207,7 @@ pub fn open_append(path: &Path) -> Result<File, FileError> {
             kind: kind_of(meta.file_type()),
         });
     }
-    Ok(file)
+    Ok((file, meta))
 }
 
 #[cfg(test)]
