@@ -159,3 +159,8 @@ pub fn check_audit_path(path: &std::path::Path) -> Result<(), String> {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The Rust examples of docs/EMBEDDING.md, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/EMBEDDING.md")]
+struct EmbeddingDoctests;

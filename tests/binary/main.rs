@@ -18,6 +18,7 @@ mod envoy_wire;
 mod fail_open;
 mod hostile;
 mod listeners;
+mod readme;
 mod reload;
 mod security_events;
 mod syslog;

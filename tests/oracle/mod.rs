@@ -1,7 +1,7 @@
 //! The differential oracle of the whole decision (issue 12). A deliberately simple
 //! reference, built with Cedar's public API the obvious way, decides the same requests as
 //! the engine: every static entity plus the request's own entities (merged with a static
-//! entity of the same id as the README says: parents of both, the request's attributes and
+//! entity of the same id as docs/POLICIES.md says: parents of both, the request's attributes and
 //! tags winning), the documented context, `Authorizer::is_authorized`, and "allow only when
 //! Cedar allows without any error". Random worlds (static entity hierarchies over every
 //! entity type, policies with every scope form, `forbid`, `in`, `is`, `has`, tags, context,
