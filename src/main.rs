@@ -40,6 +40,11 @@ enum Command {
     /// The request is an Envoy CheckRequest file (--request), or described on the command
     /// line (--method and --path, with --host, --header, --token or --token-file, --cert).
     /// Exit 0 for allow, 2 for deny, 1 on error.
+    #[command(group(
+        clap::ArgGroup::new("form")
+            .required(true)
+            .args(["request", "method"])
+    ))]
     Check {
         /// The configuration file (TOML: listeners, trust bundle, issuers, policies; see
         /// examples/portcullis.toml). Paths in it are relative to its own directory.
@@ -50,7 +55,6 @@ enum Command {
             long,
             short,
             value_name = "FILE",
-            required_unless_present = "method",
             conflicts_with_all = ["method", "path", "host", "header", "token", "token_file", "cert"]
         )]
         request: Option<PathBuf>,

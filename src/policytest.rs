@@ -394,6 +394,8 @@ struct Got {
     determining: Vec<String>,
     /// Why, for a failure's line.
     why: Vec<String>,
+    /// Policy evaluation errors (each forces a deny).
+    errors: Vec<String>,
 }
 
 impl Got {
@@ -446,6 +448,7 @@ fn decide(snapshot: &PolicySnapshot, engine: Option<&Engine>, case: &Case) -> Go
                 denial,
                 determining: outcome.determining.clone(),
                 why,
+                errors: outcome.errors.clone(),
             }
         }
         (Input::Whole { request, time }, Some(engine)) => {
@@ -453,6 +456,11 @@ fn decide(snapshot: &PolicySnapshot, engine: Option<&Engine>, case: &Case) -> Go
             Got {
                 determining: decision.policies().to_vec(),
                 why: decision.reasons.clone(),
+                errors: decision
+                    .policy
+                    .as_ref()
+                    .map(|p| p.errors.clone())
+                    .unwrap_or_default(),
                 denial: decision.denial,
             }
         }
@@ -461,6 +469,7 @@ fn decide(snapshot: &PolicySnapshot, engine: Option<&Engine>, case: &Case) -> Go
             denial: Some(DenyReason::PolicyError),
             determining: Vec::new(),
             why: vec!["a whole request needs --config".into()],
+            errors: Vec::new(),
         },
     }
 }
@@ -481,9 +490,10 @@ fn run(snapshot: &PolicySnapshot, engine: Option<&Engine>, cases: &[Case]) -> Re
         });
         if decision_ok && status_ok && reason_ok && policies_ok {
             report.passed += 1;
-            let note = match &got.denial {
-                Some(DenyReason::PolicyError) => format!(" (denied: {})", got.why.join("; ")),
-                _ => String::new(),
+            let note = if got.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" (denied by evaluation error: {})", got.errors.join("; "))
             };
             report
                 .lines
@@ -1027,6 +1037,89 @@ policies = ["p"]
             assert!(
                 problems[0].starts_with(expected),
                 "{text}: {:?} does not start with {expected:?}",
+                problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_request_case_becomes_the_check_request_envoy_sends() {
+        let (cases, problems) = parse(
+            "[[case]]\nname = \"w\"\nmethod = \"get\"\npath = \"/orders/1?x=1\"\nhost = \"api\"\nheaders = { \"X-Thing\" = \"a\" }\ntoken = \"abc.def.ghi\"\ntime = 2030-01-02T03:04:05Z\nexpect = \"deny\"\nstatus = 401\nreason = \"invalid_token\"\n",
+        );
+        assert_eq!(problems, Vec::<String>::new());
+        let Input::Whole { request, time } = &cases[0].input else {
+            panic!("a whole request");
+        };
+        let facts = RequestFacts::from_check(request, &crate::config::Limits::default()).unwrap();
+        assert_eq!(facts.method, "GET");
+        assert_eq!(
+            (facts.path.as_str(), facts.query.as_str()),
+            ("/orders/1", "x=1")
+        );
+        assert_eq!(facts.host, "api");
+        assert_eq!(facts.headers["authorization"], "Bearer abc.def.ghi");
+        assert_eq!(facts.headers["x-thing"], "a");
+        assert_eq!(
+            *time,
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_893_553_445))
+        );
+        assert_eq!(cases[0].status, Some(401));
+    }
+
+    #[test]
+    fn whole_request_and_expectation_problems_are_named() {
+        let case = |extra: &str| {
+            format!("[[case]]\nname = \"a\"\nmethod = \"GET\"\npath = \"/\"\n{extra}\n")
+        };
+        let table: &[(&str, &str)] = &[
+            (
+                "expect = \"deny\"\ntoken = \"t\"\npeer = { spiffe_id = \"spiffe://example.org/x\" }",
+                "t.toml:1: case \"a\": peer: a whole request presents its certificate as cert_file",
+            ),
+            (
+                "expect = \"deny\"\ntoken = \"t\"\ntoken_file = \"t.jwt\"",
+                "t.toml:1: case \"a\": token and token_file: give the token once",
+            ),
+            (
+                "expect = \"deny\"\ncert_file = \"no-such.pem\"",
+                "t.toml:1: case \"a\": cert_file: ./no-such.pem: cannot read",
+            ),
+            (
+                "expect = \"deny\"\ntime = 2030-01-02T03:04:05",
+                "t.toml:1: case \"a\": time = 2030-01-02T03:04:05: write it in UTC",
+            ),
+            (
+                "expect = \"deny\"\ntoken = \"t\"\nheaders = { Authorization = \"Bearer u\" }",
+                "t.toml:1: case \"a\": header \"Authorization\": the token is sent as",
+            ),
+            (
+                "expect = \"allow\"\nstatus = 401",
+                "t.toml:1: case \"a\": status = 401: an allow is answered 200",
+            ),
+            (
+                "expect = \"deny\"\nstatus = 200",
+                "t.toml:1: case \"a\": status = 200: a denial is answered 4xx or 5xx",
+            ),
+            (
+                "expect = \"deny\"\nreason = \"nope\"",
+                "t.toml:1: case \"a\": reason = \"nope\": not a denial's code",
+            ),
+            (
+                "expect = \"allow\"\nreason = \"no_permit\"",
+                "t.toml:1: case \"a\": reason: an allow has no reason",
+            ),
+            (
+                "expect = \"deny\"\ntoken = 3",
+                "t.toml:6:9: case \"a\": invalid type: integer `3`, expected a token",
+            ),
+        ];
+        for (extra, expected) in table {
+            let (_, problems) = parse(&case(extra));
+            assert_eq!(problems.len(), 1, "{extra}: {problems:?}");
+            assert!(
+                problems[0].starts_with(expected),
+                "{extra}: {:?} does not start with {expected:?}",
                 problems[0]
             );
         }

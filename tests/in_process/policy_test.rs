@@ -157,10 +157,10 @@ expect = "allow"
             ),
             format!("ok  {f}: right decision, no policy expectation"),
             format!(
-                "FAIL {f}: expects a permit, a forbid decides: expected allow by [admins-write-orders], got deny by [no-deletes-without-mtls] (forbid matched)"
+                "FAIL {f}: expects a permit, a forbid decides: expected allow by [admins-write-orders], got deny 403 forbidden by [no-deletes-without-mtls] (forbid matched)"
             ),
             format!(
-                "FAIL {f}: expects allow, no permit matches: expected allow, got deny by [] (no permit matched)"
+                "FAIL {f}: expects allow, no permit matches: expected allow, got deny 401 no_permit by [] (no permit matched)"
             ),
         ]
     );
@@ -211,7 +211,7 @@ policies = ["all", "reads-token"]
     let fail = &report.lines[0];
     // Cedar allowed through `all`, but the erroring policy forces a deny.
     let head = format!(
-        "FAIL {f}: anonymous, expected allow: expected allow, got deny by [all] (an evaluation error forces a deny: "
+        "FAIL {f}: anonymous, expected allow: expected allow, got deny 403 policy_error by [all] (an evaluation error forces a deny: "
     );
     assert!(fail.starts_with(&head), "{fail}");
     assert!(fail.contains("reads-token"), "{fail}");
