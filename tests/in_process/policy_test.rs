@@ -250,8 +250,8 @@ fn every_loading_problem_is_reported_at_once() {
     let (_tmp, dir) = shipped_copy();
     edit(
         &dir.join("workloads.cedar"),
-        "permit (principal,",
-        "permit (principle,",
+        "permit (\n  principal,",
+        "permit (\n  principle,",
     );
     let more = dir.join("tests/more.toml");
     std::fs::write(
@@ -290,8 +290,8 @@ fn every_loading_problem_is_reported_at_once() {
     // With those fixed, the unknown policy id is reported instead of failing the case.
     edit(
         &dir.join("workloads.cedar"),
-        "permit (principle,",
-        "permit (principal,",
+        "permit (\n  principle,",
+        "permit (\n  principal,",
     );
     edit(&more, "https://example.org/x", "spiffe://example.org/x");
     edit(
