@@ -599,7 +599,7 @@ pub fn mint_token(key_path: &Path, spec: &TokenSpec) -> Result<String, String> {
         "EdDSA" => Algorithm::EdDSA,
         other => return Err(refused(format!("unknown algorithm \"{other}\""))),
     };
-    let signer = TokenSigner::from_pem(alg, &entry.kid, &pem).map_err(|e| refused(e))?;
+    let signer = TokenSigner::from_pem(alg, &entry.kid, &pem).map_err(refused)?;
     if signer.public_key_sha256() != entry.public_key_sha256 {
         return Err(refused(format!(
             "its public key is not the one {} lists",

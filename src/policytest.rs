@@ -202,7 +202,7 @@ struct Case {
 enum Input {
     /// A request after verification: evaluated by the policies alone.
     Verified {
-        facts: RequestFacts,
+        facts: Box<RequestFacts>,
         identity: Identity,
     },
     /// A whole request, decided by the engine as the server decides it.
@@ -799,7 +799,7 @@ fn build(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Case, Ve
         file: file.to_string(),
         name: spec.name,
         input: Input::Verified {
-            facts: RequestFacts {
+            facts: Box::new(RequestFacts {
                 method: spec.method.to_ascii_uppercase(),
                 path,
                 query,
@@ -808,7 +808,7 @@ fn build(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Case, Ve
                 headers,
                 source_address: spec.source_address,
                 ..RequestFacts::default()
-            },
+            }),
             identity: Identity {
                 peer: match peer {
                     Some(p) => PeerOutcome::Verified(std::sync::Arc::new(p)),
