@@ -652,3 +652,27 @@ fn thumbprint_of_pem(pem: &str) -> Result<String, String> {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_is_json_when_it_parses_as_json() {
+        let table: &[(&str, Value)] = &[
+            ("n=3", json!(3)),
+            ("b=true", json!(true)),
+            ("r=[\"a\",\"b\"]", json!(["a", "b"])),
+            ("z=\"01234\"", json!("01234")),
+            ("e=a@example.org", json!("a@example.org")),
+            ("s=a=b", json!("a=b")),
+            ("x=", json!("")),
+        ];
+        for (arg, value) in table {
+            let (key, parsed) = parse_claim(arg).unwrap();
+            assert_eq!((key.as_str(), &parsed), (&arg[..1], value), "{arg}");
+        }
+        assert!(parse_claim("novalue").is_err());
+        assert!(parse_claim("=3").is_err());
+    }
+}

@@ -21,7 +21,47 @@ pub struct Outcome {
 /// columns, indent 2).
 pub fn format_source(text: &str) -> Result<String, String> {
     let config = cedar_policy_formatter::Config::default();
-    cedar_policy_formatter::policies_str_to_pretty(text, &config).map_err(|e| format!("{e:?}"))
+    let formatted = cedar_policy_formatter::policies_str_to_pretty(text, &config)
+        .map_err(|e| format!("{e:?}"))?;
+    // The formatter checks that the policies are unchanged, not the comments: a comment
+    // it dropped would be lost from the file, so the file is left as it is instead.
+    let mut kept = comments(&formatted);
+    for comment in comments(text) {
+        match kept.iter().position(|c| *c == comment) {
+            Some(i) => {
+                kept.swap_remove(i);
+            }
+            None => {
+                return Err(format!(
+                    "the formatter would drop the comment \"{comment}\""
+                ));
+            }
+        }
+    }
+    Ok(formatted)
+}
+
+/// The `//` comments of Cedar source, each trimmed, in order (`//` inside a string
+/// literal is not a comment).
+fn comments(text: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let bytes = line.as_bytes();
+        let (mut i, mut in_string) = (0, false);
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' if in_string => i += 1,
+                b'"' => in_string = !in_string,
+                b'/' if !in_string && bytes.get(i + 1) == Some(&b'/') => {
+                    found.push(line[i..].trim());
+                    break;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+    found
 }
 
 /// The `.cedar` files named by `paths`: a file as given, a directory's `*.cedar` files
@@ -125,6 +165,12 @@ mod tests {
         }
         assert!(once.contains("action == Action::\"GET\""), "{once}");
         assert_eq!(format_source(&once).unwrap(), once);
+    }
+
+    #[test]
+    fn comments_are_found_outside_strings_only() {
+        let text = "// a\npermit (principal, action, resource) // b\nwhen { context.u == \"https://x\\\"//y\" }; // c \n";
+        assert_eq!(comments(text), ["// a", "// b", "// c"]);
     }
 
     #[test]
