@@ -20,14 +20,16 @@ const LAYERS: &[&[&str]] = &[
     &["identity"],
     // `security` classifies decisions from identity outcomes, so the engine can hold it.
     &["fetch", "reload", "policy", "audit", "security"],
-    &["engine", "policytest"],
+    &["engine"],
     &["builder"],
     &["reply"],
+    // `portcullis test` decides whole requests with the engine and states their replies.
+    &["policytest"],
     &["explain"],
     &["server"],
     // Tools: the demo world, and the fuzzing harnesses built on it; nothing in the product
     // uses them.
-    &["demo"],
+    &["demo", "policyfmt"],
     &["fuzzing"],
 ];
 

@@ -225,6 +225,35 @@ pub struct TokenSigner {
 }
 
 impl TokenSigner {
+    /// A signer for a private key (PKCS#8 PEM) of `alg` (RS256, ES256 or EdDSA).
+    pub fn from_pem(alg: Algorithm, kid: &str, pem: &str) -> Result<TokenSigner, String> {
+        let make: PemLoader = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem,
+            Algorithm::ES256 => EncodingKey::from_ec_pem,
+            Algorithm::EdDSA => EncodingKey::from_ed_pem,
+            other => return Err(format!("demo signer does not sign {other:?}")),
+        };
+        let key_pair = KeyPair::from_pem(pem).map_err(|_| "not a PKCS#8 PEM private key")?;
+        let key = make(pem.as_bytes()).map_err(|_| format!("not an {alg:?} private key"))?;
+        Ok(TokenSigner {
+            alg,
+            kid: kid.to_string(),
+            key,
+            key_pair,
+        })
+    }
+
+    /// SHA-256 of the public key (DER SubjectPublicKeyInfo), lower-case hex: how the demo
+    /// manifest names the keys `portcullis demo` wrote.
+    pub fn public_key_sha256(&self) -> String {
+        use rcgen::PublicKeyData;
+        let digest = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &self.key_pair.subject_public_key_info(),
+        );
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Generates a key for RS256 (2048-bit), ES256 or EdDSA (Ed25519).
     pub fn generate(alg: Algorithm, kid: &str) -> TokenSigner {
         let (rcgen_alg, make): (_, PemLoader) = match alg {
@@ -374,7 +403,20 @@ pub fn write_demo(dir: &Path) -> std::io::Result<Vec<String>> {
     }
     let signer = TokenSigner::generate(Algorithm::ES256, "demo-es256");
     put("idp.jwks.json", &jwks(&[&signer]))?;
-    put("idp.throwaway.key", &signer.private_key_pem())?;
+    put(DEMO_KEY_FILE, &signer.private_key_pem())?;
+    let manifest = Manifest {
+        about: MANIFEST_ABOUT.to_string(),
+        signing_keys: vec![ManifestKey {
+            file: DEMO_KEY_FILE.to_string(),
+            alg: format!("{:?}", signer.alg),
+            kid: signer.kid.clone(),
+            public_key_sha256: signer.public_key_sha256(),
+        }],
+    };
+    put(
+        MANIFEST_FILE,
+        &serde_json::to_string_pretty(&manifest).unwrap_or_default(),
+    )?;
 
     let now = unix_now();
     let claims = |sub: &str, groups: &[&str], scope: &str, bind: Option<&ClientCert>| {
@@ -431,4 +473,206 @@ pub fn write_demo(dir: &Path) -> std::io::Result<Vec<String>> {
         )?;
     }
     Ok(written)
+}
+
+/// The demo identity provider's private key, as `portcullis demo` names it in its directory.
+pub const DEMO_KEY_FILE: &str = "idp.throwaway.key";
+/// The file `portcullis demo` writes beside its keys, listing the signing keys it generated
+/// by their public key's SHA-256. `portcullis token` signs only with a key listed there.
+pub const MANIFEST_FILE: &str = "demo-manifest.json";
+const MANIFEST_ABOUT: &str =
+    "written by `portcullis demo`: throwaway keys for trying Portcullis, never for production";
+
+/// `demo-manifest.json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    about: String,
+    signing_keys: Vec<ManifestKey>,
+}
+
+/// A signing key `portcullis demo` generated.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestKey {
+    /// Its file name, in the manifest's directory.
+    file: String,
+    /// `ES256`, `RS256` or `EdDSA`.
+    alg: String,
+    /// The `kid` of its JWK in `idp.jwks.json`.
+    kid: String,
+    /// SHA-256 of its public key (DER SubjectPublicKeyInfo), lower-case hex.
+    public_key_sha256: String,
+}
+
+/// What `portcullis token` puts in a token.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    /// `sub`.
+    pub subject: String,
+    /// `iss`.
+    pub issuer: String,
+    /// `aud`: a string when there is one, an array otherwise (none: no `aud`).
+    pub audiences: Vec<String>,
+    /// The groups claim (`groups`), when not empty.
+    pub groups: Vec<String>,
+    /// `scope`, space-separated (RFC 8693 §4.2), when not empty.
+    pub scopes: Vec<String>,
+    /// Further claims, applied last: they may replace any of the above (to try the server's
+    /// checks, `exp` in the past for instance).
+    pub claims: Vec<(String, Value)>,
+    /// `iat` is `now`, `exp` is `now + lifetime`.
+    pub lifetime: std::time::Duration,
+    /// A certificate (PEM, leaf first) the token is bound to: `cnf.x5t#S256` (RFC 8705 §3.1).
+    pub bind_pem: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub now: i64,
+}
+
+/// Parses `--claim key=value`: the value as JSON when it is JSON (`3`, `true`,
+/// `["a","b"]`, `"01234"`), as a string otherwise.
+pub fn parse_claim(arg: &str) -> Result<(String, Value), String> {
+    let (key, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("claim \"{arg}\": expected KEY=VALUE"))?;
+    if key.is_empty() {
+        return Err(format!("claim \"{arg}\": the claim's name is empty"));
+    }
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::from(value));
+    Ok((key.to_string(), value))
+}
+
+/// Signs a token as [`TokenSpec`] describes with the demo identity provider's key at
+/// `key_path`.
+///
+/// SECURITY: only a key `portcullis demo` wrote is used: the manifest beside it
+/// ([`MANIFEST_FILE`]) must list the key's file name with its public key's SHA-256. A
+/// production key has another fingerprint and is refused, so this tool cannot mint tokens
+/// a real deployment would accept.
+pub fn mint_token(key_path: &Path, spec: &TokenSpec) -> Result<String, String> {
+    let shown = key_path.display();
+    let pem = crate::files::read_to_string(key_path).map_err(|e| e.to_string())?;
+    let dir = key_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let refused = |why: String| {
+        format!(
+            "{shown}: refused: {why}; `portcullis token` signs only with the throwaway key \
+             `portcullis demo` writes (demo/{DEMO_KEY_FILE}), never a real identity provider's"
+        )
+    };
+    let manifest: Manifest = match crate::files::read_to_string(&manifest_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            refused(format!(
+                "{} is not a demo manifest ({e})",
+                manifest_path.display()
+            ))
+        })?,
+        Err(_) => {
+            return Err(refused(format!(
+                "no {} beside it: not a key written by `portcullis demo`",
+                manifest_path.display()
+            )));
+        }
+    };
+    let file_name = key_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    // The key is parsed with the algorithm its manifest entry names, once the entry is
+    // found by file name; its fingerprint must then match, or it is not the demo's key.
+    let entry = manifest
+        .signing_keys
+        .iter()
+        .find(|k| k.file == file_name)
+        .ok_or_else(|| {
+            refused(format!(
+                "{} lists no key named \"{file_name}\"",
+                manifest_path.display()
+            ))
+        })?;
+    let alg = match entry.alg.as_str() {
+        "ES256" => Algorithm::ES256,
+        "RS256" => Algorithm::RS256,
+        "EdDSA" => Algorithm::EdDSA,
+        other => return Err(refused(format!("unknown algorithm \"{other}\""))),
+    };
+    let signer = TokenSigner::from_pem(alg, &entry.kid, &pem).map_err(refused)?;
+    if signer.public_key_sha256() != entry.public_key_sha256 {
+        return Err(refused(format!(
+            "its public key is not the one {} lists",
+            manifest_path.display()
+        )));
+    }
+
+    let lifetime = i64::try_from(spec.lifetime.as_secs()).unwrap_or(i64::MAX);
+    let mut claims = serde_json::Map::new();
+    claims.insert("iss".into(), json!(spec.issuer));
+    claims.insert("sub".into(), json!(spec.subject));
+    match spec.audiences.as_slice() {
+        [] => {}
+        [one] => {
+            claims.insert("aud".into(), json!(one));
+        }
+        many => {
+            claims.insert("aud".into(), json!(many));
+        }
+    }
+    claims.insert("iat".into(), json!(spec.now));
+    claims.insert("exp".into(), json!(spec.now.saturating_add(lifetime)));
+    if !spec.groups.is_empty() {
+        claims.insert("groups".into(), json!(spec.groups));
+    }
+    if !spec.scopes.is_empty() {
+        claims.insert("scope".into(), json!(spec.scopes.join(" ")));
+    }
+    if let Some(pem) = &spec.bind_pem {
+        claims.insert("cnf".into(), json!({ "x5t#S256": thumbprint_of_pem(pem)? }));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (key, value) in &spec.claims {
+        if !seen.insert(key) {
+            return Err(format!("claim \"{key}\" is given twice"));
+        }
+        claims.insert(key.clone(), value.clone());
+    }
+    Ok(signer.sign(&Value::Object(claims)))
+}
+
+/// RFC 8705 `x5t#S256` of the first certificate in `pem`.
+fn thumbprint_of_pem(pem: &str) -> Result<String, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let cert = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .ok_or("no PEM certificate to bind the token to")?
+        .map_err(|e| format!("the certificate to bind to is not PEM: {e}"))?;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_is_json_when_it_parses_as_json() {
+        let table: &[(&str, Value)] = &[
+            ("n=3", json!(3)),
+            ("b=true", json!(true)),
+            ("r=[\"a\",\"b\"]", json!(["a", "b"])),
+            ("z=\"01234\"", json!("01234")),
+            ("e=a@example.org", json!("a@example.org")),
+            ("s=a=b", json!("a=b")),
+            ("x=", json!("")),
+        ];
+        for (arg, value) in table {
+            let (key, parsed) = parse_claim(arg).unwrap();
+            assert_eq!((key.as_str(), &parsed), (&arg[..1], value), "{arg}");
+        }
+        assert!(parse_claim("novalue").is_err());
+        assert!(parse_claim("=3").is_err());
+    }
 }

@@ -2,7 +2,7 @@
 //! found, each rejection, the Cedar request, the decision, its determining policies and
 //! the exact reply out, as text for a person.
 
-use crate::engine::{Decision, Engine};
+use crate::engine::{Decision, DenyReason, Engine};
 use crate::identity::{PeerOutcome, TokenOutcome};
 use crate::proto::envoy::service::auth::v3::CheckRequest;
 use crate::reply::check_response;
@@ -27,9 +27,25 @@ pub fn check_json(
 ) -> Result<Explanation, String> {
     let request: CheckRequest = crate::proto::from_json("envoy.service.auth.v3.CheckRequest", json)
         .map_err(|e| format!("not a CheckRequest in proto3 JSON: {e}"))?;
-    let decision = engine.check(&request, now);
+    Ok(check(engine, &request, now, detailed))
+}
+
+/// Decides a CheckRequest and explains the decision, as [`check_json`].
+pub fn check(
+    engine: &Engine,
+    request: &CheckRequest,
+    now: SystemTime,
+    detailed: bool,
+) -> Explanation {
+    let decision = engine.check(request, now);
     let response = check_response(&decision, engine.reply_settings());
-    let reply = crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response)?;
+    let mut reply = crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response)
+        .unwrap_or_else(|e| serde_json::Value::from(format!("(cannot show the reply: {e})")));
+    // proto3 JSON leaves out zero values, so an OK status would show as `"status": {}`;
+    // a person reading the reply should see the code (and the docs show it).
+    if let Some(status) = reply.get_mut("status").and_then(|s| s.as_object_mut()) {
+        status.entry("code").or_insert(serde_json::Value::from(0));
+    }
     let mut text = explain(&decision, detailed);
     if detailed {
         let _ = write!(
@@ -38,10 +54,23 @@ pub fn check_json(
             serde_json::to_string_pretty(&reply).unwrap_or_default()
         );
     }
-    Ok(Explanation {
+    Explanation {
         allowed: decision.allowed(),
         text,
-    })
+    }
+}
+
+/// A denial as the client sees it: the HTTP status and the code, and for a 401 for lack
+/// of any credential, that case in words (`DENY 401 no_permit (no credential was
+/// presented)` against `DENY 403 no_permit`).
+fn denial(r: &DenyReason) -> String {
+    let status = crate::reply::deny_reply(r).http_status;
+    let case = if matches!(r, DenyReason::NoPermit { anonymous: true }) {
+        " (no credential was presented)"
+    } else {
+        ""
+    };
+    format!("{status} {}{case}", r.code())
 }
 
 /// The decision as text; `detailed` adds the Cedar request and its context.
@@ -109,8 +138,8 @@ pub fn explain(d: &Decision, detailed: bool) -> String {
     }
     let verdict = match (&d.denial, d.dry_run) {
         (None, _) => "ALLOW".to_string(),
-        (Some(r), true) => format!("ALLOW (dry-run; would deny: {})", r.code()),
-        (Some(r), false) => format!("DENY ({})", r.code()),
+        (Some(r), true) => format!("ALLOW (dry-run; would deny: {})", denial(r)),
+        (Some(r), false) => format!("DENY {}", denial(r)),
     };
     let _ = writeln!(s, "decision:    {verdict}");
     let policies = d.policies();

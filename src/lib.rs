@@ -89,6 +89,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod explain;
+pub mod policyfmt;
 pub mod policytest;
 pub mod proto;
 pub mod server;

@@ -30,16 +30,56 @@ struct Cli {
 enum Command {
     /// Serve Envoy ext_authz v3 gRPC (and grpc.health.v1).
     Serve {
-        #[arg(long, short)]
+        /// The configuration file (TOML: listeners, trust bundle, issuers, policies; see
+        /// examples/portcullis.toml). Paths in it are relative to its own directory.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Decide one CheckRequest (proto3 JSON) offline and explain the decision.
+    /// Decide one request offline, verified as the server would, and explain the decision.
+    ///
+    /// The request is an Envoy CheckRequest file (--request), or described on the command
+    /// line (--method and --path, with --host, --header, --token or --token-file, --cert).
+    /// Exit 0 for allow, 2 for deny, 1 on error.
+    #[command(group(
+        clap::ArgGroup::new("form")
+            .required(true)
+            .args(["request", "method"])
+    ))]
     Check {
-        #[arg(long, short)]
+        /// The configuration file (TOML: listeners, trust bundle, issuers, policies; see
+        /// examples/portcullis.toml). Paths in it are relative to its own directory.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// A file holding an Envoy CheckRequest in proto3 JSON; `-` for standard input.
-        #[arg(long, short)]
-        request: PathBuf,
+        #[arg(
+            long,
+            short,
+            value_name = "FILE",
+            conflicts_with_all = ["method", "path", "host", "header", "token", "token_file", "cert"]
+        )]
+        request: Option<PathBuf>,
+        /// The request's HTTP method (instead of --request).
+        #[arg(long, requires = "path")]
+        method: Option<String>,
+        /// The request's path, optionally with `?query` (instead of --request).
+        #[arg(long, requires = "method")]
+        path: Option<String>,
+        /// The request's host (`:authority`).
+        #[arg(long)]
+        host: Option<String>,
+        /// A request header, `name=value`; repeatable.
+        #[arg(long, value_name = "NAME=VALUE")]
+        header: Vec<String>,
+        /// A bearer token, sent as `authorization: Bearer TOKEN`.
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the bearer token (`portcullis token > t.jwt`).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The client certificate (PEM, leaf first) the connection presented, sent as
+        /// Envoy sends the peer certificate.
+        #[arg(long, value_name = "PEM_FILE")]
+        cert: Option<PathBuf>,
         /// Also show the Cedar principal, action, resource and context, and the exact reply.
         #[arg(long)]
         explain: bool,
@@ -47,15 +87,77 @@ enum Command {
     /// Load the configuration, keys, trust bundles, policies, schema and entities;
     /// report every problem. Exit 0 when valid, 1 when not.
     Validate {
-        #[arg(long, short)]
+        /// The configuration file (TOML: listeners, trust bundle, issuers, policies; see
+        /// examples/portcullis.toml). Paths in it are relative to its own directory.
+        #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
     /// Run the policy tests in DIR/tests/*.toml against DIR/*.cedar (with DIR/schema.cedarschema
     /// and DIR/entities.json when present). Exit 0 when all pass, 2 when a case fails, 1 on error.
+    ///
+    /// With --config, the policies, schema and entities are the configuration's, and cases
+    /// may be whole requests (a real token and certificate), verified with its issuers and
+    /// trust bundle exactly as the server verifies them (docs/TRYING-POLICIES.md).
     Test {
-        /// The policy directory.
-        #[arg(default_value = "policies")]
-        dir: PathBuf,
+        /// The policy directory (default: policies); not with --config.
+        #[arg(conflicts_with = "config", value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The configuration file (TOML; see examples/portcullis.toml) whose [policy] and
+        /// issuers and trust bundle the cases are run with.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The directory of test cases (*.toml); default: the policy directory's tests/.
+        #[arg(long, value_name = "DIR")]
+        cases: Option<PathBuf>,
+    },
+    /// Format Cedar policy files with Cedar's own formatter, in place.
+    ///
+    /// Comments are kept; a file is replaced atomically with its permissions. Exit 0 when
+    /// done (or, with --check, when nothing would change), 1 when --check finds files to
+    /// format, 2 when a file cannot be read, parsed or written.
+    Fmt {
+        /// Policy files, or directories of *.cedar files.
+        #[arg(default_value = "policies", value_name = "DIR|FILE")]
+        paths: Vec<PathBuf>,
+        /// Change nothing: list the files that would change.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Mint a token signed by the demo identity provider's throwaway key, for trying
+    /// requests (`check --token`, a test case's token, curl against a demo server).
+    ///
+    /// Signs only with the key `portcullis demo` wrote: the key's public key must be listed
+    /// in the demo-manifest.json beside it; any other key is refused. Prints the token.
+    Token {
+        /// The subject (`sub`).
+        #[arg(long, visible_alias = "subject")]
+        sub: String,
+        /// A group (the `groups` claim); repeatable.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        /// A scope (the `scope` claim, space-separated); repeatable.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// Any claim, `key=value`; the value is JSON when it parses as JSON (`n=3`,
+        /// `roles=["a","b"]`, `zip="01234"`), a string otherwise. Applied last, so it can
+        /// replace any other claim (`exp=1` for an expired token). Repeatable.
+        #[arg(long = "claim", value_name = "KEY=VALUE")]
+        claims: Vec<String>,
+        /// The audience (`aud`); repeatable.
+        #[arg(long = "aud", value_name = "AUDIENCE", default_value = portcullis::demo::DEMO_AUDIENCE)]
+        audiences: Vec<String>,
+        /// The issuer (`iss`).
+        #[arg(long, default_value = portcullis::demo::DEMO_ISSUER)]
+        iss: String,
+        /// The lifetime: `exp` is now plus this (`30s`, `15m`, `1h`).
+        #[arg(long, default_value = "15m")]
+        ttl: humantime::Duration,
+        /// Bind the token to this client certificate (PEM): `cnf.x5t#S256` (RFC 8705).
+        #[arg(long, value_name = "CERT_PEM")]
+        bind: Option<PathBuf>,
+        /// The demo identity provider's key, as `portcullis demo` wrote it.
+        #[arg(long, value_name = "KEY", default_value = "demo/idp.throwaway.key")]
+        key: PathBuf,
     },
     /// Write throwaway certificates, keys, tokens and sample requests for trying Portcullis.
     Demo {
@@ -227,26 +329,47 @@ fn run(command: Command) -> Result<ExitCode, String> {
         Command::Check {
             config,
             request,
+            method,
+            path,
+            host,
+            header,
+            token,
+            token_file,
+            cert,
             explain,
         } => {
+            // The command-line form is read before anything is loaded: a mistake in it is
+            // reported at once.
+            let described = match (&request, method, path) {
+                (None, Some(method), Some(path)) => Some(described_request(
+                    method, path, host, &header, token, token_file, cert,
+                )?),
+                _ => None,
+            };
             let (_, engine) = load(&config, false)?;
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             for failure in runtime.block_on(engine.fetch_keys_once()) {
                 eprintln!("portcullis: warning: {failure}");
             }
-            let text = if request.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
-            } else {
-                std::fs::read_to_string(&request)
-                    .map_err(|e| format!("{}: cannot read: {e}", request.display()))?
+            let now = std::time::SystemTime::now();
+            let explanation = match (described, request) {
+                (Some(described), _) => {
+                    portcullis::explain::check(&engine, &described, now, explain)
+                }
+                (None, Some(request)) => {
+                    let text = if request.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin()).map_err(|e| e.to_string())?
+                    } else {
+                        std::fs::read_to_string(&request)
+                            .map_err(|e| format!("{}: cannot read: {e}", request.display()))?
+                    };
+                    portcullis::explain::check_json(&engine, &text, now, explain)
+                        .map_err(|e| format!("{}: {e}", request.display()))?
+                }
+                (None, None) => {
+                    return Err("give a request: --request FILE, or --method and --path".into());
+                }
             };
-            let explanation = portcullis::explain::check_json(
-                &engine,
-                &text,
-                std::time::SystemTime::now(),
-                explain,
-            )
-            .map_err(|e| format!("{}: {e}", request.display()))?;
             println!("{}", explanation.text);
             Ok(if explanation.allowed {
                 ExitCode::SUCCESS
@@ -274,8 +397,26 @@ fn run(command: Command) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Test { dir } => {
-            let report = portcullis::policytest::run_dir(&dir).map_err(|e| e.to_string())?;
+        Command::Test { dir, config, cases } => {
+            let report = match config {
+                Some(config) => {
+                    let (settings, engine) = load(&config, false)?;
+                    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                    for failure in runtime.block_on(engine.fetch_keys_once()) {
+                        eprintln!("portcullis: warning: {failure}");
+                    }
+                    let cases = cases.unwrap_or_else(|| settings.policy.dir.join("tests"));
+                    portcullis::policytest::run_config(&engine, &settings.policy, &cases, &config)
+                }
+                None => {
+                    let dir = dir.unwrap_or_else(|| PathBuf::from("policies"));
+                    match cases {
+                        Some(cases) => portcullis::policytest::run_dir_with(&dir, &cases),
+                        None => portcullis::policytest::run_dir(&dir),
+                    }
+                }
+            }
+            .map_err(|e| e.to_string())?;
             for line in &report.lines {
                 println!("{line}");
             }
@@ -295,5 +436,108 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(command) => Ok(audit(command)),
+        Command::Fmt { paths, check } => Ok(fmt(&paths, check)),
+        Command::Token {
+            sub,
+            groups,
+            scopes,
+            claims,
+            audiences,
+            iss,
+            ttl,
+            bind,
+            key,
+        } => {
+            let claims = claims
+                .iter()
+                .map(|c| portcullis::demo::parse_claim(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let bind_pem = bind
+                .map(|path| {
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| format!("{}: cannot read: {e}", path.display()))
+                })
+                .transpose()?;
+            let spec = portcullis::demo::TokenSpec {
+                subject: sub,
+                issuer: iss,
+                audiences,
+                groups,
+                scopes,
+                claims,
+                lifetime: ttl.into(),
+                bind_pem,
+                now: portcullis::demo::unix_now(),
+            };
+            println!("{}", portcullis::demo::mint_token(&key, &spec)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `check --method ... --path ...`: the CheckRequest Envoy would send for that request.
+fn described_request(
+    method: String,
+    path: String,
+    host: Option<String>,
+    headers: &[String],
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    cert: Option<PathBuf>,
+) -> Result<portcullis::CheckRequest, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+    };
+    let token = match (token, token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(file)) => Some(read(&file)?.trim().to_string()),
+        (None, None) => None,
+    };
+    let headers = headers
+        .iter()
+        .map(|h| {
+            h.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--header \"{h}\": expected NAME=VALUE"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    portcullis::policytest::WholeRequest {
+        method: method.to_ascii_uppercase(),
+        path,
+        host: host.unwrap_or_default(),
+        scheme: String::new(),
+        headers,
+        token,
+        cert_pem: cert.as_deref().map(read).transpose()?,
+    }
+    .check_request()
+}
+
+/// `portcullis fmt`: exit 0 when done, 1 when `--check` finds files to format, 2 on error.
+fn fmt(paths: &[PathBuf], check: bool) -> ExitCode {
+    let files = match portcullis::policyfmt::cedar_files(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = portcullis::policyfmt::format_files(&files, check);
+    for file in &outcome.changed {
+        if check {
+            println!("would reformat {}", file.display());
+        } else {
+            println!("formatted {}", file.display());
+        }
+    }
+    for error in &outcome.errors {
+        eprintln!("portcullis: {error}");
+    }
+    if !outcome.errors.is_empty() {
+        ExitCode::from(2)
+    } else if check && !outcome.changed.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -9,17 +9,25 @@
 //! `PolicySnapshot::evaluate`, so the decision comes from the production mapping and
 //! evaluation, with the engine's fail-closed reading: allowed only when Cedar allowed and
 //! no policy errored.
+//!
+//! With a configuration ([`run_config`]), a case may instead be a *whole request*: a real
+//! token (`token = "eyJ..."` or `token_file`) and client certificate (`cert_file`), built
+//! into the CheckRequest Envoy would send ([`WholeRequest`]) and decided by the engine
+//! exactly as the server decides it: signatures, issuers, audiences, expiry (at `time`),
+//! the certificate path against the trust bundle, binding, then policy.
 
 use crate::config::{PolicySettings, line_col};
+use crate::engine::{DenyReason, Engine};
 use crate::facts::RequestFacts;
 use crate::identity::{Identity, PeerIdentity, PeerOutcome, TokenClaims, TokenOutcome};
-use crate::policy::{PolicyOutcome, PolicySnapshot};
+use crate::policy::PolicySnapshot;
 use crate::problem::{LoadError, Problem};
 use crate::spiffe::SpiffeId;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 use toml::Spanned;
 
 /// The claim a test token's groups are written to; [`TokenClaims::for_policy_test`] reads
@@ -78,11 +86,54 @@ struct CaseSpec {
     source_address: String,
     #[serde(default)]
     headers: BTreeMap<String, String>,
-    token: Option<TokenSpec>,
+    /// Verified claims (a table), or a whole request's token (a string).
+    token: Option<TokenField>,
     peer: Option<PeerSpec>,
+    /// A whole request's token, in a file (relative to the case file).
+    token_file: Option<String>,
+    /// A whole request's client certificate, PEM (leaf first), relative to the case file.
+    cert_file: Option<String>,
+    /// When a whole request is decided (RFC 3339); now by default.
+    time: Option<toml::value::Datetime>,
     expect: Expect,
+    /// The expected HTTP status (200 on an allow).
+    status: Option<u16>,
+    /// The expected denial's code (`no_permit`, `invalid_token`, `forbidden`...).
+    reason: Option<String>,
     /// The exact set of determining policy ids, when the case cares.
     policies: Option<Vec<String>>,
+}
+
+/// `token`: a table of verified claims, or a whole request's token as a string.
+#[derive(Debug)]
+enum TokenField {
+    Raw(String),
+    Claims(TokenSpec),
+}
+
+impl<'de> Deserialize<'de> for TokenField {
+    // Not `#[serde(untagged)]`: a table's own errors (an unknown key, with its line) must
+    // reach the user, not "data did not match any variant".
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TokenField, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TokenField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a token (a string) or a table of verified claims")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TokenField, E> {
+                Ok(TokenField::Raw(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<TokenField, A::Error> {
+                TokenSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TokenField::Claims)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,17 +188,141 @@ impl Expect {
 struct Case {
     file: String,
     name: String,
-    facts: RequestFacts,
-    identity: Identity,
+    input: Input,
     expect: Expect,
+    status: Option<u16>,
+    reason: Option<String>,
     policies: Option<BTreeSet<String>>,
     /// `file:line` of the case, for problems found after parsing.
     at: String,
 }
 
+/// What a case asks about.
+#[derive(Debug)]
+enum Input {
+    /// A request after verification: evaluated by the policies alone.
+    Verified {
+        facts: Box<RequestFacts>,
+        identity: Identity,
+    },
+    /// A whole request, decided by the engine as the server decides it.
+    Whole {
+        request: Box<crate::proto::envoy::service::auth::v3::CheckRequest>,
+        time: Option<SystemTime>,
+    },
+}
+
+/// The denial codes a case's `reason` may name (`DenyReason::code`).
+const REASONS: &[&str] = &[
+    "unreadable_request",
+    "certificate_required",
+    "invalid_certificate",
+    "invalid_token",
+    "no_permit",
+    "forbidden",
+    "policy_error",
+    "overloaded",
+    "deadline",
+    "request_too_large",
+    "audit_unavailable",
+];
+
+/// A whole request as a proxy describes it, before anything is verified: what
+/// `portcullis check --method ...` and a whole-request test case build into the
+/// CheckRequest Envoy's ext_authz filter sends.
+#[derive(Debug, Clone, Default)]
+pub struct WholeRequest {
+    /// The HTTP method.
+    pub method: String,
+    /// The path, optionally with `?query`.
+    pub path: String,
+    /// `:authority`; not sent when empty.
+    pub host: String,
+    /// `:scheme`; `https` when empty.
+    pub scheme: String,
+    /// Further headers (lower-cased; a name may be given once).
+    pub headers: Vec<(String, String)>,
+    /// The bearer token, sent as `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// The client certificate (PEM, leaf first) as the peer certificate of the connection,
+    /// URL-encoded in `source.certificate` as Envoy sends it.
+    pub cert_pem: Option<String>,
+}
+
+impl WholeRequest {
+    /// The CheckRequest in proto3 JSON, as Envoy would send it.
+    pub fn check_request_json(&self) -> Result<Value, String> {
+        let scheme = if self.scheme.is_empty() {
+            "https"
+        } else {
+            self.scheme.as_str()
+        };
+        let mut headers = Map::new();
+        headers.insert(":method".into(), Value::from(self.method.clone()));
+        headers.insert(":path".into(), Value::from(self.path.clone()));
+        headers.insert(":scheme".into(), Value::from(scheme));
+        if !self.host.is_empty() {
+            headers.insert(":authority".into(), Value::from(self.host.clone()));
+        }
+        for (name, value) in &self.headers {
+            let lower = name.to_ascii_lowercase();
+            if lower.starts_with(':') || lower == "host" {
+                return Err(format!(
+                    "header \"{name}\": give pseudo-headers as the method, path and host"
+                ));
+            }
+            if lower == "authorization" && self.token.is_some() {
+                return Err(format!(
+                    "header \"{name}\": the token is sent as `authorization: Bearer`; give one or the other"
+                ));
+            }
+            if headers.insert(lower, Value::from(value.clone())).is_some() {
+                return Err(format!(
+                    "header \"{name}\" is given twice (names are case-insensitive)"
+                ));
+            }
+        }
+        if let Some(token) = &self.token {
+            headers.insert(
+                "authorization".into(),
+                Value::from(format!("Bearer {}", token.trim())),
+            );
+        }
+        let mut source = Map::new();
+        if let Some(pem) = &self.cert_pem {
+            source.insert(
+                "certificate".into(),
+                Value::from(crate::facts::envoy_url_encode(pem)),
+            );
+        }
+        Ok(serde_json::json!({
+            "attributes": {
+                "source": source,
+                "request": { "http": {
+                    "method": self.method, "path": self.path, "host": self.host,
+                    "scheme": scheme, "headers": headers,
+                }},
+            }
+        }))
+    }
+
+    /// The CheckRequest, as Envoy would send it.
+    pub fn check_request(
+        &self,
+    ) -> Result<crate::proto::envoy::service::auth::v3::CheckRequest, String> {
+        let json = self.check_request_json()?;
+        crate::proto::from_json("envoy.service.auth.v3.CheckRequest", &json.to_string())
+    }
+}
+
 /// Loads the policies in `dir` and runs every case in `dir/tests/*.toml` against them.
 /// `Err` lists every problem that kept the policies or the cases from loading.
 pub fn run_dir(dir: &Path) -> Result<Report, LoadError> {
+    run_dir_with(dir, &dir.join("tests"))
+}
+
+/// Loads the policies in `dir` and runs every case in `cases/*.toml` against them.
+pub fn run_dir_with(dir: &Path, cases: &Path) -> Result<Report, LoadError> {
     let optional = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
     let settings = PolicySettings {
         dir: dir.to_path_buf(),
@@ -155,79 +330,195 @@ pub fn run_dir(dir: &Path) -> Result<Report, LoadError> {
         entities: optional("entities.json"),
         hidden_headers: Vec::new(),
     };
+    run_cases(&settings, cases, None, &dir.display().to_string())
+}
+
+/// Runs every case in `cases/*.toml` against the policies `engine` was loaded with
+/// (`policy`, its configuration's `[policy]`); whole-request cases are decided by `engine`
+/// itself, so verified as the server verifies them. `config` names the configuration in
+/// problems.
+pub fn run_config(
+    engine: &Engine,
+    policy: &PolicySettings,
+    cases: &Path,
+    config: &Path,
+) -> Result<Report, LoadError> {
+    run_cases(
+        policy,
+        cases,
+        Some(engine),
+        &format!("{} with {}", cases.display(), config.display()),
+    )
+}
+
+fn run_cases(
+    settings: &PolicySettings,
+    tests: &Path,
+    engine: Option<&Engine>,
+    what: &str,
+) -> Result<Report, LoadError> {
     let mut problems = Vec::new();
-    let snapshot = crate::policy::load(&settings)
+    let snapshot = crate::policy::load(settings)
         .map_err(|errs| problems.extend(errs.iter().map(Problem::to_string)))
         .ok();
-    let cases = load_cases(&dir.join("tests"), &mut problems);
+    let cases = load_cases(tests, &mut problems);
     if let Some(snapshot) = &snapshot {
         check_policy_ids(snapshot, &cases, &mut problems);
     }
+    if engine.is_none() {
+        // SECURITY: a whole request cannot be verified without the configuration's keys and
+        // trust bundle; it is refused, never evaluated as if its credentials were good.
+        for case in &cases {
+            if matches!(case.input, Input::Whole { .. }) {
+                problems.push(format!(
+                    "{}: case \"{}\": a whole request (a token string, token_file, cert_file or time) is verified with the configuration's issuers and trust bundle: run it with --config",
+                    case.at, case.name
+                ));
+            }
+        }
+    }
     match snapshot {
-        Some(snapshot) if problems.is_empty() => Ok(run(&snapshot, &cases)),
+        Some(snapshot) if problems.is_empty() => Ok(run(&snapshot, engine, &cases)),
         _ => Err(LoadError::new(
-            format!("loading {}", dir.display()),
+            format!("loading {what}"),
             problems.into_iter().map(Problem::new).collect(),
         )),
     }
 }
 
-fn run(snapshot: &PolicySnapshot, cases: &[Case]) -> Report {
+/// What a case's request came to, in the terms a case states its expectation in.
+struct Got {
+    /// The denial, when denied (whatever the configuration's mode: the test is of the
+    /// decision, not of dry-run).
+    denial: Option<DenyReason>,
+    determining: Vec<String>,
+    /// Why, for a failure's line.
+    why: Vec<String>,
+    /// Policy evaluation errors (each forces a deny).
+    errors: Vec<String>,
+}
+
+impl Got {
+    fn status(&self) -> u16 {
+        self.denial
+            .as_ref()
+            .map_or(200, |d| crate::reply::deny_reply(d).http_status)
+    }
+
+    fn describe(&self) -> String {
+        let by = list(&self.determining);
+        let why = if self.why.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.why.join("; "))
+        };
+        match &self.denial {
+            None => format!("allow by {by}"),
+            Some(d) => format!("deny {} {} by {by}{why}", self.status(), d.code()),
+        }
+    }
+}
+
+fn decide(snapshot: &PolicySnapshot, engine: Option<&Engine>, case: &Case) -> Got {
+    match (&case.input, engine) {
+        (Input::Verified { facts, identity }, _) => {
+            let outcome = snapshot.evaluate(facts, identity);
+            // SECURITY: the engine's reading of an outcome (`Engine::decide`): an evaluation
+            // error is a deny; no credential verified and no permit is a 401.
+            let anonymous = identity.peer().is_none() && identity.token().is_none();
+            let (denial, why) = if !outcome.errors.is_empty() {
+                (
+                    Some(DenyReason::PolicyError),
+                    vec![format!(
+                        "an evaluation error forces a deny: {}",
+                        outcome.errors.join("; ")
+                    )],
+                )
+            } else if outcome.allowed {
+                (None, Vec::new())
+            } else if outcome.determining.is_empty() {
+                (
+                    Some(DenyReason::NoPermit { anonymous }),
+                    vec!["no permit matched".to_string()],
+                )
+            } else {
+                (Some(DenyReason::Forbidden), vec!["forbid matched".into()])
+            };
+            Got {
+                denial,
+                determining: outcome.determining.clone(),
+                why,
+                errors: outcome.errors.clone(),
+            }
+        }
+        (Input::Whole { request, time }, Some(engine)) => {
+            let decision = engine.check(request, time.unwrap_or_else(SystemTime::now));
+            Got {
+                determining: decision.policies().to_vec(),
+                why: decision.reasons.clone(),
+                errors: decision
+                    .policy
+                    .as_ref()
+                    .map(|p| p.errors.clone())
+                    .unwrap_or_default(),
+                denial: decision.denial,
+            }
+        }
+        // Refused at load (`run_cases`); deny should it ever get here.
+        (Input::Whole { .. }, None) => Got {
+            denial: Some(DenyReason::PolicyError),
+            determining: Vec::new(),
+            why: vec!["a whole request needs --config".into()],
+            errors: Vec::new(),
+        },
+    }
+}
+
+fn run(snapshot: &PolicySnapshot, engine: Option<&Engine>, cases: &[Case]) -> Report {
     let mut report = Report::default();
     for case in cases {
-        let outcome = snapshot.evaluate(&case.facts, &case.identity);
-        // SECURITY: the engine's reading of an outcome; an evaluation error is a deny.
-        let allowed = outcome.allowed && outcome.errors.is_empty();
-        let decision_ok = allowed == (case.expect == Expect::Allow);
+        let got = decide(snapshot, engine, case);
+        let decision_ok = got.denial.is_none() == (case.expect == Expect::Allow);
+        let status_ok = case.status.is_none_or(|s| s == got.status());
+        let reason_ok = case
+            .reason
+            .as_deref()
+            .is_none_or(|r| got.denial.as_ref().is_some_and(|d| d.code() == r));
         let policies_ok = case.policies.as_ref().is_none_or(|expected| {
-            let actual: BTreeSet<String> = outcome.determining.iter().cloned().collect();
+            let actual: BTreeSet<String> = got.determining.iter().cloned().collect();
             *expected == actual
         });
-        if decision_ok && policies_ok {
+        if decision_ok && status_ok && reason_ok && policies_ok {
             report.passed += 1;
-            let note = if outcome.errors.is_empty() {
+            let note = if got.errors.is_empty() {
                 String::new()
             } else {
-                format!(
-                    " (denied by evaluation error: {})",
-                    outcome.errors.join("; ")
-                )
+                format!(" (denied by evaluation error: {})", got.errors.join("; "))
             };
             report
                 .lines
                 .push(format!("ok  {}: {}{note}", case.file, case.name));
         } else {
             report.failed += 1;
-            let expected = match &case.policies {
-                Some(ids) => format!("{} by {}", case.expect.as_str(), list(ids)),
-                None => case.expect.as_str().to_string(),
-            };
+            let mut expected = case.expect.as_str().to_string();
+            if let Some(status) = case.status {
+                expected.push_str(&format!(" {status}"));
+            }
+            if let Some(reason) = &case.reason {
+                expected.push_str(&format!(" {reason}"));
+            }
+            if let Some(ids) = &case.policies {
+                expected.push_str(&format!(" by {}", list(ids)));
+            }
             report.lines.push(format!(
                 "FAIL {}: {}: expected {expected}, got {}",
                 case.file,
                 case.name,
-                describe(allowed, &outcome)
+                got.describe()
             ));
         }
     }
     report
-}
-
-/// What happened, in the engine's terms (`src/engine.rs` gives the same three deny reasons).
-fn describe(allowed: bool, outcome: &PolicyOutcome) -> String {
-    let by = list(&outcome.determining);
-    if allowed {
-        format!("allow by {by}")
-    } else if !outcome.errors.is_empty() {
-        format!(
-            "deny by {by} (an evaluation error forces a deny: {})",
-            outcome.errors.join("; ")
-        )
-    } else if outcome.determining.is_empty() {
-        format!("deny by {by} (no permit matched)")
-    } else {
-        format!("deny by {by} (forbid matched)")
-    }
 }
 
 fn list<'a>(ids: impl IntoIterator<Item = &'a String>) -> String {
@@ -279,14 +570,20 @@ fn load_cases(tests: &Path, problems: &mut Vec<String>) -> Vec<Case> {
     for file in files {
         // A regular file within the size cap: a FIFO among the tests must not hang the run.
         match crate::files::read_to_string(&file) {
-            Ok(text) => cases.extend(parse_file(&file.display().to_string(), &text, problems)),
+            Ok(text) => cases.extend(parse_file(
+                &file.display().to_string(),
+                tests,
+                &text,
+                problems,
+            )),
             Err(e) => problems.push(e.to_string()),
         }
     }
     cases
 }
 
-fn parse_file(file: &str, text: &str, problems: &mut Vec<String>) -> Vec<Case> {
+/// `base` is the directory a case's `token_file` and `cert_file` are relative to.
+fn parse_file(file: &str, base: &Path, text: &str, problems: &mut Vec<String>) -> Vec<Case> {
     let parsed: CaseFile = match toml::from_str(text) {
         Ok(f) => f,
         Err(e) => {
@@ -310,7 +607,7 @@ fn parse_file(file: &str, text: &str, problems: &mut Vec<String>) -> Vec<Case> {
             ));
         }
         let name = spec.name.clone();
-        match build(spec, file, at.clone()) {
+        match build(spec, file, base, at.clone()) {
             Ok(case) => cases.push(case),
             Err(errs) => problems.extend(
                 errs.into_iter()
@@ -347,9 +644,114 @@ fn parse_error(file: &str, text: &str, e: &toml::de::Error) -> String {
     format!("{file}:{line}:{col}: {}{message}", case.unwrap_or_default())
 }
 
-/// Turns a parsed case into request facts and a verified identity, or says what is wrong.
-fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
+/// Whether a case is a whole request: it gives a real credential or a time to verify at.
+fn is_whole(spec: &CaseSpec) -> bool {
+    matches!(spec.token, Some(TokenField::Raw(_)))
+        || spec.token_file.is_some()
+        || spec.cert_file.is_some()
+        || spec.time.is_some()
+}
+
+/// Checks `status` and `reason` against `expect`.
+fn check_expectation(spec: &CaseSpec, errs: &mut Vec<String>) {
+    match (spec.expect, spec.status) {
+        (Expect::Allow, Some(s)) if s != 200 => {
+            errs.push(format!("status = {s}: an allow is answered 200"));
+        }
+        (Expect::Deny, Some(s)) if !(400..600).contains(&s) => {
+            errs.push(format!("status = {s}: a denial is answered 4xx or 5xx"));
+        }
+        _ => {}
+    }
+    if let Some(reason) = &spec.reason {
+        if spec.expect == Expect::Allow {
+            errs.push("reason: an allow has no reason; it is for expect = \"deny\"".into());
+        } else if !REASONS.contains(&reason.as_str()) {
+            errs.push(format!(
+                "reason = \"{reason}\": not a denial's code (one of {})",
+                REASONS.join(", ")
+            ));
+        }
+    }
+}
+
+/// Turns a whole-request case into the CheckRequest Envoy would send.
+fn build_whole(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Case, Vec<String>> {
     let mut errs = Vec::new();
+    check_expectation(&spec, &mut errs);
+    if spec.peer.is_some() {
+        errs.push(
+            "peer: a whole request presents its certificate as cert_file, verified against the trust bundle".into(),
+        );
+    }
+    let read = |what: &str, name: &str, errs: &mut Vec<String>| {
+        crate::files::read_to_string(&base.join(name))
+            .map_err(|e| errs.push(format!("{what}: {e}")))
+            .ok()
+    };
+    let token = match (spec.token, &spec.token_file) {
+        (Some(TokenField::Raw(_)), Some(_)) => {
+            errs.push("token and token_file: give the token once".into());
+            None
+        }
+        (Some(TokenField::Raw(t)), None) => Some(t),
+        (Some(TokenField::Claims(_)), _) => {
+            errs.push("token: a whole request gives its token as a string (or token_file), not a table of claims".into());
+            None
+        }
+        (None, Some(name)) => read("token_file", name, &mut errs).map(|t| t.trim().to_string()),
+        (None, None) => None,
+    };
+    let cert_pem = spec
+        .cert_file
+        .as_deref()
+        .and_then(|name| read("cert_file", name, &mut errs));
+    let time = spec.time.as_ref().and_then(|t| {
+        humantime::parse_rfc3339(&t.to_string())
+            .map_err(|_| {
+                errs.push(format!(
+                    "time = {t}: write it in UTC, like 2026-01-01T12:00:00Z"
+                ))
+            })
+            .ok()
+    });
+    let whole = WholeRequest {
+        method: spec.method.to_ascii_uppercase(),
+        path: spec.path,
+        host: spec.host,
+        scheme: spec.scheme,
+        headers: spec.headers.into_iter().collect(),
+        token,
+        cert_pem,
+    };
+    let request = whole
+        .check_request()
+        .map_err(|e| errs.push(e))
+        .ok()
+        .map(Box::new);
+    match request {
+        Some(request) if errs.is_empty() => Ok(Case {
+            file: file.to_string(),
+            name: spec.name,
+            input: Input::Whole { request, time },
+            expect: spec.expect,
+            status: spec.status,
+            reason: spec.reason,
+            policies: spec.policies.map(|ids| ids.into_iter().collect()),
+            at,
+        }),
+        _ => Err(errs),
+    }
+}
+
+/// Turns a parsed case into request facts and a verified identity (or, for a whole
+/// request, the CheckRequest), or says what is wrong.
+fn build(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Case, Vec<String>> {
+    if is_whole(&spec) {
+        return build_whole(spec, file, base, at);
+    }
+    let mut errs = Vec::new();
+    check_expectation(&spec, &mut errs);
     if spec.name.trim().is_empty() {
         errs.push("name must not be empty".to_string());
     }
@@ -384,9 +786,11 @@ fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
 
     let peer_given = spec.peer.is_some();
     let peer = spec.peer.and_then(|p| peer_identity(p, &mut errs));
-    let token = spec
-        .token
-        .and_then(|t| token_claims(t, peer.as_ref(), peer_given, &mut errs));
+    let token = match spec.token {
+        Some(TokenField::Claims(t)) => token_claims(t, peer.as_ref(), peer_given, &mut errs),
+        // A string makes the case a whole request (`is_whole`).
+        Some(TokenField::Raw(_)) | None => None,
+    };
 
     if !errs.is_empty() {
         return Err(errs);
@@ -394,27 +798,31 @@ fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
     Ok(Case {
         file: file.to_string(),
         name: spec.name,
-        facts: RequestFacts {
-            method: spec.method.to_ascii_uppercase(),
-            path,
-            query,
-            host: spec.host,
-            scheme: spec.scheme,
-            headers,
-            source_address: spec.source_address,
-            ..RequestFacts::default()
-        },
-        identity: Identity {
-            peer: match peer {
-                Some(p) => PeerOutcome::Verified(std::sync::Arc::new(p)),
-                None => PeerOutcome::NotPresented,
-            },
-            token: match token {
-                Some(t) => TokenOutcome::Verified(t),
-                None => TokenOutcome::NotPresented,
+        input: Input::Verified {
+            facts: Box::new(RequestFacts {
+                method: spec.method.to_ascii_uppercase(),
+                path,
+                query,
+                host: spec.host,
+                scheme: spec.scheme,
+                headers,
+                source_address: spec.source_address,
+                ..RequestFacts::default()
+            }),
+            identity: Identity {
+                peer: match peer {
+                    Some(p) => PeerOutcome::Verified(std::sync::Arc::new(p)),
+                    None => PeerOutcome::NotPresented,
+                },
+                token: match token {
+                    Some(t) => TokenOutcome::Verified(t),
+                    None => TokenOutcome::NotPresented,
+                },
             },
         },
         expect: spec.expect,
+        status: spec.status,
+        reason: spec.reason,
         policies: spec.policies.map(|ids| ids.into_iter().collect()),
         at,
     })
@@ -537,7 +945,7 @@ mod tests {
 
     fn parse(text: &str) -> (Vec<Case>, Vec<String>) {
         let mut problems = Vec::new();
-        let cases = parse_file("t.toml", text, &mut problems);
+        let cases = parse_file("t.toml", Path::new("."), text, &mut problems);
         (cases, problems)
     }
 
@@ -559,17 +967,20 @@ policies = ["p"]
         );
         assert_eq!(problems, Vec::<String>::new());
         let case = &cases[0];
-        assert_eq!(case.facts.method, "GET");
-        assert_eq!(case.facts.path, "/orders/1");
-        assert_eq!(case.facts.query, "x=1");
-        assert_eq!(case.facts.headers["x-thing"], "a");
-        let token = case.identity.token().unwrap();
+        let Input::Verified { facts, identity } = &case.input else {
+            panic!("a verified case");
+        };
+        assert_eq!(facts.method, "GET");
+        assert_eq!(facts.path, "/orders/1");
+        assert_eq!(facts.query, "x=1");
+        assert_eq!(facts.headers["x-thing"], "a");
+        let token = identity.token().unwrap();
         assert_eq!(token.principal_id(), "alice");
         assert!(token.bound());
         assert_eq!(token.groups().iter().collect::<Vec<_>>(), ["g"]);
         assert_eq!(token.scopes().iter().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(token.claims()["email"], "a@x");
-        let peer = case.identity.peer().unwrap();
+        let peer = identity.peer().unwrap();
         assert_eq!(
             peer.workload_id(),
             "spiffe://example.org/ns/prod/sa/frontend"
@@ -626,6 +1037,89 @@ policies = ["p"]
             assert!(
                 problems[0].starts_with(expected),
                 "{text}: {:?} does not start with {expected:?}",
+                problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn a_whole_request_case_becomes_the_check_request_envoy_sends() {
+        let (cases, problems) = parse(
+            "[[case]]\nname = \"w\"\nmethod = \"get\"\npath = \"/orders/1?x=1\"\nhost = \"api\"\nheaders = { \"X-Thing\" = \"a\" }\ntoken = \"abc.def.ghi\"\ntime = 2030-01-02T03:04:05Z\nexpect = \"deny\"\nstatus = 401\nreason = \"invalid_token\"\n",
+        );
+        assert_eq!(problems, Vec::<String>::new());
+        let Input::Whole { request, time } = &cases[0].input else {
+            panic!("a whole request");
+        };
+        let facts = RequestFacts::from_check(request, &crate::config::Limits::default()).unwrap();
+        assert_eq!(facts.method, "GET");
+        assert_eq!(
+            (facts.path.as_str(), facts.query.as_str()),
+            ("/orders/1", "x=1")
+        );
+        assert_eq!(facts.host, "api");
+        assert_eq!(facts.headers["authorization"], "Bearer abc.def.ghi");
+        assert_eq!(facts.headers["x-thing"], "a");
+        assert_eq!(
+            *time,
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_893_553_445))
+        );
+        assert_eq!(cases[0].status, Some(401));
+    }
+
+    #[test]
+    fn whole_request_and_expectation_problems_are_named() {
+        let case = |extra: &str| {
+            format!("[[case]]\nname = \"a\"\nmethod = \"GET\"\npath = \"/\"\n{extra}\n")
+        };
+        let table: &[(&str, &str)] = &[
+            (
+                "expect = \"deny\"\ntoken = \"t\"\npeer = { spiffe_id = \"spiffe://example.org/x\" }",
+                "t.toml:1: case \"a\": peer: a whole request presents its certificate as cert_file",
+            ),
+            (
+                "expect = \"deny\"\ntoken = \"t\"\ntoken_file = \"t.jwt\"",
+                "t.toml:1: case \"a\": token and token_file: give the token once",
+            ),
+            (
+                "expect = \"deny\"\ncert_file = \"no-such.pem\"",
+                "t.toml:1: case \"a\": cert_file: ./no-such.pem: cannot read",
+            ),
+            (
+                "expect = \"deny\"\ntime = 2030-01-02T03:04:05",
+                "t.toml:1: case \"a\": time = 2030-01-02T03:04:05: write it in UTC",
+            ),
+            (
+                "expect = \"deny\"\ntoken = \"t\"\nheaders = { Authorization = \"Bearer u\" }",
+                "t.toml:1: case \"a\": header \"Authorization\": the token is sent as",
+            ),
+            (
+                "expect = \"allow\"\nstatus = 401",
+                "t.toml:1: case \"a\": status = 401: an allow is answered 200",
+            ),
+            (
+                "expect = \"deny\"\nstatus = 200",
+                "t.toml:1: case \"a\": status = 200: a denial is answered 4xx or 5xx",
+            ),
+            (
+                "expect = \"deny\"\nreason = \"nope\"",
+                "t.toml:1: case \"a\": reason = \"nope\": not a denial's code",
+            ),
+            (
+                "expect = \"allow\"\nreason = \"no_permit\"",
+                "t.toml:1: case \"a\": reason: an allow has no reason",
+            ),
+            (
+                "expect = \"deny\"\ntoken = 3",
+                "t.toml:6:9: case \"a\": invalid type: integer `3`, expected a token",
+            ),
+        ];
+        for (extra, expected) in table {
+            let (_, problems) = parse(&case(extra));
+            assert_eq!(problems.len(), 1, "{extra}: {problems:?}");
+            assert!(
+                problems[0].starts_with(expected),
+                "{extra}: {:?} does not start with {expected:?}",
                 problems[0]
             );
         }

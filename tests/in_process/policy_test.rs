@@ -157,10 +157,10 @@ expect = "allow"
             ),
             format!("ok  {f}: right decision, no policy expectation"),
             format!(
-                "FAIL {f}: expects a permit, a forbid decides: expected allow by [admins-write-orders], got deny by [no-deletes-without-mtls] (forbid matched)"
+                "FAIL {f}: expects a permit, a forbid decides: expected allow by [admins-write-orders], got deny 403 forbidden by [no-deletes-without-mtls] (forbid matched)"
             ),
             format!(
-                "FAIL {f}: expects allow, no permit matches: expected allow, got deny by [] (no permit matched)"
+                "FAIL {f}: expects allow, no permit matches: expected allow, got deny 401 no_permit by [] (no permit matched)"
             ),
         ]
     );
@@ -211,7 +211,7 @@ policies = ["all", "reads-token"]
     let fail = &report.lines[0];
     // Cedar allowed through `all`, but the erroring policy forces a deny.
     let head = format!(
-        "FAIL {f}: anonymous, expected allow: expected allow, got deny by [all] (an evaluation error forces a deny: "
+        "FAIL {f}: anonymous, expected allow: expected allow, got deny 403 policy_error by [all] (an evaluation error forces a deny: "
     );
     assert!(fail.starts_with(&head), "{fail}");
     assert!(fail.contains("reads-token"), "{fail}");
@@ -250,8 +250,8 @@ fn every_loading_problem_is_reported_at_once() {
     let (_tmp, dir) = shipped_copy();
     edit(
         &dir.join("workloads.cedar"),
-        "permit (principal,",
-        "permit (principle,",
+        "permit (\n  principal,",
+        "permit (\n  principle,",
     );
     let more = dir.join("tests/more.toml");
     std::fs::write(
@@ -290,8 +290,8 @@ fn every_loading_problem_is_reported_at_once() {
     // With those fixed, the unknown policy id is reported instead of failing the case.
     edit(
         &dir.join("workloads.cedar"),
-        "permit (principle,",
-        "permit (principal,",
+        "permit (\n  principle,",
+        "permit (\n  principal,",
     );
     edit(&more, "https://example.org/x", "spiffe://example.org/x");
     edit(
