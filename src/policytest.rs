@@ -83,6 +83,11 @@ struct CaseSpec {
     expect: Expect,
     /// The exact set of determining policy ids, when the case cares.
     policies: Option<Vec<String>>,
+    /// The request time, RFC 3339 with an offset (`2026-12-03T10:00:00+01:00`); the time
+    /// of the run when not given.
+    time: Option<String>,
+    /// The zone of `context.time`'s local fields (as `[policy] time_zone`); UTC by default.
+    time_zone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +148,10 @@ struct Case {
     policies: Option<BTreeSet<String>>,
     /// `file:line` of the case, for problems found after parsing.
     at: String,
+    /// The request time.
+    now: std::time::SystemTime,
+    /// The zone of `context.time`'s local fields.
+    zone: std::sync::Arc<crate::declared::TimeZoneSetting>,
 }
 
 /// Loads the policies in `dir` and runs every case in `dir/tests/*.toml` against them.
@@ -154,6 +163,7 @@ pub fn run_dir(dir: &Path) -> Result<Report, LoadError> {
         schema: optional("schema.cedarschema"),
         entities: optional("entities.json"),
         hidden_headers: Vec::new(),
+        time_zone: Default::default(),
     };
     let mut problems = Vec::new();
     let snapshot = crate::policy::load(&settings)
@@ -175,7 +185,7 @@ pub fn run_dir(dir: &Path) -> Result<Report, LoadError> {
 fn run(snapshot: &PolicySnapshot, cases: &[Case]) -> Report {
     let mut report = Report::default();
     for case in cases {
-        let outcome = snapshot.evaluate(&case.facts, &case.identity);
+        let outcome = snapshot.evaluate_in(&case.facts, &case.identity, case.now, &case.zone);
         // SECURITY: the engine's reading of an outcome; an evaluation error is a deny.
         let allowed = outcome.allowed && outcome.errors.is_empty();
         let decision_ok = allowed == (case.expect == Expect::Allow);
@@ -382,6 +392,36 @@ fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
         }
     }
 
+    let now = match spec.time.as_deref().map(str::parse::<jiff::Timestamp>) {
+        None => std::time::SystemTime::now(),
+        Some(Ok(t)) => {
+            let since = std::time::Duration::new(
+                t.as_second().unsigned_abs(),
+                t.subsec_nanosecond().unsigned_abs(),
+            );
+            // Before 1970: far from any token's validity, but still a time.
+            if t.as_second() >= 0 {
+                std::time::SystemTime::UNIX_EPOCH + since
+            } else {
+                std::time::SystemTime::UNIX_EPOCH - since
+            }
+        }
+        Some(Err(_)) => {
+            errs.push(format!(
+                "time: \"{}\" is not an RFC 3339 time with an offset, such as \"2026-12-03T10:00:00+01:00\"",
+                spec.time.unwrap_or_default()
+            ));
+            std::time::SystemTime::UNIX_EPOCH
+        }
+    };
+    let zone = match spec.time_zone.as_deref().map(crate::declared::TimeZoneSetting::parse) {
+        None => Default::default(),
+        Some(Ok(z)) => z,
+        Some(Err(e)) => {
+            errs.push(format!("time_zone: {e}"));
+            Default::default()
+        }
+    };
     let peer_given = spec.peer.is_some();
     let peer = spec.peer.and_then(|p| peer_identity(p, &mut errs));
     let token = spec
@@ -417,6 +457,8 @@ fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
         expect: spec.expect,
         policies: spec.policies.map(|ids| ids.into_iter().collect()),
         at,
+        now,
+        zone: std::sync::Arc::new(zone),
     })
 }
 

@@ -85,6 +85,17 @@ pub enum TokenRejection {
     /// A claim (given) has the wrong type.
     #[error("claim \"{0}\" has the wrong type")]
     InvalidClaim(String),
+    /// A claim declared in `[issuer.claims]` has another type than declared: the token is
+    /// invalid (never read as if the claim were absent).
+    #[error("claim \"{claim}\" is {found}, but the configuration declares it {declared} ([issuer.claims])")]
+    ClaimType {
+        /// The claim's name.
+        claim: String,
+        /// The declared Cedar type.
+        declared: String,
+        /// What the token's value is.
+        found: String,
+    },
     /// Token has expired.
     #[error("token has expired")]
     Expired,
@@ -785,6 +796,22 @@ fn parse_claims(
             .map(|g| format!("{}{g}", s.id_prefix))
             .collect(),
     };
+    // SECURITY: a declared claim reaches policies only in its declared type (the schema
+    // promises it); a value of another type makes the token invalid, not the claim absent.
+    // A null claim is absent, as it is to Cedar.
+    for (name, ty) in &s.claims {
+        match claims.get(name) {
+            None | Some(Value::Null) => {}
+            Some(v) if ty.admits(v) => {}
+            Some(v) => {
+                return Err(TokenRejection::ClaimType {
+                    claim: truncate(name),
+                    declared: ty.to_string(),
+                    found: crate::declared::json_kind(v).to_string(),
+                });
+            }
+        }
+    }
     Ok(Parsed {
         issuer: s.issuer.clone(),
         principal_id: format!("{}{}", s.id_prefix, subject),
