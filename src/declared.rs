@@ -22,7 +22,8 @@ pub enum ClaimType {
 }
 
 /// The type names a declaration may use, for messages.
-pub const CLAIM_TYPES: &str = "\"String\", \"Long\", \"Bool\", \"Set<String>\", \"Set<Long>\", \"Set<Bool>\"";
+pub const CLAIM_TYPES: &str =
+    "\"String\", \"Long\", \"Bool\", \"Set<String>\", \"Set<Long>\", \"Set<Bool>\"";
 
 impl ClaimType {
     /// Parses a type name such as `Set<String>`.
@@ -154,10 +155,29 @@ mod tests {
 
     #[test]
     fn claim_types_parse_and_print() {
-        for t in ["String", "Long", "Bool", "Set<String>", "Set<Long>", "Set<Set<Bool>>"] {
-            assert_eq!(ClaimType::parse(t).map(|t| t.to_string()), Ok(t.to_string()));
+        for t in [
+            "String",
+            "Long",
+            "Bool",
+            "Set<String>",
+            "Set<Long>",
+            "Set<Set<Bool>>",
+        ] {
+            assert_eq!(
+                ClaimType::parse(t).map(|t| t.to_string()),
+                Ok(t.to_string())
+            );
         }
-        for bad in ["string", "Int", "Record", "Set<>", "Set<Strin>", "Set<String", "", "{}"] {
+        for bad in [
+            "string",
+            "Int",
+            "Record",
+            "Set<>",
+            "Set<Strin>",
+            "Set<String",
+            "",
+            "{}",
+        ] {
             let e = ClaimType::parse(bad).expect_err(bad);
             assert!(e.contains("is not a claim type"), "{e}");
         }
@@ -194,11 +214,65 @@ mod tests {
 
     #[test]
     fn time_zones_come_from_the_bundled_database() {
-        assert_eq!(TimeZoneSetting::parse("Europe/Paris").unwrap().name(), "Europe/Paris");
+        assert_eq!(
+            TimeZoneSetting::parse("Europe/Paris").unwrap().name(),
+            "Europe/Paris"
+        );
         assert_eq!(TimeZoneSetting::parse("UTC").unwrap().name(), "UTC");
         assert_eq!(TimeZoneSetting::default().name(), "UTC");
         for bad in ["Europe/Pariss", "", "CEST+1", "../../etc/passwd"] {
             assert!(TimeZoneSetting::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Through the configuration: a bad zone or type is reported at its line; two issuers
+    /// may not give one claim two types.
+    #[test]
+    fn the_configuration_reports_bad_declarations_at_their_line() {
+        let base = std::path::Path::new("/");
+        let issuer =
+            "[[issuer]]\nissuer = \"https://a\"\naudiences = [\"x\"]\njwks_file = \"k.json\"\n";
+        let e = crate::config::Settings::from_toml(
+            &format!("{issuer}\n[policy]\ndir = \"p\"\ntime_zone = \"Europe/Pariss\"\n"),
+            base,
+        )
+        .expect_err("bad zone");
+        assert_eq!(e.problems()[0].line(), Some(8), "{e}");
+        assert!(
+            e.problems()[0]
+                .message()
+                .contains("\"Europe/Pariss\" is not a time zone"),
+            "{e}"
+        );
+        let e = crate::config::Settings::from_toml(
+            &format!("{issuer}[issuer.claims]\nlevel = \"Integer\"\n"),
+            base,
+        )
+        .expect_err("bad type");
+        assert_eq!(e.problems()[0].line(), Some(6), "{e}");
+        assert!(
+            e.problems()[0]
+                .message()
+                .contains("\"Integer\" is not a claim type"),
+            "{e}"
+        );
+        let second = issuer.replace("https://a", "https://b");
+        let e = crate::config::Settings::from_toml(
+            &format!("{issuer}[issuer.claims]\nlevel = \"Long\"\n{second}[issuer.claims]\nlevel = \"String\"\n"),
+            base,
+        )
+        .expect_err("two types");
+        assert!(
+            e.messages().iter().any(|m| m
+                .contains("claims.level: declared String here and Long by issuer \"https://a\"")),
+            "{e}"
+        );
+        let ok = crate::config::Settings::from_toml(
+            &format!("{issuer}[issuer.claims]\nlevel = \"Long\"\nroles = \"Set<String>\"\n[policy]\ntime_zone = \"America/New_York\"\n"),
+            base,
+        )
+        .expect("valid");
+        assert_eq!(ok.policy.time_zone.name(), "America/New_York");
+        assert_eq!(ok.issuers[0].claims.len(), 2);
     }
 }

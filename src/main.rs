@@ -305,8 +305,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
         Command::Schema { config } => {
             let settings = Settings::load(&config).map_err(|e| e.to_string())?;
             portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
-            let schema = portcullis::cedar_schema(&settings)
-                .map_err(|e| e.loading(&config).to_string())?;
+            let schema =
+                portcullis::cedar_schema(&settings).map_err(|e| e.loading(&config).to_string())?;
             print!("{schema}");
             Ok(ExitCode::SUCCESS)
         }

@@ -414,7 +414,11 @@ fn build(spec: CaseSpec, file: &str, at: String) -> Result<Case, Vec<String>> {
             std::time::SystemTime::UNIX_EPOCH
         }
     };
-    let zone = match spec.time_zone.as_deref().map(crate::declared::TimeZoneSetting::parse) {
+    let zone = match spec
+        .time_zone
+        .as_deref()
+        .map(crate::declared::TimeZoneSetting::parse)
+    {
         None => Default::default(),
         Some(Ok(z)) => z,
         Some(Err(e)) => {

@@ -288,3 +288,67 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
         Err(problems)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads `policy` against `schema` and returns the first problem's text.
+    fn problem(policy: &str, schema: &str) -> String {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("p.cedar"), policy).expect("policy");
+        std::fs::write(dir.path().join("s.cedarschema"), schema).expect("schema");
+        let problems = load(&PolicySettings {
+            dir: dir.path().to_path_buf(),
+            schema: Some(dir.path().join("s.cedarschema")),
+            entities: None,
+            hidden_headers: Vec::new(),
+            time_zone: Default::default(),
+        })
+        .expect_err("invalid");
+        // Cedar reports the access once per action the policy can apply to.
+        assert!(!problems.is_empty());
+        problems[0].to_string()
+    }
+
+    const SHIPPED: &str = include_str!("../../policies/schema.cedarschema");
+
+    #[test]
+    fn an_undeclared_attribute_names_its_declaration() {
+        let p = problem(
+            "permit (principal, action, resource)\nwhen { context has token &&\n  context.token.claims.team == \"x\" };",
+            SHIPPED,
+        );
+        assert!(p.contains("p.cedar:3:"), "{p}");
+        assert!(
+            p.contains("the policy reads context.token.claims.team: declare it with `[issuer.claims] team = \"String\"`"),
+            "{p}"
+        );
+        let p = problem(
+            "permit (principal, action, resource) when { context.request.headers[\"x-tenant\"] == \"a\" };",
+            SHIPPED,
+        );
+        assert!(p.contains("the policy reads the request header \"x-tenant\": declare it in the schema's headers record as `\"x-tenant\"?: String`"), "{p}");
+        // A schema from before claims and time: the field the policy goes on to read.
+        let old = SHIPPED.replace("  time: TimeInfo,\n", "");
+        let p = problem(
+            "permit (principal, action, resource) when { context.time.hour > 8 };",
+            &old,
+        );
+        assert!(p.contains("the policy reads context.time: use a schema that declares it"), "{p}");
+        let start = old.find("  // The claims the issuers").expect("claims");
+        let end = old[start..].find("  },\n").expect("end") + start + 5;
+        let old = format!("{}{}", &old[..start], &old[end..]);
+        let p = problem(
+            "permit (principal, action, resource) when { context has token && context.token.claims.department == \"x\" };",
+            &old,
+        );
+        assert!(p.contains("the policy reads context.token.claims.department: declare it with `[issuer.claims] department = \"String\"`"), "{p}");
+        // Anything else keeps Cedar's message alone.
+        let p = problem(
+            "permit (principal, action, resource) when { principal.nope == 1 };",
+            SHIPPED,
+        );
+        assert!(!p.contains("declare"), "{p}");
+    }
+}

@@ -687,6 +687,74 @@ mod tests {
         }
     }
 
+    fn paris_time(at: &str) -> RequestTime {
+        let zone = Arc::new(TimeZoneSetting::parse("Europe/Paris").expect("zone"));
+        let t: jiff::Timestamp = at.parse().expect("a time");
+        let now = SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(t.as_second()).expect("after 1970"));
+        RequestTime::new(now, &zone).expect("in range")
+    }
+
+    #[test]
+    fn the_time_is_read_in_the_configured_zone() {
+        // A Thursday, 10:30 in Paris (UTC+1 in winter).
+        let t = paris_time("2026-12-03T09:30:00Z");
+        assert_eq!(
+            t.json(),
+            json!({
+                "now": {"__extn": {"fn": "datetime", "arg": "2026-12-03T09:30:00.000Z"}},
+                "unix": 1_796_290_200,
+                "local": {"__extn": {"fn": "datetime", "arg": "2026-12-03T10:30:00.000Z"}},
+                "time_zone": "Europe/Paris",
+                "date": "2026-12-03",
+                "day_of_week": "Thu",
+                "hour": 10,
+                "minute": 30,
+            })
+        );
+        // Summer time: UTC+2; and the local date can differ from the UTC one.
+        let t = paris_time("2026-07-04T22:15:00Z");
+        assert_eq!(t.json()["day_of_week"], "Sun");
+        assert_eq!(t.json()["date"], "2026-07-05");
+        assert_eq!(t.json()["hour"], 0);
+    }
+
+    /// The Cedar record equals what Cedar makes of its JSON form (datetimes included), and
+    /// holds only the fields policies read.
+    #[test]
+    fn the_time_record_is_what_cedar_makes_of_it() {
+        let t = paris_time("2026-12-03T09:30:00Z");
+        let everything = Demand::everything();
+        let whole = everything.context.field("time").expect("whole");
+        let direct = Context::from(CoreContext::Value(Arc::new(BTreeMap::from([(
+            "time".into(),
+            t.cedar(whole),
+        )]))));
+        let by_cedar =
+            Context::from_json_value(json!({ "time": t.json() }), None).expect("cedar parses it");
+        assert_eq!(direct, by_cedar);
+
+        let demand = Demand::of(
+            &cedar_policy::PolicySet::from_str(
+                "permit (principal, action, resource) when { context.time.hour >= 9 };",
+            )
+            .expect("policy"),
+        );
+        let read = demand.context.field("time").expect("time is read");
+        let pruned = Context::from(CoreContext::Value(Arc::new(BTreeMap::from([(
+            "time".into(),
+            t.cedar(read),
+        )]))));
+        let only_hour = Context::from_json_value(json!({ "time": { "hour": 10 } }), None)
+            .expect("cedar parses it");
+        assert_eq!(pruned, only_hour);
+        let no_time = Demand::of(
+            &cedar_policy::PolicySet::from_str("permit (principal, action, resource);")
+                .expect("policy"),
+        );
+        assert!(no_time.context.field("time").is_none(), "nobody pays for the time");
+    }
+
     fn nested(depth: usize) -> Value {
         (0..depth).fold(
             json!("leaf"),

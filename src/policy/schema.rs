@@ -308,7 +308,8 @@ mod tests {
         let text = render(&BTreeMap::new(), &e);
         assert!(text.contains("entity Folder in [Folder] {\n  level: Long,\n  owner?: User,\n};"), "{text}");
         assert!(text.contains("entity Group in [Folder, Group];"), "{text}");
-        cedar_policy::Schema::from_cedarschema_str(&text).expect("a valid schema");
+        let (_, _warnings) =
+            cedar_policy::Schema::from_cedarschema_str(&text).expect("a valid schema");
         let bad = EntityTypes::of(&json!([
             {"uid": {"type": "Folder", "id": "a"}, "attrs": {"level": 1}, "parents": []},
             {"uid": {"type": "Folder", "id": "b"}, "attrs": {"level": "2"}, "parents": []},
@@ -324,6 +325,7 @@ mod tests {
         let claims = BTreeMap::from([("level", &level), ("roles", &roles), ("x-y", &level)]);
         let text = render(&claims, &EntityTypes::default());
         assert!(text.contains("    level?: Long,\n    roles?: Set<String>,\n    \"x-y\"?: Long,\n"), "{text}");
-        cedar_policy::Schema::from_cedarschema_str(&text).expect("a valid schema");
+        let (_, _warnings) =
+            cedar_policy::Schema::from_cedarschema_str(&text).expect("a valid schema");
     }
 }
