@@ -242,11 +242,17 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
 
     if let Some(schema) = &schema {
         let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let mut hinted = std::collections::HashSet::new();
         for e in result.validation_errors() {
             match sources.get(e.policy_id()) {
                 Some((file, text)) => {
                     let mut message = e.to_string();
                     if let Some(hint) = declaration_hint(e, text) {
+                        // Cedar reports the access once per action; the declaration is one.
+                        let at = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+                        if !hinted.insert((e.policy_id().clone(), at, hint.clone())) {
+                            continue;
+                        }
                         message = format!("{message}; {hint}");
                     }
                     problems.push(located(file, text, e, message));
@@ -306,8 +312,23 @@ mod tests {
             time_zone: Default::default(),
         })
         .expect_err("invalid");
-        // Cedar reports the access once per action the policy can apply to.
-        assert!(!problems.is_empty());
+        // Cedar reports the access once per action; a declaration hint once.
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems[0].to_string()
+    }
+
+    fn problem_any(policy: &str, schema: &str) -> String {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("p.cedar"), policy).expect("policy");
+        std::fs::write(dir.path().join("s.cedarschema"), schema).expect("schema");
+        let problems = load(&PolicySettings {
+            dir: dir.path().to_path_buf(),
+            schema: Some(dir.path().join("s.cedarschema")),
+            entities: None,
+            hidden_headers: Vec::new(),
+            time_zone: Default::default(),
+        })
+        .expect_err("invalid");
         problems[0].to_string()
     }
 
@@ -344,8 +365,8 @@ mod tests {
             &old,
         );
         assert!(p.contains("the policy reads context.token.claims.department: declare it with `[issuer.claims] department = \"String\"`"), "{p}");
-        // Anything else keeps Cedar's message alone.
-        let p = problem(
+        // Anything else keeps Cedar's message alone (once per action, as Cedar says it).
+        let p = problem_any(
             "permit (principal, action, resource) when { principal.nope == 1 };",
             SHIPPED,
         );

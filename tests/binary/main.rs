@@ -19,5 +19,6 @@ mod fail_open;
 mod hostile;
 mod listeners;
 mod reload;
+mod schema_time;
 mod security_events;
 mod syslog;
