@@ -96,7 +96,8 @@ pub struct CedarRequest {
     route: Option<Value>,
     /// `context.binding`.
     binding: bool,
-    /// `context.time`; `None` only for a `now` no Cedar `datetime` can hold.
+    /// `context.time`; `None` when no policy reads it (then it is not worked out at all),
+    /// or for a `now` out of range (then a policy reading it errors, and errors deny).
     time: Option<RequestTime>,
 }
 

@@ -59,7 +59,11 @@ impl PolicySnapshot {
             identity,
             &self.hidden_headers,
             &self.demand,
-            mapping::RequestTime::new(now, zone),
+            // Only when a policy reads it: other requests pay nothing for the time.
+            self.demand
+                .context
+                .field("time")
+                .and_then(|_| mapping::RequestTime::new(now, zone)),
         );
         let deny = |request, error: String| PolicyOutcome {
             allowed: false,

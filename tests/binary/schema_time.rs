@@ -240,6 +240,20 @@ fn business_hours_by_policy_test_cases() {
         out.contains("FAIL policies/tests/hours.toml: an analyst reads a report on a Thursday at 22:00 in Paris: expected allow"),
         "{out}"
     );
+    // An unknown zone in a case is refused.
+    edit(
+        &tmp.path().join("policies/tests/hours.toml"),
+        "time = \"2026-12-03T18:00:00+01:00\"\ntime_zone = \"Europe/Paris\"",
+        "time = \"2026-12-03T18:00:00+01:00\"\ntime_zone = \"Mars/Olympus\"",
+    );
+    let (code, out) = run(&["test", "policies"], tmp.path(), LIMIT);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "case \"18:00 in Paris is closed\": time_zone: \"Mars/Olympus\" is not a time zone"
+        ),
+        "{out}"
+    );
     // A time without an offset is refused with the case's line.
     edit(
         &tmp.path().join("policies/tests/hours.toml"),
