@@ -1147,19 +1147,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             }
         })
         .collect();
-    // Policies see one `context.token.claims` type, whichever issuer signed the token.
-    let mut declared = std::collections::BTreeMap::new();
-    for i in &issuers {
-        for (name, ty) in &i.claims {
-            match declared.insert(name, (ty, &i.issuer)) {
-                Some((other, by)) if other != ty => problems.push(format!(
-                    "issuer \"{}\": claims.{name}: declared {ty} here and {other} by issuer \"{by}\"; policies see one type for context.token.claims.{name}",
-                    i.issuer
-                )),
-                _ => {}
-            }
-        }
-    }
+    problems.extend(crate::declared::conflicting_claim_types(
+        issuers
+            .iter()
+            .map(|i| (i.issuer.as_str(), i.claims.as_slice())),
+    ));
 
     let policy = PolicySettings {
         dir: resolve(

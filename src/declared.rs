@@ -57,6 +57,26 @@ impl ClaimType {
     }
 }
 
+/// Problems with claims that two issuers declare with different types: policies see one
+/// `context.token.claims` type, whichever issuer signed the token.
+pub fn conflicting_claim_types<'a>(
+    issuers: impl Iterator<Item = (&'a str, &'a [(String, ClaimType)])>,
+) -> Vec<String> {
+    let mut declared = std::collections::BTreeMap::new();
+    let mut problems = Vec::new();
+    for (issuer, claims) in issuers {
+        for (name, ty) in claims {
+            match declared.insert(name, (ty, issuer)) {
+                Some((other, by)) if other != ty => problems.push(format!(
+                    "issuer \"{issuer}\": claims.{name}: declared {ty} here and {other} by issuer \"{by}\"; policies see one type for context.token.claims.{name}"
+                )),
+                _ => {}
+            }
+        }
+    }
+    problems
+}
+
 /// What a JSON value is, for a message that names a claim's actual type.
 pub fn json_kind(v: &Value) -> &'static str {
     match v {
