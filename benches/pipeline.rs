@@ -804,7 +804,7 @@ fn bench_stages(c: &mut C, w: &World) {
         other => panic!("stage: token not verified: {other:?}"),
     }
     let snapshot = portcullis::policy::load(&s.policy).expect("policies");
-    let outcome = snapshot.evaluate(&facts, &identity);
+    let outcome = snapshot.evaluate(&facts, &identity, std::time::SystemTime::now());
     assert!(outcome.allowed && outcome.errors.is_empty(), "{outcome:?}");
 
     // What a cache hit of the certificate verifier still does before its lookup: undo
@@ -833,7 +833,7 @@ fn bench_stages(c: &mut C, w: &World) {
         b.iter(|| portcullis::policy::map_request(black_box(&facts), &identity))
     });
     g.bench_function("cedar/evaluate/10", |b| {
-        b.iter(|| snapshot.evaluate(black_box(&facts), &identity))
+        b.iter(|| snapshot.evaluate(black_box(&facts), &identity, std::time::SystemTime::now()))
     });
     g.finish();
 }

@@ -198,7 +198,7 @@ fn main() {
         // the token's Cedar form.
         for f in &facts {
             let identity = verifier.verify(None, f, SystemTime::now());
-            let outcome = snapshot.evaluate(f, &identity);
+            let outcome = snapshot.evaluate(f, &identity, std::time::SystemTime::now());
             assert!(outcome.allowed, "{outcome:?}");
         }
         let decided = live();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // Vocabulary and utilities that know nothing of Portcullis's stages.
     &[
-        "proto", "files", "ratelog", "spiffe", "jose", "metrics", "problem",
+        "proto", "files", "ratelog", "spiffe", "jose", "metrics", "problem", "declared",
     ],
     &["config"],
     &["facts"],

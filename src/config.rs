@@ -185,6 +185,9 @@ struct RawIssuer {
     id_prefix: Option<String>,
     #[serde(default)]
     claim_headers: std::collections::BTreeMap<String, String>,
+    /// `[issuer.claims]`: claim name -> Cedar type (checked as read, so a bad type has its line).
+    #[serde(default)]
+    claims: std::collections::BTreeMap<String, crate::declared::ClaimType>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +203,8 @@ struct RawPolicy {
     dir: Option<PathBuf>,
     schema: Option<PathBuf>,
     entities: Option<PathBuf>,
+    /// Checked as read, so an unknown zone has its line.
+    time_zone: Option<crate::declared::TimeZoneSetting>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -646,6 +651,9 @@ pub struct IssuerSettings {
     pub id_prefix: String,
     /// Upstream header name -> claim name, for this issuer's tokens only.
     pub claim_headers: Vec<(String, String)>,
+    /// The claims policies may read in `context.token.claims`, with their Cedar types
+    /// (`[issuer.claims]`); a token whose declared claim has another type is rejected.
+    pub claims: Vec<(String, crate::declared::ClaimType)>,
 }
 
 /// The Cedar policies, schema and entities (`[policy]`).
@@ -660,6 +668,8 @@ pub struct PolicySettings {
     /// Request headers policies never see besides `authorization`, `proxy-authorization`
     /// and `cookie`: the configured token header, which carries a credential.
     pub hidden_headers: Vec<String>,
+    /// The zone of `context.time`'s local fields (`[policy] time_zone`, UTC by default).
+    pub time_zone: crate::declared::TimeZoneSetting,
 }
 
 /// `[server] grpc` by default.
@@ -1132,10 +1142,16 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                     .into_iter()
                     .map(|(h, c)| (header_name(&format!("{at}: claim_headers"), h, problems), c))
                     .collect(),
+                claims: r.claims.into_iter().collect(),
                 issuer: r.issuer,
             }
         })
         .collect();
+    problems.extend(crate::declared::conflicting_claim_types(
+        issuers
+            .iter()
+            .map(|i| (i.issuer.as_str(), i.claims.as_slice())),
+    ));
 
     let policy = PolicySettings {
         dir: resolve(
@@ -1145,6 +1161,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         schema: raw.policy.schema.map(|p| resolve(base, p)),
         entities: raw.policy.entities.map(|p| resolve(base, p)),
         hidden_headers: Vec::new(),
+        time_zone: raw.policy.time_zone.unwrap_or_default(),
     };
 
     let principal_header = header_name(

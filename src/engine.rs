@@ -799,7 +799,7 @@ impl Engine {
                 reasons,
             );
         }
-        let outcome = loaded.policy.evaluate(facts, &identity);
+        let outcome = loaded.policy.evaluate(facts, &identity, now);
         if Instant::now() >= deadline {
             return self.late(started, facts, "after policy");
         }

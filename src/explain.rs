@@ -18,7 +18,8 @@ pub struct Explanation {
 }
 
 /// Decides a CheckRequest given as proto3 JSON and explains the decision; `detailed` adds
-/// the Cedar request with its context, and the exact reply.
+/// the Cedar request with its context, and the exact reply. The decision is made at the
+/// request's `attributes.request.time` when it has one, else at `now`.
 pub fn check_json(
     engine: &Engine,
     json: &str,
@@ -30,13 +31,28 @@ pub fn check_json(
     Ok(check(engine, &request, now, detailed))
 }
 
-/// Decides a CheckRequest and explains the decision, as [`check_json`].
+/// Decides a CheckRequest and explains the decision, as [`check_json`]: at the request's
+/// own `attributes.request.time` when it has one, else at `now`.
 pub fn check(
     engine: &Engine,
     request: &CheckRequest,
     now: SystemTime,
     detailed: bool,
 ) -> Explanation {
+    // A captured request is decided as of its own time (Envoy's `attributes.request.time`)
+    // when it has one: token expiry and `context.time` alike. Only this offline check reads
+    // it; a server decides at its own clock.
+    let now = request
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.time)
+        .and_then(|t| {
+            let secs = u64::try_from(t.seconds).ok()?;
+            let nanos = u32::try_from(t.nanos).ok()?;
+            SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+        })
+        .unwrap_or(now);
     let decision = engine.check(request, now);
     let response = check_response(&decision, engine.reply_settings());
     let mut reply = crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response)

@@ -86,6 +86,7 @@ macro_rules! internal {
 }
 
 pub mod config;
+pub mod declared;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod explain;
@@ -148,6 +149,14 @@ pub mod audit_chain {
 /// loads anything else; an embedding program should do the same.
 pub fn set_max_file_bytes(max: u64) {
     files::set_max_bytes(max);
+}
+
+/// The Cedar schema that fits a configuration (`portcullis schema`): the default
+/// vocabulary, the claims the issuers declare (`[issuer.claims]`), the request headers,
+/// `context.time`, and the entity types of the static entities file.
+pub fn cedar_schema(settings: &Settings) -> Result<String, LoadError> {
+    policy::schema::for_settings(settings)
+        .map_err(|problems| LoadError::new("writing the schema", problems))
 }
 
 /// Checks, without opening or creating it, that `[log] audit = PATH` can be written: a

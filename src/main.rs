@@ -164,6 +164,13 @@ enum Command {
         #[arg(long, short, default_value = "demo")]
         out: PathBuf,
     },
+    /// Print the Cedar schema that fits the configuration: the default vocabulary, the
+    /// issuers' declared claims, the request headers, context.time and the static entities'
+    /// types. Save it as the [policy] schema file.
+    Schema {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Check an audit log's hash chain and signed checkpoints; make checkpoint keys.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -470,6 +477,14 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 now: portcullis::demo::unix_now(),
             };
             println!("{}", portcullis::demo::mint_token(&key, &spec)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema { config } => {
+            let settings = Settings::load(&config).map_err(|e| e.to_string())?;
+            portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
+            let schema =
+                portcullis::cedar_schema(&settings).map_err(|e| e.loading(&config).to_string())?;
+            print!("{schema}");
             Ok(ExitCode::SUCCESS)
         }
     }

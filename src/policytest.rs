@@ -93,8 +93,6 @@ struct CaseSpec {
     token_file: Option<String>,
     /// A whole request's client certificate, PEM (leaf first), relative to the case file.
     cert_file: Option<String>,
-    /// When a whole request is decided (RFC 3339); now by default.
-    time: Option<toml::value::Datetime>,
     expect: Expect,
     /// The expected HTTP status (200 on an allow).
     status: Option<u16>,
@@ -102,6 +100,13 @@ struct CaseSpec {
     reason: Option<String>,
     /// The exact set of determining policy ids, when the case cares.
     policies: Option<Vec<String>>,
+    /// The request time, RFC 3339 with an offset (`2026-12-03T10:00:00+01:00`), as a string
+    /// or a TOML date-time; the time of the run when not given. A whole request's token
+    /// and certificate are verified at this time too.
+    time: Option<toml::Value>,
+    /// The zone of `context.time`'s local fields (as `[policy] time_zone`); the policies'
+    /// own by default (the configuration's with `--config`, else UTC).
+    time_zone: Option<String>,
 }
 
 /// `token`: a table of verified claims, or a whole request's token as a string.
@@ -195,6 +200,10 @@ struct Case {
     policies: Option<BTreeSet<String>>,
     /// `file:line` of the case, for problems found after parsing.
     at: String,
+    /// The request time.
+    now: std::time::SystemTime,
+    /// The zone of `context.time`'s local fields, when the case gives one.
+    zone: Option<std::sync::Arc<crate::declared::TimeZoneSetting>>,
 }
 
 /// What a case asks about.
@@ -208,7 +217,6 @@ enum Input {
     /// A whole request, decided by the engine as the server decides it.
     Whole {
         request: Box<crate::proto::envoy::service::auth::v3::CheckRequest>,
-        time: Option<SystemTime>,
     },
 }
 
@@ -329,6 +337,7 @@ pub fn run_dir_with(dir: &Path, cases: &Path) -> Result<Report, LoadError> {
         schema: optional("schema.cedarschema"),
         entities: optional("entities.json"),
         hidden_headers: Vec::new(),
+        time_zone: Default::default(),
     };
     run_cases(&settings, cases, None, &dir.display().to_string())
 }
@@ -371,7 +380,7 @@ fn run_cases(
         for case in &cases {
             if matches!(case.input, Input::Whole { .. }) {
                 problems.push(format!(
-                    "{}: case \"{}\": a whole request (a token string, token_file, cert_file or time) is verified with the configuration's issuers and trust bundle: run it with --config",
+                    "{}: case \"{}\": a whole request (a token string, token_file or cert_file) is verified with the configuration's issuers and trust bundle: run it with --config",
                     case.at, case.name
                 ));
             }
@@ -422,7 +431,12 @@ impl Got {
 fn decide(snapshot: &PolicySnapshot, engine: Option<&Engine>, case: &Case) -> Got {
     match (&case.input, engine) {
         (Input::Verified { facts, identity }, _) => {
-            let outcome = snapshot.evaluate(facts, identity);
+            let outcome = snapshot.evaluate_in(
+                facts,
+                identity,
+                case.now,
+                case.zone.as_ref().unwrap_or(&snapshot.time_zone),
+            );
             // SECURITY: the engine's reading of an outcome (`Engine::decide`): an evaluation
             // error is a deny; no credential verified and no permit is a 401.
             let anonymous = identity.peer().is_none() && identity.token().is_none();
@@ -451,8 +465,8 @@ fn decide(snapshot: &PolicySnapshot, engine: Option<&Engine>, case: &Case) -> Go
                 errors: outcome.errors.clone(),
             }
         }
-        (Input::Whole { request, time }, Some(engine)) => {
-            let decision = engine.check(request, time.unwrap_or_else(SystemTime::now));
+        (Input::Whole { request }, Some(engine)) => {
+            let decision = engine.check(request, case.now);
             Got {
                 determining: decision.policies().to_vec(),
                 why: decision.reasons.clone(),
@@ -644,12 +658,56 @@ fn parse_error(file: &str, text: &str, e: &toml::de::Error) -> String {
     format!("{file}:{line}:{col}: {}{message}", case.unwrap_or_default())
 }
 
-/// Whether a case is a whole request: it gives a real credential or a time to verify at.
+/// Whether a case is a whole request: it gives a real credential to verify.
 fn is_whole(spec: &CaseSpec) -> bool {
     matches!(spec.token, Some(TokenField::Raw(_)))
         || spec.token_file.is_some()
         || spec.cert_file.is_some()
-        || spec.time.is_some()
+}
+
+/// A case's `time` (RFC 3339 with an offset, as a string or a TOML date-time), or now.
+fn case_time(time: Option<&toml::Value>, errs: &mut Vec<String>) -> SystemTime {
+    let text = match time {
+        None => return SystemTime::now(),
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(toml::Value::Datetime(d)) => d.to_string(),
+        Some(other) => other.to_string(),
+    };
+    match text.parse::<jiff::Timestamp>() {
+        Ok(t) => {
+            let since = std::time::Duration::new(
+                t.as_second().unsigned_abs(),
+                t.subsec_nanosecond().unsigned_abs(),
+            );
+            // Before 1970: far from any token's validity, but still a time.
+            if t.as_second() >= 0 {
+                SystemTime::UNIX_EPOCH + since
+            } else {
+                SystemTime::UNIX_EPOCH - since
+            }
+        }
+        Err(_) => {
+            errs.push(format!(
+                "time = {text}: not an RFC 3339 time with an offset, such as \"2026-12-03T10:00:00+01:00\" or 2026-12-03T09:00:00Z"
+            ));
+            SystemTime::UNIX_EPOCH
+        }
+    }
+}
+
+/// A case's `time_zone` (the zone of `context.time`'s local fields); without one, the
+/// policies' own (`[policy] time_zone` with `--config`, else UTC).
+fn case_zone(
+    zone: Option<&str>,
+    errs: &mut Vec<String>,
+) -> Option<std::sync::Arc<crate::declared::TimeZoneSetting>> {
+    match zone.map(crate::declared::TimeZoneSetting::parse)? {
+        Ok(z) => Some(std::sync::Arc::new(z)),
+        Err(e) => {
+            errs.push(format!("time_zone: {e}"));
+            None
+        }
+    }
 }
 
 /// Checks `status` and `reason` against `expect`.
@@ -706,15 +764,12 @@ fn build_whole(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Ca
         .cert_file
         .as_deref()
         .and_then(|name| read("cert_file", name, &mut errs));
-    let time = spec.time.as_ref().and_then(|t| {
-        humantime::parse_rfc3339(&t.to_string())
-            .map_err(|_| {
-                errs.push(format!(
-                    "time = {t}: write it in UTC, like 2026-01-01T12:00:00Z"
-                ))
-            })
-            .ok()
-    });
+    let now = case_time(spec.time.as_ref(), &mut errs);
+    if spec.time_zone.is_some() {
+        errs.push(
+            "time_zone: a whole request is decided as the server decides it, in the configuration's [policy] time_zone".into(),
+        );
+    }
     let whole = WholeRequest {
         method: spec.method.to_ascii_uppercase(),
         path: spec.path,
@@ -733,12 +788,14 @@ fn build_whole(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Ca
         Some(request) if errs.is_empty() => Ok(Case {
             file: file.to_string(),
             name: spec.name,
-            input: Input::Whole { request, time },
+            input: Input::Whole { request },
             expect: spec.expect,
             status: spec.status,
             reason: spec.reason,
             policies: spec.policies.map(|ids| ids.into_iter().collect()),
             at,
+            now,
+            zone: None,
         }),
         _ => Err(errs),
     }
@@ -784,6 +841,8 @@ fn build(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Case, Ve
         }
     }
 
+    let now = case_time(spec.time.as_ref(), &mut errs);
+    let zone = case_zone(spec.time_zone.as_deref(), &mut errs);
     let peer_given = spec.peer.is_some();
     let peer = spec.peer.and_then(|p| peer_identity(p, &mut errs));
     let token = match spec.token {
@@ -825,6 +884,8 @@ fn build(spec: CaseSpec, file: &str, base: &Path, at: String) -> Result<Case, Ve
         reason: spec.reason,
         policies: spec.policies.map(|ids| ids.into_iter().collect()),
         at,
+        now,
+        zone,
     })
 }
 
@@ -1048,7 +1109,7 @@ policies = ["p"]
             "[[case]]\nname = \"w\"\nmethod = \"get\"\npath = \"/orders/1?x=1\"\nhost = \"api\"\nheaders = { \"X-Thing\" = \"a\" }\ntoken = \"abc.def.ghi\"\ntime = 2030-01-02T03:04:05Z\nexpect = \"deny\"\nstatus = 401\nreason = \"invalid_token\"\n",
         );
         assert_eq!(problems, Vec::<String>::new());
-        let Input::Whole { request, time } = &cases[0].input else {
+        let Input::Whole { request } = &cases[0].input else {
             panic!("a whole request");
         };
         let facts = RequestFacts::from_check(request, &crate::config::Limits::default()).unwrap();
@@ -1061,8 +1122,8 @@ policies = ["p"]
         assert_eq!(facts.headers["authorization"], "Bearer abc.def.ghi");
         assert_eq!(facts.headers["x-thing"], "a");
         assert_eq!(
-            *time,
-            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_893_553_445))
+            cases[0].now,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_893_553_445)
         );
         assert_eq!(cases[0].status, Some(401));
     }
@@ -1086,8 +1147,12 @@ policies = ["p"]
                 "t.toml:1: case \"a\": cert_file: ./no-such.pem: cannot read",
             ),
             (
-                "expect = \"deny\"\ntime = 2030-01-02T03:04:05",
-                "t.toml:1: case \"a\": time = 2030-01-02T03:04:05: write it in UTC",
+                "expect = \"deny\"\ntoken = \"t\"\ntime = 2030-01-02T03:04:05",
+                "t.toml:1: case \"a\": time = 2030-01-02T03:04:05: not an RFC 3339 time with an offset",
+            ),
+            (
+                "expect = \"deny\"\ntoken = \"t\"\ntime_zone = \"Europe/Paris\"",
+                "t.toml:1: case \"a\": time_zone: a whole request is decided as the server decides it",
             ),
             (
                 "expect = \"deny\"\ntoken = \"t\"\nheaders = { Authorization = \"Bearer u\" }",

@@ -85,6 +85,17 @@ pub enum TokenRejection {
     /// A claim (given) has the wrong type.
     #[error("claim \"{0}\" has the wrong type")]
     InvalidClaim(String),
+    /// A claim declared in `[issuer.claims]` has another type than declared: the token is
+    /// invalid (never read as if the claim were absent).
+    #[error("claim \"{claim}\" is {found}, but the configuration declares it {declared} ([issuer.claims])")]
+    ClaimType {
+        /// The claim's name.
+        claim: String,
+        /// The declared Cedar type.
+        declared: String,
+        /// What the token's value is.
+        found: String,
+    },
     /// Token has expired.
     #[error("token has expired")]
     Expired,
@@ -785,6 +796,22 @@ fn parse_claims(
             .map(|g| format!("{}{g}", s.id_prefix))
             .collect(),
     };
+    // SECURITY: a declared claim reaches policies only in its declared type (the schema
+    // promises it); a value of another type makes the token invalid, not the claim absent.
+    // A null claim is absent, as it is to Cedar.
+    for (name, ty) in &s.claims {
+        match claims.get(name) {
+            None | Some(Value::Null) => {}
+            Some(v) if ty.admits(v) => {}
+            Some(v) => {
+                return Err(TokenRejection::ClaimType {
+                    claim: truncate(name),
+                    declared: ty.to_string(),
+                    found: crate::declared::json_kind(v).to_string(),
+                });
+            }
+        }
+    }
     Ok(Parsed {
         issuer: s.issuer.clone(),
         principal_id: format!("{}{}", s.id_prefix, subject),
@@ -946,7 +973,8 @@ mod tests {
         std::fs::write(dir.path().join("k.json"), crate::demo::jwks(&[signer])).expect("jwks");
         std::fs::write(dir.path().join("revoked.txt"), "jti:7\njti:abc\n").expect("revoked");
         let config = format!(
-            "[token]\nrevoked = \"revoked.txt\"\n[[issuer]]\nissuer = \"{ISS}\"\naudiences = [\"api\"]\njwks_file = \"k.json\"\nalgorithms = [\"ES256\"]\nmax_lifetime = \"1h\"\n"
+            "[token]\nrevoked = \"revoked.txt\"\n[[issuer]]\nissuer = \"{ISS}\"\naudiences = [\"api\"]\njwks_file = \"k.json\"\nalgorithms = [\"ES256\"]\nmax_lifetime = \"1h\"\n\
+             [issuer.claims]\nlevel = \"Long\"\ndept = \"String\"\nroles = \"Set<String>\"\nverified = \"Bool\"\n"
         );
         let settings = crate::config::Settings::from_toml(&config, dir.path()).expect("settings");
         let v = TokenVerifier::load(&settings.issuers, &settings.token, 0).expect("verifier");
@@ -991,6 +1019,11 @@ mod tests {
             "cnf" => false,
             "scope" => strings(v),
             "groups" => v.is_null() || strings(v),
+            // Declared in [issuer.claims]; null is absent.
+            "level" => v.is_null() || v.as_i64().is_some(),
+            "dept" => v.is_null() || v.is_string(),
+            "roles" => v.is_null() || v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+            "verified" => v.is_null() || v.is_boolean(),
             _ => true,
         }
     }
@@ -1001,7 +1034,7 @@ mod tests {
         /// another type is invalid, never "absent" (nor a match in another type).
         #[test]
         fn a_claim_of_another_type_is_invalid_not_absent(
-            claim in prop::sample::select(vec!["exp", "nbf", "iat", "aud", "sub", "jti", "cnf", "scope", "groups"]),
+            claim in prop::sample::select(vec!["exp", "nbf", "iat", "aud", "sub", "jti", "cnf", "scope", "groups", "level", "dept", "roles", "verified"]),
             value in any_json(),
         ) {
             static SIGNER: std::sync::OnceLock<crate::demo::TokenSigner> = std::sync::OnceLock::new();
@@ -1018,9 +1051,33 @@ mod tests {
                 && acceptable(claim, &value)
             {
                 // Refused for what the value says (time, audience, revocation), not its type.
-                prop_assert!(!matches!(e, TokenRejection::InvalidClaim(_)), "{claim} = {value}: {e}");
+                prop_assert!(
+                    !matches!(e, TokenRejection::InvalidClaim(_) | TokenRejection::ClaimType { .. }),
+                    "{claim} = {value}: {e}"
+                );
             }
         }
+    }
+
+    /// A declared claim of another type rejects the token with a reason that names the
+    /// claim, its declared type and what it is; the same claim in its type is accepted.
+    #[test]
+    fn a_declared_claim_of_another_type_rejects_the_token() {
+        let signer = crate::demo::TokenSigner::generate(Algorithm::ES256, "k");
+        let (v, _dir) = verifier(&signer);
+        let now = 1_900_000_000;
+        let token = |level: Value| {
+            signer.sign(&json!({ "iss": ISS, "aud": "api", "sub": "alice", "iat": now, "exp": now + 600, "level": level }))
+        };
+        let e = v.verify(&token(json!("5")), None, now).expect_err("a string level");
+        assert_eq!(
+            e.to_string(),
+            "claim \"level\" is a string, but the configuration declares it Long ([issuer.claims])"
+        );
+        let e = v.verify(&token(json!(5.5)), None, now).expect_err("a fractional level");
+        assert!(matches!(e, TokenRejection::ClaimType { ref found, .. } if found == "a non-integer number"), "{e}");
+        assert!(v.verify(&token(json!(5)), None, now).is_ok());
+        assert!(v.verify(&token(Value::Null), None, now).is_ok(), "null is absent");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct PolicySnapshot {
     pub(crate) hidden_headers: Vec<String>,
     /// What the policies can read of the context and of a token's user.
     pub(crate) demand: std::sync::Arc<super::demand::Demand>,
+    /// The zone of `context.time`'s local fields.
+    pub(crate) time_zone: Arc<crate::declared::TimeZoneSetting>,
 }
 
 impl PolicySnapshot {
@@ -174,6 +176,61 @@ fn load_policy_dir(dir: &Path, problems: &mut Vec<Problem>) -> (PolicySet, Sourc
     (set, sources)
 }
 
+/// What to declare for an attribute the schema does not have, when the policy reads a part
+/// of the context that the configuration decides: a token claim, a request header, the
+/// time. `None` for anything else (Cedar's own message says enough).
+fn declaration_hint(e: &cedar_policy::ValidationError, text: &str) -> Option<String> {
+    if !matches!(e, cedar_policy::ValidationError::UnsafeAttributeAccess(_)) {
+        return None;
+    }
+    let label = e.labels()?.next()?;
+    let read = text.get(label.offset()..label.offset() + label.len())?;
+    let mut read: String = read.split_whitespace().collect();
+    // Cedar may point at the record that lacks the field (`context.token.claims`): name
+    // the field the policy goes on to read.
+    let after = text.get(label.offset() + label.len()..).unwrap_or_default();
+    if let Some(next) = field_name(after.trim_start()) {
+        read = format!("{read}[\"{next}\"]");
+    }
+    const SCHEMA: &str = "(`portcullis schema --config FILE` prints one)";
+    if let Some(rest) = read.strip_prefix("context.token.claims") {
+        let claim = field_name(rest);
+        return Some(match claim {
+            Some(claim) => format!(
+                "the policy reads context.token.claims.{claim}: declare it with `[issuer.claims] {claim} = \"String\"` (or \"Long\", \"Bool\", \"Set<String>\") in the configuration and in the schema {SCHEMA}"
+            ),
+            None => format!(
+                "the policy reads context.token.claims: declare the claims it reads in `[issuer.claims]` and use a schema with a claims record in TokenInfo {SCHEMA}"
+            ),
+        });
+    }
+    if let Some(rest) = read.strip_prefix("context.request.headers") {
+        let header = field_name(rest)?;
+        return Some(format!(
+            "the policy reads the request header \"{header}\": declare it in the schema's headers record as `\"{header}\"?: String` {SCHEMA}"
+        ));
+    }
+    if read.starts_with("context.time") {
+        return Some(format!(
+            "the policy reads context.time: use a schema that declares it (type TimeInfo) {SCHEMA}"
+        ));
+    }
+    None
+}
+
+/// The first field named by `.name` or `["name"]` at the start of `rest`.
+fn field_name(rest: &str) -> Option<String> {
+    if let Some(dotted) = rest.strip_prefix('.') {
+        let name: String = dotted
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        return (!name.is_empty()).then_some(name);
+    }
+    let quoted = rest.strip_prefix("[\"")?;
+    quoted.split_once("\"]").map(|(name, _)| name.to_string())
+}
+
 /// Loads and validates everything the policy settings name.
 pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
     let mut problems = Vec::new();
@@ -185,9 +242,21 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
 
     if let Some(schema) = &schema {
         let result = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let mut hinted = std::collections::HashSet::new();
         for e in result.validation_errors() {
             match sources.get(e.policy_id()) {
-                Some((file, text)) => problems.push(located(file, text, e, e.to_string())),
+                Some((file, text)) => {
+                    let mut message = e.to_string();
+                    if let Some(hint) = declaration_hint(e, text) {
+                        // Cedar reports the access once per action; the declaration is one.
+                        let at = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+                        if !hinted.insert((e.policy_id().clone(), at, hint.clone())) {
+                            continue;
+                        }
+                        message = format!("{message}; {hint}");
+                    }
+                    problems.push(located(file, text, e, message));
+                }
                 None => problems.push(Problem::new(format!("policy \"{}\": {e}", e.policy_id()))),
             }
         }
@@ -219,8 +288,88 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
             store: super::store::EntityStore::new(entities),
             schema,
             hidden_headers: settings.hidden_headers.clone(),
+            time_zone: Arc::new(settings.time_zone.clone()),
         })
     } else {
         Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads `policy` against `schema` and returns the first problem's text.
+    fn problem(policy: &str, schema: &str) -> String {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("p.cedar"), policy).expect("policy");
+        std::fs::write(dir.path().join("s.cedarschema"), schema).expect("schema");
+        let problems = load(&PolicySettings {
+            dir: dir.path().to_path_buf(),
+            schema: Some(dir.path().join("s.cedarschema")),
+            entities: None,
+            hidden_headers: Vec::new(),
+            time_zone: Default::default(),
+        })
+        .expect_err("invalid");
+        // Cedar reports the access once per action; a declaration hint once.
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems[0].to_string()
+    }
+
+    fn problem_any(policy: &str, schema: &str) -> String {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("p.cedar"), policy).expect("policy");
+        std::fs::write(dir.path().join("s.cedarschema"), schema).expect("schema");
+        let problems = load(&PolicySettings {
+            dir: dir.path().to_path_buf(),
+            schema: Some(dir.path().join("s.cedarschema")),
+            entities: None,
+            hidden_headers: Vec::new(),
+            time_zone: Default::default(),
+        })
+        .expect_err("invalid");
+        problems[0].to_string()
+    }
+
+    const SHIPPED: &str = include_str!("../../policies/schema.cedarschema");
+
+    #[test]
+    fn an_undeclared_attribute_names_its_declaration() {
+        let p = problem(
+            "permit (principal, action, resource)\nwhen { context has token &&\n  context.token.claims.team == \"x\" };",
+            SHIPPED,
+        );
+        assert!(p.contains("p.cedar:3:"), "{p}");
+        assert!(
+            p.contains("the policy reads context.token.claims.team: declare it with `[issuer.claims] team = \"String\"`"),
+            "{p}"
+        );
+        let p = problem(
+            "permit (principal, action, resource) when { context.request.headers[\"x-tenant\"] == \"a\" };",
+            SHIPPED,
+        );
+        assert!(p.contains("the policy reads the request header \"x-tenant\": declare it in the schema's headers record as `\"x-tenant\"?: String`"), "{p}");
+        // A schema from before claims and time: the field the policy goes on to read.
+        let old = SHIPPED.replace("  time: TimeInfo,\n", "");
+        let p = problem(
+            "permit (principal, action, resource) when { context.time.hour > 8 };",
+            &old,
+        );
+        assert!(p.contains("the policy reads context.time: use a schema that declares it"), "{p}");
+        let start = old.find("  // The claims the issuers").expect("claims");
+        let end = old[start..].find("  },\n").expect("end") + start + 5;
+        let old = format!("{}{}", &old[..start], &old[end..]);
+        let p = problem(
+            "permit (principal, action, resource) when { context has token && context.token.claims.department == \"x\" };",
+            &old,
+        );
+        assert!(p.contains("the policy reads context.token.claims.department: declare it with `[issuer.claims] department = \"String\"`"), "{p}");
+        // Anything else keeps Cedar's message alone (once per action, as Cedar says it).
+        let p = problem_any(
+            "permit (principal, action, resource) when { principal.nope == 1 };",
+            SHIPPED,
+        );
+        assert!(!p.contains("declare"), "{p}");
     }
 }

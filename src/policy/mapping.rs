@@ -6,6 +6,7 @@
 //! shared by every request that carries them.
 
 use super::demand::{Demand, Fields};
+use crate::declared::TimeZoneSetting;
 use crate::facts::RequestFacts;
 use crate::identity::{Identity, PeerIdentity, TokenClaims};
 use cedar_policy::{Context, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
@@ -14,6 +15,7 @@ use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
+use std::time::SystemTime;
 
 /// Headers never shown to policies: credentials stay inside the verifier.
 const HIDDEN_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
@@ -94,6 +96,139 @@ pub struct CedarRequest {
     route: Option<Value>,
     /// `context.binding`.
     binding: bool,
+    /// `context.time`; `None` when no policy reads it (then it is not worked out at all),
+    /// or for a `now` out of range (then a policy reading it errors, and errors deny).
+    time: Option<RequestTime>,
+}
+
+/// The request time as policies read it (`context.time`): the engine's `now`, the very
+/// instant the token's expiry was checked at, and its wall-clock reading in the configured
+/// time zone. Its Cedar form is built only when a policy reads it, and never kept: each
+/// request has its own, so no cache can serve a decision made at another time.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestTime {
+    now: jiff::Timestamp,
+    zone: Arc<TimeZoneSetting>,
+}
+
+/// One field of `context.time`, before conversion.
+enum TimePart {
+    DateTime(String),
+    Long(i64),
+    Text(String),
+}
+
+impl RequestTime {
+    pub(crate) fn new(now: SystemTime, zone: &Arc<TimeZoneSetting>) -> Option<RequestTime> {
+        jiff::Timestamp::try_from(now)
+            .ok()
+            .map(|now| RequestTime {
+                now,
+                zone: zone.clone(),
+            })
+    }
+
+    /// The fields, in the order the documentation lists them.
+    fn parts(&self) -> [(&'static str, TimePart); 8] {
+        let utc = jiff::tz::TimeZone::UTC.to_datetime(self.now);
+        let local = self.zone.zone().to_datetime(self.now);
+        let day = match local.weekday() {
+            jiff::civil::Weekday::Monday => "Mon",
+            jiff::civil::Weekday::Tuesday => "Tue",
+            jiff::civil::Weekday::Wednesday => "Wed",
+            jiff::civil::Weekday::Thursday => "Thu",
+            jiff::civil::Weekday::Friday => "Fri",
+            jiff::civil::Weekday::Saturday => "Sat",
+            jiff::civil::Weekday::Sunday => "Sun",
+        };
+        [
+            ("now", TimePart::DateTime(cedar_datetime(utc))),
+            ("unix", TimePart::Long(self.now.as_second())),
+            // The local wall clock written as a Cedar datetime: Cedar's datetimes are
+            // instants whose `toDate()` and `toTime()` read UTC, so the local reading is
+            // given as the instant whose UTC reading it is.
+            ("local", TimePart::DateTime(cedar_datetime(local))),
+            ("time_zone", TimePart::Text(self.zone.name().to_string())),
+            (
+                "date",
+                TimePart::Text(format!(
+                    "{:04}-{:02}-{:02}",
+                    local.year(),
+                    local.month(),
+                    local.day()
+                )),
+            ),
+            ("day_of_week", TimePart::Text(day.to_string())),
+            ("hour", TimePart::Long(local.hour().into())),
+            ("minute", TimePart::Long(local.minute().into())),
+        ]
+    }
+
+    /// As plain JSON, datetimes in Cedar's JSON form (`{"__extn": ...}`).
+    fn json(&self) -> Value {
+        Value::Object(
+            self.parts()
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        TimePart::DateTime(d) => {
+                            json!({ "__extn": { "fn": "datetime", "arg": d } })
+                        }
+                        TimePart::Long(n) => json!(n),
+                        TimePart::Text(t) => json!(t),
+                    };
+                    (k.to_string(), v)
+                })
+                .collect(),
+        )
+    }
+
+    /// As a Cedar record of the fields `fields` reads.
+    fn cedar(&self, fields: &Fields) -> CedarValue {
+        CedarValue::record(
+            self.parts().into_iter().filter_map(|(k, v)| {
+                if !fields.whole() && fields.named(k).is_none() {
+                    return None;
+                }
+                let v = match v {
+                    TimePart::DateTime(d) => datetime_value(&d)?,
+                    TimePart::Long(n) => CedarValue::from(n),
+                    TimePart::Text(t) => CedarValue::from(t.as_str()),
+                };
+                Some((k, v))
+            }),
+            None,
+        )
+    }
+}
+
+/// `2026-12-03T10:00:00.000Z`, a form Cedar's `datetime` parses.
+fn cedar_datetime(d: jiff::civil::DateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        d.year(),
+        d.month(),
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second(),
+        d.millisecond()
+    )
+}
+
+/// A Cedar `datetime` value, as Cedar's own evaluation of `datetime("...")` gives it (its
+/// values are private to Cedar); `None` for a text it refuses, so that a policy reading the
+/// field errors, and errors deny.
+fn datetime_value(text: &str) -> Option<CedarValue> {
+    let c = Context::from_pairs([(
+        "v".to_string(),
+        RestrictedExpression::new_datetime(text),
+    )])
+    .ok()?;
+    match c.as_ref() {
+        CoreContext::Value(m) => m.get("v").cloned(),
+        CoreContext::RestrictedResidual(_) => None,
+    }
 }
 
 /// A verified certificate as Cedar sees it: `context.peer`, holding only what the policies
@@ -273,7 +408,14 @@ impl std::fmt::Debug for TokenForm {
 #[cfg(any(test, feature = "testing"))]
 pub fn map_request(facts: &RequestFacts, identity: &Identity) -> CedarRequest {
     static EVERYTHING: LazyLock<Arc<Demand>> = LazyLock::new(|| Arc::new(Demand::everything()));
-    map_request_hiding(facts, identity, &[], &EVERYTHING)
+    static UTC: LazyLock<Arc<TimeZoneSetting>> = LazyLock::new(Default::default);
+    map_request_hiding(
+        facts,
+        identity,
+        &[],
+        &EVERYTHING,
+        RequestTime::new(SystemTime::UNIX_EPOCH, &UTC),
+    )
 }
 
 /// [`map_request`], hiding `hidden` headers besides the usual credential headers, with
@@ -283,6 +425,7 @@ pub(crate) fn map_request_hiding(
     identity: &Identity,
     hidden: &[String],
     demand: &Arc<Demand>,
+    time: Option<RequestTime>,
 ) -> CedarRequest {
     let token = identity
         .token()
@@ -332,6 +475,7 @@ pub(crate) fn map_request_hiding(
         route: (!facts.context_extensions.is_empty()).then(|| json!(facts.context_extensions)),
         binding: token.as_ref().is_some_and(|(t, _)| t.bound()),
         token,
+        time,
     }
 }
 
@@ -429,6 +573,9 @@ impl CedarRequest {
             c.insert("route".into(), r.clone());
         }
         c.insert("binding".into(), json!(self.binding));
+        if let Some(t) = &self.time {
+            c.insert("time".into(), t.json());
+        }
         Value::Object(c)
     }
 
@@ -454,6 +601,14 @@ impl CedarRequest {
             ),
             ("route", self.route.as_ref().and_then(|r| to_value(r, 1))),
             ("binding", Some(CedarValue::from(self.binding))),
+            // Built only when a policy reads it: others pay nothing for the time.
+            (
+                "time",
+                demand
+                    .context
+                    .field("time")
+                    .and_then(|fields| Some(self.time.as_ref()?.cedar(fields))),
+            ),
         ];
         let record: BTreeMap<_, _> = pairs
             .into_iter()
@@ -531,6 +686,74 @@ mod tests {
             )
             .ok(),
         }
+    }
+
+    fn paris_time(at: &str) -> RequestTime {
+        let zone = Arc::new(TimeZoneSetting::parse("Europe/Paris").expect("zone"));
+        let t: jiff::Timestamp = at.parse().expect("a time");
+        let now = SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(t.as_second()).expect("after 1970"));
+        RequestTime::new(now, &zone).expect("in range")
+    }
+
+    #[test]
+    fn the_time_is_read_in_the_configured_zone() {
+        // A Thursday, 10:30 in Paris (UTC+1 in winter).
+        let t = paris_time("2026-12-03T09:30:00Z");
+        assert_eq!(
+            t.json(),
+            json!({
+                "now": {"__extn": {"fn": "datetime", "arg": "2026-12-03T09:30:00.000Z"}},
+                "unix": 1_796_290_200,
+                "local": {"__extn": {"fn": "datetime", "arg": "2026-12-03T10:30:00.000Z"}},
+                "time_zone": "Europe/Paris",
+                "date": "2026-12-03",
+                "day_of_week": "Thu",
+                "hour": 10,
+                "minute": 30,
+            })
+        );
+        // Summer time: UTC+2; and the local date can differ from the UTC one.
+        let t = paris_time("2026-07-04T22:15:00Z");
+        assert_eq!(t.json()["day_of_week"], "Sun");
+        assert_eq!(t.json()["date"], "2026-07-05");
+        assert_eq!(t.json()["hour"], 0);
+    }
+
+    /// The Cedar record equals what Cedar makes of its JSON form (datetimes included), and
+    /// holds only the fields policies read.
+    #[test]
+    fn the_time_record_is_what_cedar_makes_of_it() {
+        let t = paris_time("2026-12-03T09:30:00Z");
+        let everything = Demand::everything();
+        let whole = everything.context.field("time").expect("whole");
+        let direct = Context::from(CoreContext::Value(Arc::new(BTreeMap::from([(
+            "time".into(),
+            t.cedar(whole),
+        )]))));
+        let by_cedar =
+            Context::from_json_value(json!({ "time": t.json() }), None).expect("cedar parses it");
+        assert_eq!(direct, by_cedar);
+
+        let demand = Demand::of(
+            &cedar_policy::PolicySet::from_str(
+                "permit (principal, action, resource) when { context.time.hour >= 9 };",
+            )
+            .expect("policy"),
+        );
+        let read = demand.context.field("time").expect("time is read");
+        let pruned = Context::from(CoreContext::Value(Arc::new(BTreeMap::from([(
+            "time".into(),
+            t.cedar(read),
+        )]))));
+        let only_hour = Context::from_json_value(json!({ "time": { "hour": 10 } }), None)
+            .expect("cedar parses it");
+        assert_eq!(pruned, only_hour);
+        let no_time = Demand::of(
+            &cedar_policy::PolicySet::from_str("permit (principal, action, resource);")
+                .expect("policy"),
+        );
+        assert!(no_time.context.field("time").is_none(), "nobody pays for the time");
     }
 
     fn nested(depth: usize) -> Value {

@@ -5,6 +5,7 @@
 
 mod demand;
 mod index;
+pub mod schema;
 pub mod load;
 pub mod mapping;
 mod store;
@@ -33,10 +34,37 @@ pub struct PolicyOutcome {
 }
 
 impl PolicySnapshot {
-    /// Evaluates the request against this snapshot.
-    pub fn evaluate(&self, facts: &RequestFacts, identity: &Identity) -> PolicyOutcome {
-        let request =
-            mapping::map_request_hiding(facts, identity, &self.hidden_headers, &self.demand);
+    /// Evaluates the request against this snapshot at `now` (`context.time`), the time the
+    /// engine verified the credentials at.
+    pub fn evaluate(
+        &self,
+        facts: &RequestFacts,
+        identity: &Identity,
+        now: std::time::SystemTime,
+    ) -> PolicyOutcome {
+        self.evaluate_in(facts, identity, now, &self.time_zone)
+    }
+
+    /// [`PolicySnapshot::evaluate`] with `context.time`'s local fields in `zone` (a policy
+    /// test case's zone).
+    pub(crate) fn evaluate_in(
+        &self,
+        facts: &RequestFacts,
+        identity: &Identity,
+        now: std::time::SystemTime,
+        zone: &std::sync::Arc<crate::declared::TimeZoneSetting>,
+    ) -> PolicyOutcome {
+        let request = mapping::map_request_hiding(
+            facts,
+            identity,
+            &self.hidden_headers,
+            &self.demand,
+            // Only when a policy reads it: other requests pay nothing for the time.
+            self.demand
+                .context
+                .field("time")
+                .and_then(|_| mapping::RequestTime::new(now, zone)),
+        );
         let deny = |request, error: String| PolicyOutcome {
             allowed: false,
             determining: Vec::new(),
@@ -146,6 +174,7 @@ mod tests {
             schema: None,
             entities: None,
             hidden_headers: Vec::new(),
+            time_zone: Default::default(),
         })
         .expect("policies load")
     }
@@ -176,7 +205,7 @@ mod tests {
         };
         let permit_all = r#"@id("all") permit (principal, action, resource);"#;
         let before = snapshot(dir.path(), permit_all);
-        assert!(before.evaluate(&facts, &identity).allowed);
+        assert!(before.evaluate(&facts, &identity, std::time::SystemTime::UNIX_EPOCH).allowed);
         let after = snapshot(
             dir.path(),
             &format!(
@@ -184,10 +213,10 @@ mod tests {
                  when {{ context has token.claims.dept && principal.getTag(\"dept\") == \"x\" }};"
             ),
         );
-        let outcome = after.evaluate(&facts, &identity);
+        let outcome = after.evaluate(&facts, &identity, std::time::SystemTime::UNIX_EPOCH);
         assert!(!outcome.allowed, "{outcome:?}");
         assert_eq!(outcome.determining, ["no-x"]);
         // And back: the old policies with the newer form decide as before.
-        assert!(before.evaluate(&facts, &identity).allowed);
+        assert!(before.evaluate(&facts, &identity, std::time::SystemTime::UNIX_EPOCH).allowed);
     }
 }

@@ -565,7 +565,7 @@ fn test_with_config_verifies_whole_requests_as_the_server_does() {
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, out, err) = portcullis(dir, &["test", "--config", "examples/portcullis.toml"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert!(out.ends_with("20 passed, 0 failed\n"), "{out}");
+    assert!(out.ends_with("29 passed, 0 failed\n"), "{out}");
 }
 
 #[test]

@@ -21,5 +21,6 @@ mod hostile;
 mod listeners;
 mod readme;
 mod reload;
+mod schema_time;
 mod security_events;
 mod syslog;

@@ -419,3 +419,33 @@ fn a_cached_identity_shows_policies_what_a_fresh_one_would() {
     );
     assert_eq!(moved.2["token"], first.2["token"]);
 }
+
+/// No cache serves a decision made at another time: the token's cached form holds no
+/// time, and `context.time` is built for each request from the `now` it is decided at.
+/// (Without it, a business-hours policy would keep allowing a cached token after hours.)
+#[test]
+fn a_cached_token_is_judged_at_each_requests_own_time() {
+    let s = setup("");
+    write(
+        &s.dir.path().join("policies"),
+        "p.cedar",
+        r#"permit (principal is User, action == Action::"GET", resource)
+           when { context.time.hour >= 9 && context.time.hour < 18 };"#,
+    );
+    let settings = Settings::load(&s.dir.path().join("portcullis.toml")).expect("valid config");
+    let engine = Engine::load(&settings).expect("engine loads");
+    // 2026-12-03 at 10:00 and at 22:00 UTC; the token is valid at both.
+    let ten = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_292_000);
+    let ten_pm = ten + Duration::from_secs(12 * 3600);
+    let mut c = claims(ten, json!({}));
+    c["exp"] = json!(unix(ten_pm) + 60);
+    let token = s.signer.sign(&c);
+    let request = common::request("GET", "/r", None, Some(&token));
+    let d = engine.check(&request, ten);
+    assert!(d.allowed(), "{:?}", d.reasons);
+    assert_eq!(engine.cached_tokens(), 1, "the token is cached");
+    let d = engine.check(&request, ten_pm);
+    assert!(!d.allowed(), "after hours, from the cache too");
+    assert_eq!(d.reasons, ["no permit policy matched"]);
+    assert!(engine.check(&request, ten).allowed(), "and back in hours");
+}

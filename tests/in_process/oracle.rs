@@ -88,6 +88,7 @@ fn get(path: &'static str, claims: Option<Value>) -> Described {
         host: "h1",
         claims,
         workload: None,
+        at: portcullis::demo::unix_now(),
     }
 }
 

@@ -222,7 +222,7 @@ fn scope(g: &mut Gen<'_>) -> String {
 }
 
 fn condition(g: &mut Gen<'_>) -> String {
-    match g.below(38) {
+    match g.below(43) {
         0..=3 => String::new(),
         4 => format!(
             "when {{ resource.path like \"{}*\" }}",
@@ -300,6 +300,23 @@ fn condition(g: &mut Gen<'_>) -> String {
             .to_string(),
         36 => "when { context has token.claims.cnf && context.token.claims.cnf has \"x5t#S256\" }"
             .to_string(),
+        // The request time (`context.time`, UTC here), built only when a policy reads it.
+        38 => format!("when {{ context.time.hour >= {} }}", g.below(24)),
+        39 => format!(
+            "when {{ [\"Mon\", \"Tue\", \"Wed\", \"Thu\", \"Fri\"].contains(context.time.day_of_week) && context.time.minute < {} }}",
+            g.below(60)
+        ),
+        40 => format!(
+            "when {{ context.time.local.toTime() >= duration(\"{}h\") && context.time.now > datetime(\"2020-01-01\") }}",
+            g.below(24)
+        ),
+        41 => "when { context has token && context.time.unix + 300 < context.token.expires_at }"
+            .to_string(),
+        // A declared claim (`level = "Long"`): present only in its type, or the token is refused.
+        42 => format!(
+            "when {{ context has token && context.token.claims has level && context.token.claims.level > {} }}",
+            g.below(4)
+        ),
         _ => "when { principal has issuer }".to_string(),
     }
 }
@@ -325,14 +342,18 @@ pub struct Described {
     pub claims: Option<Value>,
     /// Index into the workload certificates, when the request carries one.
     pub workload: Option<usize>,
+    /// When the request is decided (Unix seconds): the engine's `now`, and `context.time`.
+    pub at: i64,
 }
 
 fn describe(g: &mut Gen<'_>, now: i64, workload_thumbprints: &[String]) -> Described {
+    // Within the workload certificates' validity (an hour ago to a day ahead).
+    let at = now + 300 * i64::from(g.byte());
     let workload = g.chance(2).then(|| g.below(WORKLOADS.len()));
     let claims = g.chance(2).then(|| {
         let sub = if g.chance(1) { "alice" } else { g.pick(&USERS) };
         let mut c = json!({
-            "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": now, "exp": now + 600,
+            "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "iat": at, "exp": at + 600,
             "groups": g.subset(&GROUPS),
             "scope": g.pick(&["read", "write", "read write"]),
         });
@@ -340,6 +361,13 @@ fn describe(g: &mut Gen<'_>, now: i64, workload_thumbprints: &[String]) -> Descr
             0 => c["dept"] = json!(g.pick(&["x", "y"])),
             // A number is not a string tag: getTag("dept") == "x" must not match it.
             1 => c["dept"] = json!(7),
+            _ => {}
+        }
+        match g.below(5) {
+            0 | 1 => c["level"] = json!(g.below(5)),
+            // Not the declared Long: the token is refused.
+            2 => c["level"] = json!(g.pick(&["3", "x"])),
+            3 => c["level"] = json!(2.5),
             _ => {}
         }
         if let Some(w) = workload
@@ -355,7 +383,33 @@ fn describe(g: &mut Gen<'_>, now: i64, workload_thumbprints: &[String]) -> Descr
         host: g.pick(&HOSTS),
         claims,
         workload,
+        at,
     }
+}
+
+/// `context.time` at `at` in UTC, worked out by hand (days since 1970-01-01, a Thursday;
+/// the civil date by Howard Hinnant's `civil_from_days`), independently of the engine.
+pub fn time_context(at: i64) -> Value {
+    let days = at.div_euclid(86_400);
+    let secs = at.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let (hour, minute, second) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let stamp = format!("{y:04}-{m:02}-{d:02}T{hour:02}:{minute:02}:{second:02}Z");
+    let datetime = json!({ "__extn": { "fn": "datetime", "arg": stamp } });
+    json!({
+        "now": datetime, "unix": at, "local": datetime, "time_zone": "UTC",
+        "date": format!("{y:04}-{m:02}-{d:02}"), "day_of_week": weekday,
+        "hour": hour, "minute": minute,
+    })
 }
 
 /// How request-built entities meet static ones of the same id: `Merge` is the documented
@@ -394,6 +448,12 @@ pub fn reference(
     req: &Described,
     rule: Rule,
 ) -> (bool, BTreeSet<String>) {
+    // SECURITY: a declared claim (`level = "Long"`) of another type refuses the token.
+    if let Some(level) = req.claims.as_ref().and_then(|c| c.get("level"))
+        && level.as_i64().is_none()
+    {
+        return (false, BTreeSet::new());
+    }
     let bound = req.claims.as_ref().is_some_and(|c| c.get("cnf").is_some());
     // The principal: the token's user, else the certificate's workload, else anonymous.
     let (principal, own_principal) = match (&req.claims, req.workload) {
@@ -451,6 +511,7 @@ pub fn reference(
             "scheme": "https", "source_address": "", "headers": {},
         },
         "binding": bound,
+        "time": time_context(req.at),
     });
     if let Some(w) = req.workload {
         context["peer"] = json!({ "spiffe_id": WORKLOADS[w], "trust_domain": "example.org" });
@@ -576,6 +637,9 @@ jwks_file = "idp.jwks.json"
 algorithms = ["ES256"]
 max_lifetime = "1h"
 
+[issuer.claims]
+level = "Long"
+
 [policy]
 dir = "policies"
 entities = "entities.json"
@@ -616,7 +680,9 @@ audit = "stderr"
             if let Some(w) = req.workload {
                 facts.peer_certificate = Some(self.workloads[w].envoy_encoded());
             }
-            let decision = engine.decide(&facts, SystemTime::now());
+            let at = SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(req.at).map_err(|e| e.to_string())?);
+            let decision = engine.decide(&facts, at);
             let (allowed, determining) = reference(&statics, &parsed, req, Rule::Merge);
             let engine_determining: BTreeSet<String> =
                 decision.policies().iter().cloned().collect();
