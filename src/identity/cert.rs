@@ -848,3 +848,48 @@ fn path_error(e: &webpki::Error) -> String {
     };
     sentence.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Path validation errors reach the operator as sentences, not webpki's variant names.
+    #[test]
+    fn path_errors_are_sentences() {
+        use webpki::Error as E;
+        for (error, sentence) in [
+            (
+                E::InvalidSignatureForPublicKey,
+                "certificate rejected: the certificate's signature does not verify with its issuer's key: was it issued by another CA with the same name?",
+            ),
+            (
+                E::PathLenConstraintViolated,
+                "certificate rejected: the path has more intermediates than a CA in it allows (pathLenConstraint)",
+            ),
+            (
+                E::NameConstraintViolation,
+                "certificate rejected: the certificate has a name that a CA in the path may not issue (name constraints)",
+            ),
+            (
+                E::UnknownRevocationStatus,
+                "certificate rejected: no CRL covers a certificate in the path",
+            ),
+            (E::CertExpired { time: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(2)), not_after: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(1)) }, "certificate has expired"),
+        ] {
+            let text = map_webpki(error).to_string();
+            assert_eq!(text, sentence);
+        }
+        // No variant name of webpki's reaches the text.
+        for error in [
+            E::BadDer,
+            E::EndEntityUsedAsCa,
+            E::MaximumPathDepthExceeded,
+            E::UnsupportedCriticalExtension,
+            E::SignatureAlgorithmMismatch,
+            E::InvalidCrlSignatureForPublicKey,
+        ] {
+            let text = map_webpki(error.clone()).to_string();
+            assert!(!text.contains(&format!("{error:?}")), "{text}");
+        }
+    }
+}

@@ -1076,6 +1076,36 @@ mod tests {
         }
     }
 
+    /// A wrong audience names the token's audiences, escaped and capped (the token's author
+    /// wrote them), and the accepted ones.
+    #[test]
+    fn a_wrong_audience_names_both_lists_escaped_and_capped() {
+        let signer = crate::demo::TokenSigner::generate(Algorithm::ES256, "k");
+        let (v, _dir) = verifier(&signer);
+        let now = 1_900_000_000;
+        let reason = |aud: Value| {
+            let claims = json!({ "iss": ISS, "aud": aud, "sub": "alice", "iat": now, "exp": now + 600 });
+            v.verify(&signer.sign(&claims), None, now)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            reason(json!("billing")),
+            "token audience is not accepted by this issuer: the token names \"billing\"; accepted: \"api\""
+        );
+        // A forged log line, a quote and a terminal escape stay inside their quotes.
+        assert_eq!(
+            reason(json!(["a\"b", "x\nlevel=info msg=allowed", "\u{1b}[31m"])),
+            "token audience is not accepted by this issuer: the token names \"\\u{1b}[31m\", \"a\\\"b\", \"x\\nlevel=info msg=allowed\"; accepted: \"api\""
+        );
+        // Many or long values are cut.
+        let many: Vec<String> = (0..10).map(|i| format!("{i:0>100}")).collect();
+        let text = reason(json!(many));
+        assert!(text.len() < 500, "{text}");
+        assert!(text.contains("...\"") && text.contains(" and more;"), "{text}");
+    }
+
     #[test]
     fn ecdsa_signatures_have_one_form() {
         let n = &P256_N;
