@@ -254,6 +254,18 @@ pub struct Settings {
     pub limits: Limits,
     /// Verification cache sizes (`[cache]`).
     pub cache: CacheSettings,
+    /// Where the configuration named each file, for problems found reading them.
+    origin: Origin,
+}
+
+/// The configuration file and where it names each file, so that a problem found reading
+/// one (a missing key file) points at the key that names it.
+#[derive(Debug, Clone, Default)]
+struct Origin {
+    /// The configuration file, when it was read from one.
+    config: Option<PathBuf>,
+    /// Each file named, resolved, with the line and column of its key.
+    files: Vec<(PathBuf, (usize, usize))>,
 }
 
 /// Bounds on what one request, one connection and the whole server may take (`[limits]`).
@@ -726,10 +738,36 @@ impl Settings {
         let text = crate::files::read_to_string(path)
             .map_err(|e| LoadError::new(what.clone(), vec![Problem::new(e.to_string())]))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        Settings::parse(&text, base).map_err(|problems| {
+        let mut settings = Settings::parse(&text, base).map_err(|problems| {
             let problems = problems.into_iter().map(|p| p.in_file(path)).collect();
             LoadError::new(what, problems)
-        })
+        })?;
+        settings.origin.config = Some(path.to_path_buf());
+        Ok(settings)
+    }
+
+    /// A problem found reading a file this configuration names, placed at the key that
+    /// names it (`portcullis.toml:7:1: issuer "...": keys.json: cannot read: ...`); a
+    /// problem that has a place of its own (a policy's line) is returned as it is.
+    pub(crate) fn place(&self, problem: Problem) -> Problem {
+        if problem.file().is_some() || problem.line().is_some() {
+            return problem;
+        }
+        // The longest match: `policies/a.cedar` rather than `policies`.
+        let named = self
+            .origin
+            .files
+            .iter()
+            .filter(|(file, _)| names(problem.message(), &file.to_string_lossy()))
+            .max_by_key(|(file, _)| file.as_os_str().len());
+        let Some((_, (line, column))) = named else {
+            return problem;
+        };
+        let placed = problem.at(*line, *column);
+        match &self.origin.config {
+            Some(config) => placed.in_file(config),
+            None => placed,
+        }
     }
 
     /// Parses TOML text; relative paths are resolved against `base`.
@@ -749,8 +787,10 @@ impl Settings {
             spans: &spans,
             removed,
             problems: Vec::new(),
+            files: Vec::new(),
         };
-        let settings = validate(raw, base, &mut found);
+        let mut settings = validate(raw, base, &mut found);
+        settings.origin.files = found.files;
         problems.extend(found.problems);
         // In the file's order; problems of the whole file last.
         problems.sort_by_key(|p| p.line().unwrap_or(usize::MAX));
@@ -760,6 +800,24 @@ impl Settings {
             Err(problems)
         }
     }
+}
+
+/// Whether a problem's message is about `file`: it names it first (`FILE: ...`), or after
+/// a space (`issuer "x": FILE: ...`); not when it names a line in it (`FILE:2: ...`), a
+/// place of its own.
+fn names(message: &str, file: &str) -> bool {
+    if file.is_empty() {
+        return false;
+    }
+    let at = format!("{file}:");
+    let after = match message.strip_prefix(&at) {
+        Some(rest) => rest,
+        None => match message.split_once(&format!(" {at}")) {
+            Some((_, rest)) => rest,
+            None => return false,
+        },
+    };
+    !after.starts_with(|c: char| c.is_ascii_digit())
 }
 
 /// Most problems the deserialization passes report: each pass finds one, and its key is
@@ -971,16 +1029,20 @@ impl<'t> Spans<'t> {
     /// The problem, at the line of `path`, or of the nearest key that holds it (a missing
     /// key is reported where its table is).
     fn locate(&self, path: &str, problem: Problem) -> Problem {
+        match self.position(path) {
+            Some((line, column)) => problem.at(line, column),
+            None => problem,
+        }
+    }
+
+    /// The line and column of `path`, or of the nearest key that holds it.
+    fn position(&self, path: &str) -> Option<(usize, usize)> {
         let mut p = path;
         loop {
             if let Some(&offset) = self.at.get(p) {
-                let (line, column) = line_col(self.text, offset);
-                return problem.at(line, column);
+                return Some(line_col(self.text, offset));
             }
-            match p.rfind(['.', '[']) {
-                Some(cut) => p = &p[..cut],
-                None => return problem,
-            }
+            p = &p[..p.rfind(['.', '['])?];
         }
     }
 }
@@ -992,9 +1054,21 @@ struct Found<'s> {
     /// (a default where a value was) would be an echo.
     removed: Vec<String>,
     problems: Vec<Problem>,
+    /// Every file the configuration names, resolved, and where.
+    files: Vec<(PathBuf, (usize, usize))>,
 }
 
 impl Found<'_> {
+    /// The file named at `path`, resolved against `base`; remembered with its position,
+    /// for a later problem with the file to point at the key that names it.
+    fn file(&mut self, base: &Path, file: PathBuf, path: &str) -> PathBuf {
+        let file = resolve(base, file);
+        if let Some(position) = self.spans.position(path) {
+            self.files.push((file.clone(), position));
+        }
+        file
+    }
+
     /// A problem with the key at `path` (`issuer[0].leeway`, `server.mode`), or with the
     /// table at `path` when the key is missing.
     fn push(&mut self, path: &str, message: impl Into<String>) {
@@ -1184,10 +1258,10 @@ fn audit_settings(
         SyslogSettings {
             address: s.address,
             server_name,
-            ca: resolve(base, s.ca),
-            cert: s.cert.map(|c| resolve(base, c)),
-            key: s.key.map(|k| resolve(base, k)),
-            spool_dir: resolve(base, s.spool_dir),
+            ca: problems.file(base, s.ca, "audit.syslog.ca"),
+            cert: s.cert.map(|c| problems.file(base, c, "audit.syslog.cert")),
+            key: s.key.map(|k| problems.file(base, k, "audit.syslog.key")),
+            spool_dir: problems.file(base, s.spool_dir, "audit.syslog.spool_dir"),
             spool_max: s.spool_max.map_or(DEFAULT_SYSLOG_SPOOL_MAX, |s| s.0),
             app_name: s.app_name.unwrap_or_else(|| "portcullis".into()),
             facility,
@@ -1202,7 +1276,9 @@ fn audit_settings(
         rotate_keep: raw.rotate_keep.unwrap_or(defaults.rotate_keep),
         format,
         chain,
-        signing_key: raw.signing_key.map(|k| resolve(base, k)),
+        signing_key: raw
+            .signing_key
+            .map(|k| problems.file(base, k, "audit.signing_key")),
         checkpoint_every,
         checkpoint_interval: duration(raw.checkpoint_interval, defaults.checkpoint_interval),
         syslog,
@@ -1235,9 +1311,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
         }),
     };
     let tls = raw.server.tls.map(|t| TlsSettings {
-        cert: resolve(base, t.cert),
-        key: resolve(base, t.key),
-        client_ca: t.client_ca.map(|c| resolve(base, c)),
+        cert: problems.file(base, t.cert, "server.tls.cert"),
+        key: problems.file(base, t.key, "server.tls.key"),
+        client_ca: t
+            .client_ca
+            .map(|c| problems.file(base, c, "server.tls.client_ca")),
     });
     let shutdown_grace = duration(raw.server.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     let sink = match raw.log.audit.as_deref() {
@@ -1250,7 +1328,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
             );
             AuditSink::Stdout
         }
-        Some(path) => AuditSink::File(resolve(base, PathBuf::from(path))),
+        Some(path) => AuditSink::File(problems.file(base, PathBuf::from(path), "log.audit")),
     };
     let audit = audit_settings(raw.audit, sink, base, problems);
 
@@ -1269,13 +1347,20 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
             ));
         }
         PeerSettings {
-            trust_bundle: resolve(base, p.trust_bundle),
-            intermediates: p.intermediates.map(|i| resolve(base, i)),
+            trust_bundle: problems.file(base, p.trust_bundle, "peer.trust_bundle"),
+            intermediates: p
+                .intermediates
+                .map(|i| problems.file(base, i, "peer.intermediates")),
             trust_domains: p.trust_domains,
             require: p.require,
             max_size: p.max_size.unwrap_or(DEFAULT_CERT_MAX_SIZE),
             max_request_intermediates,
-            crls: p.crls.into_iter().map(|c| resolve(base, c)).collect(),
+            crls: p
+                .crls
+                .into_iter()
+                .enumerate()
+                .map(|(n, c)| problems.file(base, c, &format!("peer.crls[{n}]")))
+                .collect(),
             header: p.header.map(|h| header_name("peer.header", "peer.header", h, problems)),
             xfcc: match p.xfcc.as_deref() {
                 None | Some("off") => XfccMode::Off,
@@ -1334,7 +1419,9 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
                 }
             };
             let fetch = FetchSettings {
-                ca_bundle: r.ca_bundle.map(|p| resolve(base, p)),
+                ca_bundle: r
+                    .ca_bundle
+                    .map(|p| problems.file(base, p, &format!("issuer[{i}].ca_bundle"))),
                 refresh_min: duration(r.refresh_min, DEFAULT_REFRESH_MIN),
                 refresh_max: duration(r.refresh_max, DEFAULT_REFRESH_MAX),
                 timeout: duration(r.fetch_timeout, DEFAULT_FETCH_TIMEOUT),
@@ -1380,11 +1467,17 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
                 audiences: r.audiences,
                 source,
                 fetch,
-                jwks_file: r.jwks_file.map(|p| resolve(base, p)),
+                jwks_file: r
+                    .jwks_file
+                    .map(|p| problems.file(base, p, &format!("issuer[{i}].jwks_file"))),
                 pem_keys: r
                     .pem_keys
                     .into_iter()
-                    .map(|k| (resolve(base, k.path), k.kid))
+                    .enumerate()
+                    .map(|(n, k)| {
+                        let at = format!("issuer[{i}].pem_keys[{n}].path");
+                        (problems.file(base, k.path, &at), k.kid)
+                    })
                     .collect(),
                 algorithms,
                 leeway,
@@ -1405,12 +1498,19 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
         .collect();
 
     let policy = PolicySettings {
-        dir: resolve(
+        dir: problems.file(
             base,
             raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies")),
+            "policy.dir",
         ),
-        schema: raw.policy.schema.map(|p| resolve(base, p)),
-        entities: raw.policy.entities.map(|p| resolve(base, p)),
+        schema: raw
+            .policy
+            .schema
+            .map(|p| problems.file(base, p, "policy.schema")),
+        entities: raw
+            .policy
+            .entities
+            .map(|p| problems.file(base, p, "policy.entities")),
         hidden_headers: Vec::new(),
     };
 
@@ -1481,7 +1581,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
     }
     let token = TokenSettings {
         max_size: raw.token.max_size.unwrap_or(DEFAULT_TOKEN_MAX_SIZE),
-        revoked: raw.token.revoked.map(|p| resolve(base, p)),
+        revoked: raw
+            .token
+            .revoked
+            .map(|p| problems.file(base, p, "token.revoked")),
         header: raw
             .token
             .header
@@ -1631,6 +1734,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
             .unwrap_or(cache_defaults.certificates),
     };
     Settings {
+        origin: Origin::default(),
         limits,
         cache,
         forward_auth,
@@ -1983,5 +2087,23 @@ leeway = "forever"
         let err = Settings::from_toml(&text, Path::new("")).unwrap_err();
         assert_eq!(err.problems().len(), MAX_DESERIALIZE_PROBLEMS + 1);
         assert!(err.to_string().contains("more than 50 problems"), "{err}");
+    }
+
+    /// A problem reading a file the configuration names points at the key that names it.
+    #[test]
+    fn problems_with_named_files_point_at_their_key() {
+        let text = "[policy]\ndir = \"p\"\n\n[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"keys.json\"\n[token]\nrevoked = \"revoked.txt\"\n";
+        let s = Settings::from_toml(text, Path::new("/etc/p")).unwrap();
+        let placed = |m: &str| s.place(Problem::new(m)).line();
+        assert_eq!(
+            placed("issuer \"https://i\": /etc/p/keys.json: cannot read"),
+            Some(7)
+        );
+        assert_eq!(placed("/etc/p/p: no *.cedar policy files"), Some(2));
+        // A line of the named file is a place of its own; unrelated text is not placed.
+        assert_eq!(placed("/etc/p/revoked.txt:2: unknown prefix"), None);
+        assert_eq!(placed("/etc/p/revoked.txt: empty"), Some(9));
+        assert_eq!(placed("cannot read /etc/p/keys.jsonx: gone"), None);
+        assert_eq!(placed("the audit log cannot be written"), None);
     }
 }

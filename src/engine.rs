@@ -380,7 +380,10 @@ impl Engine {
                     in_flight: AtomicUsize::new(0),
                 })
             }
-            _ => Err(LoadError::new("", problems)),
+            _ => Err(LoadError::new(
+                "",
+                problems.into_iter().map(|p| settings.place(p)).collect(),
+            )),
         }
     }
 

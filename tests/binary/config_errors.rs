@@ -1,6 +1,6 @@
 //! What an operator reads when a file is wrong, through the real binary: `validate` on a
 //! configuration with several problems reports every one with its file, line and fix; a
-//! missing key file is reported once; revocation list typos fail `validate` with their
+//! missing key file is reported once, at the line of the key that names it; revocation list typos fail `validate` with their
 //! line and the entry meant, and on reload leave the last good list serving; and `check
 //! --explain` names a wrong audience and a certificate from another CA in words, while the
 //! client's reply says no more than before.
@@ -97,6 +97,11 @@ fn a_missing_key_file_is_reported_once() {
     assert!(!status.success(), "{err}");
     assert_eq!(err.matches("idp.jwks.json").count(), 1, "{err}");
     assert!(err.contains("1 problem(s)"), "{err}");
+    // At the line of the key that names it.
+    assert!(
+        err.contains("portcullis.toml:11:1: issuer \"https://idp.test\": "),
+        "{err}"
+    );
 }
 
 /// Every typo of the revocation list fails `validate` with its line and the entry it
