@@ -956,6 +956,9 @@ fn describe(keys: &[&str], message: &str) -> (String, bool) {
     (format!("{table} {key}: {message}"), true)
 }
 
+/// Where an operator finds every key, named when an unknown key is not close to one.
+const CONFIG_REFERENCE: &str = "docs/CONFIGURATION.md";
+
 /// `unknown key `levway` in [issuer]; did you mean `leeway`?`: the closest valid name
 /// when it is close, else the valid names when they are few, else the reference.
 fn unknown_key(name: &str, table: &str, valid: &[&str]) -> String {
@@ -975,7 +978,7 @@ fn unknown_key(name: &str, table: &str, valid: &[&str]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        _ => "see docs/CONFIGURATION.md for the valid keys".to_string(),
+        _ => format!("see {CONFIG_REFERENCE} for the valid keys"),
     };
     format!("unknown key `{shown}` in {table}; {hint}")
 }
