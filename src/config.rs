@@ -777,15 +777,21 @@ impl Settings {
 
     fn parse(text: &str, base: &Path) -> Result<Settings, Vec<Problem>> {
         let spans = Spans::index(text).map_err(|p| vec![p])?;
-        let (raw, mut problems, removed) = deserialize(text, &spans);
-        // Without the raw structs there is nothing to validate: a missing required key or
-        // too many problems.
+        let Deserialized {
+            raw,
+            mut problems,
+            removed,
+            dropped,
+        } = deserialize(text, &spans);
+        // Without the raw structs there is nothing to validate: too many problems, or one
+        // whose key could not be taken out.
         let Some(raw) = raw else {
             return Err(problems);
         };
         let mut found = Found {
             spans: &spans,
             removed,
+            dropped,
             problems: Vec::new(),
             files: Vec::new(),
         };
@@ -824,90 +830,215 @@ fn names(message: &str, file: &str) -> bool {
 /// taken out for the next pass.
 const MAX_DESERIALIZE_PROBLEMS: usize = 50;
 
-/// Deserializes the raw structs, reporting every unknown key and every value of the wrong
-/// type, not only the first: serde stops at the first error, so each error's key is
-/// recorded, taken out of the table, and the table deserialized again. A missing required
-/// key ends the passes (there is nothing to take out). Returns the raw structs when a pass
-/// succeeds, the problems, and the paths taken out (their later problems would be echoes).
-fn deserialize(text: &str, spans: &Spans<'_>) -> (Option<RawConfig>, Vec<Problem>, Vec<String>) {
+/// Deserializes the raw structs, reporting every unknown key, every value of the wrong
+/// type and every missing required key, not only the first: serde stops at the first
+/// error, so each error's key is recorded, taken out of the table (a table missing a
+/// required key is taken out whole), and the table deserialized again. Returns the raw
+/// structs when a pass succeeds, the problems, and the paths taken out (what validation
+/// would say of them is an echo).
+fn deserialize(text: &str, spans: &Spans<'_>) -> Deserialized {
     let mut table: toml::Table = match toml::from_str(text) {
         Ok(t) => t,
-        Err(e) => return (None, vec![toml_error(text, &e)], Vec::new()),
+        Err(e) => {
+            return Deserialized {
+                raw: None,
+                problems: vec![toml_error(text, &e)],
+                removed: Vec::new(),
+                dropped: Vec::new(),
+            };
+        }
     };
     let mut problems = Vec::new();
     let mut removed = Vec::new();
+    // Elements taken out of arrays: (the array's path, the element's index in the file),
+    // so that the indices of later errors are turned back into the file's.
+    let mut dropped: Vec<(String, usize)> = Vec::new();
     for _ in 0..MAX_DESERIALIZE_PROBLEMS {
         let error = match serde_path_to_error::deserialize::<_, RawConfig>(table.clone()) {
-            Ok(raw) => return (Some(raw), problems, removed),
+            Ok(raw) => {
+                return Deserialized {
+                    raw: Some(raw),
+                    problems,
+                    removed,
+                    dropped,
+                };
+            }
             Err(e) => e,
         };
-        let keys: Vec<&str> = error
-            .path()
+        let mut segments = Vec::new();
+        for segment in error.path() {
+            match segment {
+                serde_path_to_error::Segment::Map { key } => segments.push(Seg::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => segments.push(Seg::Index(*index)),
+                // Not in this configuration's types (no enums, no unknown segments).
+                _ => {
+                    return Deserialized {
+                        raw: None,
+                        problems,
+                        removed,
+                        dropped,
+                    };
+                }
+            }
+        }
+        let keys: Vec<&str> = segments
             .iter()
             .filter_map(|s| match s {
-                serde_path_to_error::Segment::Map { key } => Some(key.as_str()),
-                _ => None,
+                Seg::Key(k) => Some(k.as_str()),
+                Seg::Index(_) => None,
             })
             .collect();
-        let path = error.path().to_string();
-        let (message, fixable) = describe(&keys, error.inner().message());
-        problems.push(spans.locate(&path, Problem::new(message)));
-        let taken = fixable
-            .then(|| take_out(&mut table, error.path()))
-            .flatten();
-        match taken {
-            Some(taken) => removed.push(taken),
-            None => return (None, problems, removed),
+        let message = error.inner().message();
+        let missing = message.starts_with("missing field `");
+        let path = file_path(&path_text(&segments), &dropped);
+        problems.push(spans.locate(&path, Problem::new(describe(&keys, message))));
+        // What is taken out: a table missing a key, whole; else the key in error (a whole
+        // array for one of its elements).
+        let target = if missing {
+            segments.len()
+        } else {
+            match segments.iter().rposition(|s| matches!(s, Seg::Key(_))) {
+                Some(last) => last + 1,
+                None => {
+                    return Deserialized {
+                        raw: None,
+                        problems,
+                        removed,
+                        dropped,
+                    };
+                }
+            }
+        };
+        if target == 0 || take_out(&mut table, &segments[..target]).is_none() {
+            return Deserialized {
+                raw: None,
+                problems,
+                removed,
+                dropped,
+            };
         }
+        let taken = file_path(&path_text(&segments[..target]), &dropped);
+        if let Some(Seg::Index(_)) = segments.get(target - 1) {
+            let array = file_path(&path_text(&segments[..target - 1]), &dropped);
+            let index = taken
+                .strip_prefix(&format!("{array}["))
+                .and_then(|rest| rest.trim_end_matches(']').parse().ok());
+            match index {
+                Some(index) => dropped.push((array, index)),
+                None => {
+                    return Deserialized {
+                        raw: None,
+                        problems,
+                        removed,
+                        dropped,
+                    };
+                }
+            }
+        }
+        removed.push(taken);
     }
     problems.push(Problem::new(format!(
         "more than {MAX_DESERIALIZE_PROBLEMS} problems: fix these and validate again"
     )));
-    (None, problems, removed)
+    Deserialized {
+        raw: None,
+        problems,
+        removed,
+        dropped,
+    }
 }
 
-/// Takes the key an error points at out of the table; for an element of an array, the
-/// whole array. Returns the path taken out, written as `serde_path_to_error` writes paths.
-fn take_out(table: &mut toml::Table, path: &serde_path_to_error::Path) -> Option<String> {
-    use serde_path_to_error::Segment;
-    let segments: Vec<&Segment> = path.iter().collect();
-    let last = segments
-        .iter()
-        .rposition(|s| matches!(s, Segment::Map { .. }))?;
-    let Segment::Map { key: last_key } = segments[last] else {
-        return None;
-    };
-    let mut here = table;
-    let mut i = 0;
-    while i < last {
-        let Segment::Map { key } = segments[i] else {
-            return None;
+/// What the deserialization passes found.
+struct Deserialized {
+    /// The raw structs, when a pass succeeded.
+    raw: Option<RawConfig>,
+    problems: Vec<Problem>,
+    /// The paths taken out, as the file has them.
+    removed: Vec<String>,
+    /// The array elements taken out: (the array's path, the element's index in the file).
+    dropped: Vec<(String, usize)>,
+}
+
+/// A path of validation's (`issuer[1].leeway`) as the file has it: the array elements
+/// taken out before are counted back in.
+fn file_path(path: &str, dropped: &[(String, usize)]) -> String {
+    let mut path = path.to_string();
+    let mut arrays: Vec<&str> = dropped.iter().map(|(a, _)| a.as_str()).collect();
+    arrays.sort_by_key(|a| a.len());
+    arrays.dedup();
+    for array in arrays {
+        let Some(rest) = path.strip_prefix(&format!("{array}[")) else {
+            continue;
         };
-        let mut value = here.get_mut(key.as_str())?;
-        i += 1;
-        while i < last {
-            let Segment::Seq { index } = segments[i] else {
-                break;
-            };
-            value = value.as_array_mut()?.get_mut(*index)?;
-            i += 1;
-        }
-        here = value.as_table_mut()?;
-    }
-    here.remove(last_key.as_str())?;
-    let mut taken = String::new();
-    for segment in &segments[..=last] {
-        match segment {
-            Segment::Seq { index } => taken.push_str(&format!("[{index}]")),
-            other => {
-                if !taken.is_empty() {
-                    taken.push('.');
-                }
-                taken.push_str(&other.to_string());
+        let Some((digits, tail)) = rest.split_once(']') else {
+            continue;
+        };
+        let Ok(mut index) = digits.parse::<usize>() else {
+            continue;
+        };
+        let mut gone: Vec<usize> = dropped
+            .iter()
+            .filter(|(a, _)| a == array)
+            .map(|(_, i)| *i)
+            .collect();
+        gone.sort_unstable();
+        for g in gone {
+            if g <= index {
+                index += 1;
             }
         }
+        path = format!("{array}[{index}]{tail}");
     }
-    Some(taken)
+    path
+}
+
+/// One step of a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A path as `serde_path_to_error` writes it: `issuer[1].leeway`.
+fn path_text(segments: &[Seg]) -> String {
+    let mut path = String::new();
+    for segment in segments {
+        match segment {
+            Seg::Key(key) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Seg::Index(index) => path.push_str(&format!("[{index}]")),
+        }
+    }
+    path
+}
+
+/// Takes the value at `segments` (a key, or an element of an array) out of the table.
+fn take_out(table: &mut toml::Table, segments: &[Seg]) -> Option<toml::Value> {
+    let (last, parents) = segments.split_last()?;
+    let mut here: Option<&mut toml::Value> = None;
+    let mut root = Some(table);
+    for segment in parents {
+        let next = match (segment, here.take(), root.take()) {
+            (Seg::Key(key), None, Some(t)) => t.get_mut(key.as_str())?,
+            (Seg::Key(key), Some(v), None) => v.as_table_mut()?.get_mut(key.as_str())?,
+            (Seg::Index(i), Some(v), None) => v.as_array_mut()?.get_mut(*i)?,
+            _ => return None,
+        };
+        here = Some(next);
+    }
+    match (last, here, root) {
+        (Seg::Key(key), None, Some(t)) => t.remove(key.as_str()),
+        (Seg::Key(key), Some(v), None) => v.as_table_mut()?.remove(key.as_str()),
+        (Seg::Index(i), Some(v), None) => {
+            let array = v.as_array_mut()?;
+            (*i < array.len()).then(|| array.remove(*i))
+        }
+        _ => None,
+    }
 }
 
 /// The table a key path is in, as the file writes its header: `[issuer]` for
@@ -919,16 +1050,15 @@ fn table_of(keys: &[&str]) -> String {
     }
 }
 
-/// A deserialization error as a sentence naming the key and the fix; and whether taking
-/// the key out lets the next pass go on.
-fn describe(keys: &[&str], message: &str) -> (String, bool) {
+/// A deserialization error as a sentence naming the key and the fix.
+fn describe(keys: &[&str], message: &str) -> String {
     let message = message.trim_end_matches('\n');
     let table = table_of(keys);
     let key = keys.last().copied().unwrap_or_default();
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
         let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-        return (unknown_key(name, &table, &valid), true);
+        return unknown_key(name, &table, &valid);
     }
     if let Some(field) = message
         .strip_prefix("missing field `")
@@ -940,20 +1070,17 @@ fn describe(keys: &[&str], message: &str) -> (String, bool) {
         } else {
             format!("[{}]", keys.join("."))
         };
-        return (format!("{at} is missing the required key `{field}`"), false);
+        return format!("{at} is missing the required key `{field}`");
     }
     for prefix in ["invalid type: ", "invalid value: "] {
         if let Some((found, expected)) = message
             .strip_prefix(prefix)
             .and_then(|r| r.split_once(", expected "))
         {
-            return (
-                format!("{table} {key}: expected {expected}, found {found}"),
-                true,
-            );
+            return format!("{table} {key}: expected {expected}, found {found}");
         }
     }
-    (format!("{table} {key}: {message}"), true)
+    format!("{table} {key}: {message}")
 }
 
 /// Where an operator finds every key, named when an unknown key is not close to one.
@@ -1056,16 +1183,27 @@ struct Found<'s> {
     /// Keys taken out after a deserialization problem: what validation says of them
     /// (a default where a value was) would be an echo.
     removed: Vec<String>,
+    /// Array elements taken out: validation counts the others from 0, the file does not.
+    dropped: Vec<(String, usize)>,
     problems: Vec<Problem>,
     /// Every file the configuration names, resolved, and where.
     files: Vec<(PathBuf, (usize, usize))>,
 }
 
 impl Found<'_> {
+    /// The index in the file of element `i` of the array at `array`, as validation sees it.
+    fn index_in_file(&self, array: &str, i: usize) -> usize {
+        file_path(&format!("{array}[{i}]"), &self.dropped)
+            .strip_prefix(&format!("{array}["))
+            .and_then(|rest| rest.trim_end_matches(']').parse().ok())
+            .unwrap_or(i)
+    }
+
     /// The file named at `path`, resolved against `base`; remembered with its position,
     /// for a later problem with the file to point at the key that names it.
     fn file(&mut self, base: &Path, file: PathBuf, path: &str) -> PathBuf {
         let file = resolve(base, file);
+        let path = &file_path(path, &self.dropped);
         if let Some(position) = self.spans.position(path) {
             self.files.push((file.clone(), position));
         }
@@ -1075,6 +1213,7 @@ impl Found<'_> {
     /// A problem with the key at `path` (`issuer[0].leeway`, `server.mode`), or with the
     /// table at `path` when the key is missing.
     fn push(&mut self, path: &str, message: impl Into<String>) {
+        let path = &file_path(path, &self.dropped);
         let echo = self.removed.iter().any(|r| {
             path == r || path.starts_with(&format!("{r}.")) || path.starts_with(&format!("{r}["))
         });
@@ -1384,7 +1523,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let at = format!("issuer #{} (\"{}\")", i + 1, r.issuer);
+            let at = format!(
+                "issuer #{} (\"{}\")",
+                problems.index_in_file("issuer", i) + 1,
+                r.issuer
+            );
             if r.issuer.is_empty() {
                 problems.push(&format!("issuer[{i}].issuer"), format!("{at}: issuer must not be empty"));
             }
@@ -2108,5 +2251,38 @@ leeway = "forever"
         assert_eq!(placed("/etc/p/revoked.txt: empty"), Some(9));
         assert_eq!(placed("cannot read /etc/p/keys.jsonx: gone"), None);
         assert_eq!(placed("the audit log cannot be written"), None);
+    }
+
+    /// A table missing a required key is reported and taken out; the rest of the file is
+    /// still checked, and the line of every later problem is the file's own, though an
+    /// element before it was taken out of its array.
+    #[test]
+    fn a_missing_key_does_not_end_the_report() {
+        let text = "[[issuer]]\naudiences = [\"a\"]\n\n[[issuer]]\nissuer = \"https://b\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = 30\n\n[[issuer]]\nissuer = \"https://c\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\n[limits]\nmax_concurent = 1\n";
+        let err = Settings::from_toml(text, Path::new("")).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> = err
+            .problems()
+            .iter()
+            .map(|p| (p.line(), p.message()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(1), "[issuer] is missing the required key `issuer`"),
+                (
+                    Some(8),
+                    "[issuer] leeway: expected a duration as a string, such as \"30s\" or \"5m\", found integer `30`"
+                ),
+                (
+                    Some(14),
+                    "issuer #3 (\"https://c\"): leeway of 10m is larger than the maximum of 5m"
+                ),
+                (
+                    Some(16),
+                    "unknown key `max_concurent` in [limits]; did you mean `max_concurrent`?"
+                ),
+            ],
+            "{err}"
+        );
     }
 }
