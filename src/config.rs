@@ -42,13 +42,13 @@ struct RawLimits {
     max_header_bytes: Option<usize>,
     max_concurrent: Option<usize>,
     max_streams_per_connection: Option<u32>,
-    request_timeout: Option<String>,
+    request_timeout: Option<RawDuration>,
     max_http_connections: Option<usize>,
-    http_header_timeout: Option<String>,
+    http_header_timeout: Option<RawDuration>,
     strict_paths: Option<bool>,
     max_file_bytes: Option<u64>,
-    http_body_timeout: Option<String>,
-    tls_handshake_timeout: Option<String>,
+    http_body_timeout: Option<RawDuration>,
+    tls_handshake_timeout: Option<RawDuration>,
     max_tls_handshakes: Option<usize>,
 }
 
@@ -76,7 +76,7 @@ struct RawServer {
     grpc: Option<String>,
     http: Option<String>,
     mode: Option<String>,
-    shutdown_grace: Option<String>,
+    shutdown_grace: Option<RawDuration>,
     tls: Option<RawTls>,
 }
 
@@ -100,13 +100,13 @@ struct RawAudit {
     disk_full_action: Option<String>,
     disk_error_action: Option<String>,
     fsync: Option<String>,
-    rotate_size: Option<String>,
+    rotate_size: Option<RawSize>,
     rotate_keep: Option<usize>,
     format: Option<String>,
     chain: Option<bool>,
     signing_key: Option<PathBuf>,
     checkpoint_every: Option<u64>,
-    checkpoint_interval: Option<String>,
+    checkpoint_interval: Option<RawDuration>,
     syslog: Option<RawSyslog>,
 }
 
@@ -119,7 +119,7 @@ struct RawSyslog {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     spool_dir: PathBuf,
-    spool_max: Option<String>,
+    spool_max: Option<RawSize>,
     app_name: Option<String>,
     facility: Option<String>,
 }
@@ -165,17 +165,17 @@ struct RawIssuer {
     #[serde(default)]
     discovery: bool,
     ca_bundle: Option<PathBuf>,
-    refresh_min: Option<String>,
-    refresh_max: Option<String>,
-    fetch_timeout: Option<String>,
+    refresh_min: Option<RawDuration>,
+    refresh_max: Option<RawDuration>,
+    fetch_timeout: Option<RawDuration>,
     max_key_set_size: Option<usize>,
-    unknown_kid_interval: Option<String>,
-    unknown_kid_wait: Option<String>,
-    max_staleness: Option<String>,
+    unknown_kid_interval: Option<RawDuration>,
+    unknown_kid_wait: Option<RawDuration>,
+    max_staleness: Option<RawDuration>,
     required_at_start: Option<bool>,
     algorithms: Option<Vec<String>>,
-    leeway: Option<String>,
-    max_lifetime: Option<String>,
+    leeway: Option<RawDuration>,
+    max_lifetime: Option<RawDuration>,
     #[serde(default)]
     required_claims: Vec<String>,
     typ: Option<String>,
@@ -259,6 +259,18 @@ pub struct Settings {
     pub limits: Limits,
     /// Verification cache sizes (`[cache]`).
     pub cache: CacheSettings,
+    /// Where the configuration named each file, for problems found reading them.
+    origin: Origin,
+}
+
+/// The configuration file and where it names each file, so that a problem found reading
+/// one (a missing key file) points at the key that names it.
+#[derive(Debug, Clone, Default)]
+struct Origin {
+    /// The configuration file, when it was read from one.
+    config: Option<PathBuf>,
+    /// Each file named, resolved, with the line and column of its key.
+    files: Vec<(PathBuf, (usize, usize))>,
 }
 
 /// Bounds on what one request, one connection and the whole server may take (`[limits]`).
@@ -736,7 +748,36 @@ impl Settings {
         let text = crate::files::read_to_string(path)
             .map_err(|e| LoadError::new(what.clone(), vec![Problem::new(e.to_string())]))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        Settings::parse(&text, base).map_err(|problems| LoadError::new(what, problems))
+        let mut settings = Settings::parse(&text, base).map_err(|problems| {
+            let problems = problems.into_iter().map(|p| p.in_file(path)).collect();
+            LoadError::new(what, problems)
+        })?;
+        settings.origin.config = Some(path.to_path_buf());
+        Ok(settings)
+    }
+
+    /// A problem found reading a file this configuration names, placed at the key that
+    /// names it (`portcullis.toml:7:1: issuer "...": keys.json: cannot read: ...`); a
+    /// problem that has a place of its own (a policy's line) is returned as it is.
+    pub(crate) fn place(&self, problem: Problem) -> Problem {
+        if problem.file().is_some() || problem.line().is_some() {
+            return problem;
+        }
+        // The longest match: `policies/a.cedar` rather than `policies`.
+        let named = self
+            .origin
+            .files
+            .iter()
+            .filter(|(file, _)| names(problem.message(), &file.to_string_lossy()))
+            .max_by_key(|(file, _)| file.as_os_str().len());
+        let Some((_, (line, column))) = named else {
+            return problem;
+        };
+        let placed = problem.at(*line, *column);
+        match &self.origin.config {
+            Some(config) => placed.in_file(config),
+            None => placed,
+        }
     }
 
     /// Parses TOML text; relative paths are resolved against `base`.
@@ -745,17 +786,455 @@ impl Settings {
     }
 
     fn parse(text: &str, base: &Path) -> Result<Settings, Vec<Problem>> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![toml_error(text, &e)])?;
-        let mut problems = Vec::new();
-        let settings = validate(raw, base, &mut problems);
+        let spans = Spans::index(text).map_err(|p| vec![p])?;
+        let Deserialized {
+            raw,
+            mut problems,
+            removed,
+            dropped,
+        } = deserialize(text, &spans);
+        // Without the raw structs there is nothing to validate: too many problems, or one
+        // whose key could not be taken out.
+        let Some(raw) = raw else {
+            return Err(problems);
+        };
+        let mut found = Found {
+            spans: &spans,
+            removed,
+            dropped,
+            problems: Vec::new(),
+            files: Vec::new(),
+        };
+        let mut settings = validate(raw, base, &mut found);
+        settings.origin.files = found.files;
+        problems.extend(found.problems);
+        // In the file's order; problems of the whole file last.
+        problems.sort_by_key(|p| p.line().unwrap_or(usize::MAX));
         if problems.is_empty() {
             Ok(settings)
         } else {
-            Err(problems.into_iter().map(Problem::new).collect())
+            Err(problems)
         }
     }
 }
 
+/// Whether a problem's message is about `file`: it names it first (`FILE: ...`), or after
+/// a space (`issuer "x": FILE: ...`); not when it names a line in it (`FILE:2: ...`), a
+/// place of its own.
+fn names(message: &str, file: &str) -> bool {
+    if file.is_empty() {
+        return false;
+    }
+    let at = format!("{file}:");
+    let after = match message.strip_prefix(&at) {
+        Some(rest) => rest,
+        None => match message.split_once(&format!(" {at}")) {
+            Some((_, rest)) => rest,
+            None => return false,
+        },
+    };
+    !after.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// Most problems the deserialization passes report: each pass finds one, and its key is
+/// taken out for the next pass.
+const MAX_DESERIALIZE_PROBLEMS: usize = 50;
+
+/// Deserializes the raw structs, reporting every unknown key, every value of the wrong
+/// type and every missing required key, not only the first: serde stops at the first
+/// error, so each error's key is recorded, taken out of the table (a table missing a
+/// required key is taken out whole), and the table deserialized again. Returns the raw
+/// structs when a pass succeeds, the problems, and the paths taken out (what validation
+/// would say of them is an echo).
+fn deserialize(text: &str, spans: &Spans<'_>) -> Deserialized {
+    let mut table: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            return Deserialized {
+                raw: None,
+                problems: vec![toml_error(text, &e)],
+                removed: Vec::new(),
+                dropped: Vec::new(),
+            };
+        }
+    };
+    let mut problems = Vec::new();
+    let mut removed = Vec::new();
+    // Elements taken out of arrays: (the array's path, the element's index in the file),
+    // so that the indices of later errors are turned back into the file's.
+    let mut dropped: Vec<(String, usize)> = Vec::new();
+    for _ in 0..MAX_DESERIALIZE_PROBLEMS {
+        let error = match serde_path_to_error::deserialize::<_, RawConfig>(table.clone()) {
+            Ok(raw) => {
+                return Deserialized {
+                    raw: Some(raw),
+                    problems,
+                    removed,
+                    dropped,
+                };
+            }
+            Err(e) => e,
+        };
+        let mut segments = Vec::new();
+        for segment in error.path() {
+            match segment {
+                serde_path_to_error::Segment::Map { key } => segments.push(Seg::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => segments.push(Seg::Index(*index)),
+                // Not in this configuration's types (no enums, no unknown segments).
+                _ => {
+                    return Deserialized {
+                        raw: None,
+                        problems,
+                        removed,
+                        dropped,
+                    };
+                }
+            }
+        }
+        let keys: Vec<&str> = segments
+            .iter()
+            .filter_map(|s| match s {
+                Seg::Key(k) => Some(k.as_str()),
+                Seg::Index(_) => None,
+            })
+            .collect();
+        let message = error.inner().message();
+        let missing = message.starts_with("missing field `");
+        let path = file_path(&path_text(&segments), &dropped);
+        problems.push(spans.locate(&path, Problem::new(describe(&keys, message))));
+        // What is taken out: a table missing a key, whole; else the key in error (a whole
+        // array for one of its elements).
+        let target = if missing {
+            segments.len()
+        } else {
+            match segments.iter().rposition(|s| matches!(s, Seg::Key(_))) {
+                Some(last) => last + 1,
+                None => {
+                    return Deserialized {
+                        raw: None,
+                        problems,
+                        removed,
+                        dropped,
+                    };
+                }
+            }
+        };
+        if target == 0 || take_out(&mut table, &segments[..target]).is_none() {
+            return Deserialized {
+                raw: None,
+                problems,
+                removed,
+                dropped,
+            };
+        }
+        let taken = file_path(&path_text(&segments[..target]), &dropped);
+        if let Some(Seg::Index(_)) = segments.get(target - 1) {
+            let array = file_path(&path_text(&segments[..target - 1]), &dropped);
+            let index = taken
+                .strip_prefix(&format!("{array}["))
+                .and_then(|rest| rest.trim_end_matches(']').parse().ok());
+            match index {
+                Some(index) => dropped.push((array, index)),
+                None => {
+                    return Deserialized {
+                        raw: None,
+                        problems,
+                        removed,
+                        dropped,
+                    };
+                }
+            }
+        }
+        removed.push(taken);
+    }
+    problems.push(Problem::new(format!(
+        "more than {MAX_DESERIALIZE_PROBLEMS} problems: fix these and validate again"
+    )));
+    Deserialized {
+        raw: None,
+        problems,
+        removed,
+        dropped,
+    }
+}
+
+/// What the deserialization passes found.
+struct Deserialized {
+    /// The raw structs, when a pass succeeded.
+    raw: Option<RawConfig>,
+    problems: Vec<Problem>,
+    /// The paths taken out, as the file has them.
+    removed: Vec<String>,
+    /// The array elements taken out: (the array's path, the element's index in the file).
+    dropped: Vec<(String, usize)>,
+}
+
+/// A path of validation's (`issuer[1].leeway`) as the file has it: the array elements
+/// taken out before are counted back in.
+fn file_path(path: &str, dropped: &[(String, usize)]) -> String {
+    let mut path = path.to_string();
+    let mut arrays: Vec<&str> = dropped.iter().map(|(a, _)| a.as_str()).collect();
+    arrays.sort_by_key(|a| a.len());
+    arrays.dedup();
+    for array in arrays {
+        let Some(rest) = path.strip_prefix(&format!("{array}[")) else {
+            continue;
+        };
+        let Some((digits, tail)) = rest.split_once(']') else {
+            continue;
+        };
+        let Ok(mut index) = digits.parse::<usize>() else {
+            continue;
+        };
+        let mut gone: Vec<usize> = dropped
+            .iter()
+            .filter(|(a, _)| a == array)
+            .map(|(_, i)| *i)
+            .collect();
+        gone.sort_unstable();
+        for g in gone {
+            if g <= index {
+                index += 1;
+            }
+        }
+        path = format!("{array}[{index}]{tail}");
+    }
+    path
+}
+
+/// One step of a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A path as `serde_path_to_error` writes it: `issuer[1].leeway`.
+fn path_text(segments: &[Seg]) -> String {
+    let mut path = String::new();
+    for segment in segments {
+        match segment {
+            Seg::Key(key) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+            }
+            Seg::Index(index) => path.push_str(&format!("[{index}]")),
+        }
+    }
+    path
+}
+
+/// Takes the value at `segments` (a key, or an element of an array) out of the table.
+fn take_out(table: &mut toml::Table, segments: &[Seg]) -> Option<toml::Value> {
+    let (last, parents) = segments.split_last()?;
+    let mut here: Option<&mut toml::Value> = None;
+    let mut root = Some(table);
+    for segment in parents {
+        let next = match (segment, here.take(), root.take()) {
+            (Seg::Key(key), None, Some(t)) => t.get_mut(key.as_str())?,
+            (Seg::Key(key), Some(v), None) => v.as_table_mut()?.get_mut(key.as_str())?,
+            (Seg::Index(i), Some(v), None) => v.as_array_mut()?.get_mut(*i)?,
+            _ => return None,
+        };
+        here = Some(next);
+    }
+    match (last, here, root) {
+        (Seg::Key(key), None, Some(t)) => t.remove(key.as_str()),
+        (Seg::Key(key), Some(v), None) => v.as_table_mut()?.remove(key.as_str()),
+        (Seg::Index(i), Some(v), None) => {
+            let array = v.as_array_mut()?;
+            (*i < array.len()).then(|| array.remove(*i))
+        }
+        _ => None,
+    }
+}
+
+/// The table a key path is in, as the file writes its header: `[issuer]` for
+/// `issuer[0].leeway`, `[audit.syslog]` for `audit.syslog.facility`.
+fn table_of(keys: &[&str]) -> String {
+    match keys.split_last() {
+        Some((_, [])) | None => "the top level".to_string(),
+        Some((_, parents)) => format!("[{}]", parents.join(".")),
+    }
+}
+
+/// A deserialization error as a sentence naming the key and the fix.
+fn describe(keys: &[&str], message: &str) -> String {
+    let message = message.trim_end_matches('\n');
+    let table = table_of(keys);
+    let key = keys.last().copied().unwrap_or_default();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (name, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        return unknown_key(name, &table, &valid);
+    }
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        // The path is the table itself.
+        let at = if keys.is_empty() {
+            "the top level".to_string()
+        } else {
+            format!("[{}]", keys.join("."))
+        };
+        return format!("{at} is missing the required key `{field}`");
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some((found, expected)) = message
+            .strip_prefix(prefix)
+            .and_then(|r| r.split_once(", expected "))
+        {
+            return format!("{table} {key}: expected {expected}, found {found}");
+        }
+    }
+    format!("{table} {key}: {message}")
+}
+
+/// Where an operator finds every key, named when an unknown key is not close to one.
+const CONFIG_REFERENCE: &str = "docs/CONFIGURATION.md";
+
+/// `unknown key `levway` in [issuer]; did you mean `leeway`?`: the closest valid name
+/// when it is close, else the valid names when they are few, else the reference.
+fn unknown_key(name: &str, table: &str, valid: &[&str]) -> String {
+    let shown: String = name.chars().take(64).collect();
+    let closest = valid
+        .iter()
+        .map(|v| (strsim::damerau_levenshtein(name, v), *v))
+        .min();
+    let hint = match closest {
+        // Close: at most a third of the name's letters differ (two for short names).
+        Some((d, v)) if d <= (v.chars().count() / 3).max(2) => format!("did you mean `{v}`?"),
+        _ if !valid.is_empty() && valid.len() <= 6 => format!(
+            "valid keys: {}",
+            valid
+                .iter()
+                .map(|v| format!("`{v}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => format!("see {CONFIG_REFERENCE} for the valid keys"),
+    };
+    format!("unknown key `{shown}` in {table}; {hint}")
+}
+
+/// Where each key of the file is: its path as `serde_path_to_error` writes it
+/// (`issuer[0].leeway`) to the byte offset of the key (of the value, for an element of
+/// an array).
+struct Spans<'t> {
+    text: &'t str,
+    at: std::collections::HashMap<String, usize>,
+}
+
+impl<'t> Spans<'t> {
+    /// Parses the text once for positions; a syntax error is the one problem.
+    fn index(text: &'t str) -> Result<Spans<'t>, Problem> {
+        let doc = toml::de::DeTable::parse(text).map_err(|e| toml_error(text, &e))?;
+        let mut spans = Spans {
+            text,
+            at: std::collections::HashMap::new(),
+        };
+        spans.walk_table(doc.get_ref(), "");
+        Ok(spans)
+    }
+
+    fn walk_table(&mut self, table: &toml::de::DeTable<'_>, prefix: &str) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            self.at.insert(path.clone(), key.span().start);
+            self.walk_value(value.get_ref(), &path);
+        }
+    }
+
+    fn walk_value(&mut self, value: &toml::de::DeValue<'_>, path: &str) {
+        match value {
+            toml::de::DeValue::Table(t) => self.walk_table(t, path),
+            toml::de::DeValue::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    let path = format!("{path}[{i}]");
+                    self.at.insert(path.clone(), v.span().start);
+                    self.walk_value(v.get_ref(), &path);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The problem, at the line of `path`, or of the nearest key that holds it (a missing
+    /// key is reported where its table is).
+    fn locate(&self, path: &str, problem: Problem) -> Problem {
+        match self.position(path) {
+            Some((line, column)) => problem.at(line, column),
+            None => problem,
+        }
+    }
+
+    /// The line and column of `path`, or of the nearest key that holds it.
+    fn position(&self, path: &str) -> Option<(usize, usize)> {
+        let mut p = path;
+        loop {
+            if let Some(&offset) = self.at.get(p) {
+                return Some(line_col(self.text, offset));
+            }
+            p = &p[..p.rfind(['.', '['])?];
+        }
+    }
+}
+
+/// The problems validation finds, each at the line of its key.
+struct Found<'s> {
+    spans: &'s Spans<'s>,
+    /// Keys taken out after a deserialization problem: what validation says of them
+    /// (a default where a value was) would be an echo.
+    removed: Vec<String>,
+    /// Array elements taken out: validation counts the others from 0, the file does not.
+    dropped: Vec<(String, usize)>,
+    problems: Vec<Problem>,
+    /// Every file the configuration names, resolved, and where.
+    files: Vec<(PathBuf, (usize, usize))>,
+}
+
+impl Found<'_> {
+    /// The index in the file of element `i` of the array at `array`, as validation sees it.
+    fn index_in_file(&self, array: &str, i: usize) -> usize {
+        file_path(&format!("{array}[{i}]"), &self.dropped)
+            .strip_prefix(&format!("{array}["))
+            .and_then(|rest| rest.trim_end_matches(']').parse().ok())
+            .unwrap_or(i)
+    }
+
+    /// The file named at `path`, resolved against `base`; remembered with its position,
+    /// for a later problem with the file to point at the key that names it.
+    fn file(&mut self, base: &Path, file: PathBuf, path: &str) -> PathBuf {
+        let file = resolve(base, file);
+        let path = &file_path(path, &self.dropped);
+        if let Some(position) = self.spans.position(path) {
+            self.files.push((file.clone(), position));
+        }
+        file
+    }
+
+    /// A problem with the key at `path` (`issuer[0].leeway`, `server.mode`), or with the
+    /// table at `path` when the key is missing.
+    fn push(&mut self, path: &str, message: impl Into<String>) {
+        let path = &file_path(path, &self.dropped);
+        let echo = self.removed.iter().any(|r| {
+            path == r || path.starts_with(&format!("{r}.")) || path.starts_with(&format!("{r}["))
+        });
+        if !echo {
+            let problem = self.spans.locate(path, Problem::new(message));
+            self.problems.push(problem);
+        }
+    }
+}
+
+/// A TOML syntax error, at its line.
 fn toml_error(text: &str, e: &toml::de::Error) -> Problem {
     let problem = Problem::new(e.message().trim_end_matches('\n'));
     match e.span() {
@@ -779,47 +1258,67 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { base.join(p) }
 }
 
-fn duration(
-    what: &str,
-    value: Option<String>,
-    default: Duration,
-    problems: &mut Vec<String>,
-) -> Duration {
-    match value {
-        None => default,
-        Some(s) => humantime::parse_duration(&s).unwrap_or_else(|e| {
-            problems.push(format!("{what}: invalid duration \"{s}\": {e}"));
-            default
-        }),
-    }
-}
+/// A duration written as a human string (`"30s"`, `"5m"`, `"250ms"`), checked while the
+/// file is deserialized, so a bad one is reported with its key and line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawDuration(Duration);
 
-/// A size such as `"64MiB"` or `"1GB"`.
-fn size(what: &str, value: Option<String>, problems: &mut Vec<String>) -> Option<u64> {
-    let s = value?;
-    match s.parse::<bytesize::ByteSize>() {
-        Ok(b) if b.as_u64() > 0 => Some(b.as_u64()),
-        _ => {
-            problems.push(format!(
-                "{what}: invalid size \"{s}\" (a positive size such as \"64MiB\")"
-            ));
-            None
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration as a string, such as \"30s\" or \"5m\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawDuration, E> {
+                humantime::parse_duration(s)
+                    .map(RawDuration)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(s), &self))
+            }
         }
+        d.deserialize_str(Visitor)
     }
 }
 
-fn audit_action(
-    what: &str,
-    value: Option<String>,
-    problems: &mut Vec<String>,
-) -> AuditFailureAction {
+/// The duration, or `default` when the key is absent.
+fn duration(value: Option<RawDuration>, default: Duration) -> Duration {
+    value.map_or(default, |d| d.0)
+}
+
+/// A positive size written as a string (`"64MiB"`, `"1GB"`), checked while the file is
+/// deserialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawSize(u64);
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a positive size as a string, such as \"64MiB\" or \"1GB\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawSize, E> {
+                match s.parse::<bytesize::ByteSize>() {
+                    Ok(b) if b.as_u64() > 0 => Ok(RawSize(b.as_u64())),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+fn audit_action(what: &str, value: Option<String>, problems: &mut Found<'_>) -> AuditFailureAction {
     match value.as_deref() {
         None | Some("deny") => AuditFailureAction::Deny,
         Some("serve") => AuditFailureAction::Serve,
         Some(other) => {
-            problems.push(format!(
-                "audit.{what}: \"{other}\" is not one of \"deny\", \"serve\""
-            ));
+            problems.push(
+                &format!("audit.{what}"),
+                format!("audit.{what}: \"{other}\" is not one of \"deny\", \"serve\""),
+            );
             AuditFailureAction::Deny
         }
     }
@@ -829,7 +1328,7 @@ fn audit_settings(
     raw: RawAudit,
     sink: AuditSink,
     base: &Path,
-    problems: &mut Vec<String>,
+    problems: &mut Found<'_>,
 ) -> AuditSettings {
     let defaults = AuditSettings::default();
     let fsync = match raw.fsync.as_deref() {
@@ -838,7 +1337,7 @@ fn audit_settings(
         Some(other) => match humantime::parse_duration(other) {
             Ok(d) if !d.is_zero() => AuditFsync::Every(d),
             _ => {
-                problems.push(format!(
+                problems.push("audit.fsync", format!(
                     "audit.fsync: \"{other}\" is not \"never\", \"always\" or a duration such as \"1s\""
                 ));
                 AuditFsync::Never
@@ -849,32 +1348,39 @@ fn audit_settings(
         None | Some("json") => AuditFormat::Json,
         Some("ecs") => AuditFormat::Ecs,
         Some(other) => {
-            problems.push(format!(
-                "audit.format: \"{other}\" is not one of \"json\", \"ecs\""
-            ));
+            problems.push(
+                "audit.format",
+                format!("audit.format: \"{other}\" is not one of \"json\", \"ecs\""),
+            );
             AuditFormat::Json
         }
     };
     if fsync != AuditFsync::Never && !matches!(sink, AuditSink::File(_)) {
         problems.push(
-            "audit.fsync: only a file audit log (`[log] audit = \"PATH\"`) can be fsynced".into(),
+            "audit.fsync",
+            "audit.fsync: only a file audit log (`[log] audit = \"PATH\"`) can be fsynced",
         );
     }
-    let rotate_size = size("audit.rotate_size", raw.rotate_size, problems);
+    let rotate_size = raw.rotate_size.map(|s| s.0);
     if rotate_size.is_some() && !matches!(sink, AuditSink::File(_)) {
         problems.push(
-            "audit.rotate_size: only a file audit log (`[log] audit = \"PATH\"`) rotates".into(),
+            "audit.rotate_size",
+            "audit.rotate_size: only a file audit log (`[log] audit = \"PATH\"`) rotates",
         );
     }
     let chain = raw.chain.unwrap_or(defaults.chain);
     if raw.signing_key.is_some() && !chain {
         problems.push(
-            "audit.signing_key: checkpoints sign the chain, so `chain` must not be false".into(),
+            "audit.signing_key",
+            "audit.signing_key: checkpoints sign the chain, so `chain` must not be false",
         );
     }
     let checkpoint_every = raw.checkpoint_every.unwrap_or(defaults.checkpoint_every);
     if checkpoint_every == 0 {
-        problems.push("audit.checkpoint_every: must be at least 1".into());
+        problems.push(
+            "audit.checkpoint_every",
+            "audit.checkpoint_every: must be at least 1",
+        );
     }
     let syslog = raw.syslog.map(|s| {
         let server_name = s.server_name.unwrap_or_else(|| {
@@ -886,29 +1392,29 @@ fn audit_settings(
                 .to_string()
         });
         if s.cert.is_some() != s.key.is_some() {
-            problems.push("audit.syslog: `cert` and `key` go together".into());
+            problems.push("audit.syslog", "audit.syslog: `cert` and `key` go together");
         }
-        let facility = match s.facility.as_deref() {
-            None => 13,
-            Some(f) => match f.parse::<u8>() {
-                Ok(n) if n <= 23 => n,
-                _ => {
-                    problems.push(format!(
+        let facility =
+            match s.facility.as_deref() {
+                None => 13,
+                Some(f) => match f.parse::<u8>() {
+                    Ok(n) if n <= 23 => n,
+                    _ => {
+                        problems.push("audit.syslog.facility", format!(
                         "audit.syslog.facility: \"{f}\" is not a facility number from 0 to 23"
                     ));
-                    13
-                }
-            },
-        };
+                        13
+                    }
+                },
+            };
         SyslogSettings {
             address: s.address,
             server_name,
-            ca: resolve(base, s.ca),
-            cert: s.cert.map(|c| resolve(base, c)),
-            key: s.key.map(|k| resolve(base, k)),
-            spool_dir: resolve(base, s.spool_dir),
-            spool_max: size("audit.syslog.spool_max", s.spool_max, problems)
-                .unwrap_or(DEFAULT_SYSLOG_SPOOL_MAX),
+            ca: problems.file(base, s.ca, "audit.syslog.ca"),
+            cert: s.cert.map(|c| problems.file(base, c, "audit.syslog.cert")),
+            key: s.key.map(|k| problems.file(base, k, "audit.syslog.key")),
+            spool_dir: problems.file(base, s.spool_dir, "audit.syslog.spool_dir"),
+            spool_max: s.spool_max.map_or(DEFAULT_SYSLOG_SPOOL_MAX, |s| s.0),
             app_name: s.app_name.unwrap_or_else(|| "portcullis".into()),
             facility,
         }
@@ -922,26 +1428,24 @@ fn audit_settings(
         rotate_keep: raw.rotate_keep.unwrap_or(defaults.rotate_keep),
         format,
         chain,
-        signing_key: raw.signing_key.map(|k| resolve(base, k)),
+        signing_key: raw
+            .signing_key
+            .map(|k| problems.file(base, k, "audit.signing_key")),
         checkpoint_every,
-        checkpoint_interval: duration(
-            "audit.checkpoint_interval",
-            raw.checkpoint_interval,
-            defaults.checkpoint_interval,
-            problems,
-        ),
+        checkpoint_interval: duration(raw.checkpoint_interval, defaults.checkpoint_interval),
         syslog,
     }
 }
 
-fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings {
+fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
     let mode = match raw.server.mode.as_deref() {
         None | Some("enforce") => Mode::Enforce,
         Some("dry-run") => Mode::DryRun,
         Some(other) => {
-            problems.push(format!(
-                "server.mode: \"{other}\" is not one of \"enforce\", \"dry-run\""
-            ));
+            problems.push(
+                "server.mode",
+                format!("server.mode: \"{other}\" is not one of \"enforce\", \"dry-run\""),
+            );
             Mode::Enforce
         }
     };
@@ -952,62 +1456,69 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     let grpc_listen = match grpc.strip_prefix("unix:") {
         Some(path) if !path.is_empty() => Listen::Unix(resolve(base, PathBuf::from(path))),
         _ => grpc.parse().map(Listen::Tcp).unwrap_or_else(|_| {
-            problems.push(format!(
+            problems.push("server.grpc", format!(
                 "server.grpc: \"{grpc}\" is not an address like \"127.0.0.1:9191\" or \"unix:/run/portcullis.sock\""
             ));
             Listen::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 9191)))
         }),
     };
     let tls = raw.server.tls.map(|t| TlsSettings {
-        cert: resolve(base, t.cert),
-        key: resolve(base, t.key),
-        client_ca: t.client_ca.map(|c| resolve(base, c)),
+        cert: problems.file(base, t.cert, "server.tls.cert"),
+        key: problems.file(base, t.key, "server.tls.key"),
+        client_ca: t
+            .client_ca
+            .map(|c| problems.file(base, c, "server.tls.client_ca")),
     });
-    let shutdown_grace = duration(
-        "server.shutdown_grace",
-        raw.server.shutdown_grace,
-        DEFAULT_SHUTDOWN_GRACE,
-        problems,
-    );
+    let shutdown_grace = duration(raw.server.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     let sink = match raw.log.audit.as_deref() {
         None | Some("stdout") => AuditSink::Stdout,
         Some("stderr") => AuditSink::Stderr,
         Some("") => {
-            problems.push("log.audit: must be \"stdout\", \"stderr\" or a file path".into());
+            problems.push(
+                "log.audit",
+                "log.audit: must be \"stdout\", \"stderr\" or a file path",
+            );
             AuditSink::Stdout
         }
-        Some(path) => AuditSink::File(resolve(base, PathBuf::from(path))),
+        Some(path) => AuditSink::File(problems.file(base, PathBuf::from(path), "log.audit")),
     };
     let audit = audit_settings(raw.audit, sink, base, problems);
 
     let peer = raw.peer.map(|p| {
         for td in &p.trust_domains {
             if let Err(e) = crate::spiffe::TrustDomain::try_from(td.as_str()) {
-                problems.push(format!("peer.trust_domains: {e}"));
+                problems.push("peer.trust_domains", format!("peer.trust_domains: {e}"));
             }
         }
         let max_request_intermediates = p
             .max_request_intermediates
             .unwrap_or(DEFAULT_MAX_REQUEST_INTERMEDIATES);
         if max_request_intermediates > MAX_REQUEST_INTERMEDIATES {
-            problems.push(format!(
+            problems.push("peer.max_request_intermediates", format!(
                 "peer.max_request_intermediates: {max_request_intermediates} is more than {MAX_REQUEST_INTERMEDIATES}, the longest path webpki builds"
             ));
         }
         PeerSettings {
-            trust_bundle: resolve(base, p.trust_bundle),
-            intermediates: p.intermediates.map(|i| resolve(base, i)),
+            trust_bundle: problems.file(base, p.trust_bundle, "peer.trust_bundle"),
+            intermediates: p
+                .intermediates
+                .map(|i| problems.file(base, i, "peer.intermediates")),
             trust_domains: p.trust_domains,
             require: p.require,
             max_size: p.max_size.unwrap_or(DEFAULT_CERT_MAX_SIZE),
             max_request_intermediates,
-            crls: p.crls.into_iter().map(|c| resolve(base, c)).collect(),
-            header: p.header.map(|h| header_name("peer.header", h, problems)),
+            crls: p
+                .crls
+                .into_iter()
+                .enumerate()
+                .map(|(n, c)| problems.file(base, c, &format!("peer.crls[{n}]")))
+                .collect(),
+            header: p.header.map(|h| header_name("peer.header", "peer.header", h, problems)),
             xfcc: match p.xfcc.as_deref() {
                 None | Some("off") => XfccMode::Off,
                 Some("nearest") => XfccMode::Nearest,
                 Some(other) => {
-                    problems.push(format!(
+                    problems.push("peer.xfcc", format!(
                         "peer.xfcc: \"{other}\" is not one of \"off\", \"nearest\""
                     ));
                     XfccMode::Off
@@ -1022,16 +1533,19 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let at = format!("issuer #{} (\"{}\")", i + 1, r.issuer);
+            let at = format!(
+                "issuer #{} (\"{}\")",
+                problems.index_in_file("issuer", i) + 1,
+                r.issuer
+            );
             if r.issuer.is_empty() {
-                problems.push(format!("{at}: issuer must not be empty"));
+                problems.push(&format!("issuer[{i}].issuer"), format!("{at}: issuer must not be empty"));
             }
             if !seen.insert(r.issuer.clone()) {
-                problems.push(format!("{at}: the same issuer is configured twice"));
+                problems.push(&format!("issuer[{i}]"), format!("{at}: the same issuer is configured twice"));
             }
             if r.audiences.is_empty() || r.audiences.iter().any(String::is_empty) {
-                problems.push(format!(
-                    "{at}: audiences must list at least one non-empty audience (tokens without a matching aud are rejected)"
+                problems.push(&format!("issuer[{i}].audiences"), format!("{at}: audiences must list at least one non-empty audience (tokens without a matching aud are rejected)"
                 ));
             }
             let files = r.jwks_file.is_some() || !r.pem_keys.is_empty();
@@ -1039,95 +1553,87 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                 (true, None, false) => KeySource::Files,
                 (false, Some(uri), false) => {
                     if let Err(e) = check_fetch_url(&uri) {
-                        problems.push(format!("{at}: jwks_uri: {e}"));
+                        problems.push(&format!("issuer[{i}].jwks_uri"), format!("{at}: jwks_uri: {e}"));
                     }
                     KeySource::JwksUri(uri)
                 }
                 (false, None, true) => {
                     if let Err(e) = check_fetch_url(&r.issuer) {
-                        problems.push(format!("{at}: discovery needs a fetchable issuer URL: {e}"));
+                        problems.push(&format!("issuer[{i}].discovery"), format!("{at}: discovery needs a fetchable issuer URL: {e}"));
                     }
                     KeySource::Discovery
                 }
                 (false, None, false) => {
-                    problems.push(format!(
-                        "{at}: no keys: set jwks_file or pem_keys, jwks_uri, or discovery = true"
+                    problems.push(&format!("issuer[{i}]"), format!("{at}: no keys: set jwks_file or pem_keys, jwks_uri, or discovery = true"
                     ));
                     KeySource::Files
                 }
                 _ => {
-                    problems.push(format!(
-                        "{at}: choose one key source: jwks_file/pem_keys, jwks_uri, or discovery = true"
+                    problems.push(&format!("issuer[{i}]"), format!("{at}: choose one key source: jwks_file/pem_keys, jwks_uri, or discovery = true"
                     ));
                     KeySource::Files
                 }
             };
-            let d = |name: &str, v: Option<String>, default: Duration, problems: &mut Vec<String>| {
-                duration(&format!("{at}: {name}"), v, default, problems)
-            };
             let fetch = FetchSettings {
-                ca_bundle: r.ca_bundle.map(|p| resolve(base, p)),
-                refresh_min: d("refresh_min", r.refresh_min, DEFAULT_REFRESH_MIN, problems),
-                refresh_max: d("refresh_max", r.refresh_max, DEFAULT_REFRESH_MAX, problems),
-                timeout: d("fetch_timeout", r.fetch_timeout, DEFAULT_FETCH_TIMEOUT, problems),
+                ca_bundle: r
+                    .ca_bundle
+                    .map(|p| problems.file(base, p, &format!("issuer[{i}].ca_bundle"))),
+                refresh_min: duration(r.refresh_min, DEFAULT_REFRESH_MIN),
+                refresh_max: duration(r.refresh_max, DEFAULT_REFRESH_MAX),
+                timeout: duration(r.fetch_timeout, DEFAULT_FETCH_TIMEOUT),
                 max_size: r.max_key_set_size.unwrap_or(DEFAULT_MAX_KEY_SET_SIZE),
-                unknown_kid_interval: d(
-                    "unknown_kid_interval",
-                    r.unknown_kid_interval,
-                    DEFAULT_UNKNOWN_KID_INTERVAL,
-                    problems,
-                ),
-                unknown_kid_wait: d("unknown_kid_wait", r.unknown_kid_wait, DEFAULT_UNKNOWN_KID_WAIT, problems),
-                max_staleness: d("max_staleness", r.max_staleness, DEFAULT_MAX_STALENESS, problems),
+                unknown_kid_interval: duration(r.unknown_kid_interval, DEFAULT_UNKNOWN_KID_INTERVAL),
+                unknown_kid_wait: duration(r.unknown_kid_wait, DEFAULT_UNKNOWN_KID_WAIT),
+                max_staleness: duration(r.max_staleness, DEFAULT_MAX_STALENESS),
                 required_at_start: r.required_at_start.unwrap_or(true),
             };
             if fetch.refresh_min > fetch.refresh_max {
-                problems.push(format!("{at}: refresh_min is larger than refresh_max"));
+                problems.push(&format!("issuer[{i}].refresh_min"), format!("{at}: refresh_min is larger than refresh_max"));
             }
             if fetch.refresh_min.is_zero() || fetch.timeout.is_zero() {
-                problems.push(format!("{at}: refresh_min and fetch_timeout must be positive"));
+                problems.push(&format!("issuer[{i}].refresh_min"), format!("{at}: refresh_min and fetch_timeout must be positive"));
             }
             let names = r
                 .algorithms
                 .unwrap_or_else(|| DEFAULT_ALGORITHMS.iter().map(|s| s.to_string()).collect());
             if names.is_empty() {
-                problems.push(format!("{at}: algorithms must not be empty"));
+                problems.push(&format!("issuer[{i}].algorithms"), format!("{at}: algorithms must not be empty"));
             }
             let algorithms = names
                 .iter()
                 .filter_map(|n| match crate::jose::parse_allowed_algorithm(n) {
                     Ok(a) => Some(a),
                     Err(e) => {
-                        problems.push(format!("{at}: algorithms: {e}"));
+                        problems.push(&format!("issuer[{i}].algorithms"), format!("{at}: algorithms: {e}"));
                         None
                     }
                 })
                 .collect();
-            let leeway = duration(&format!("{at}: leeway"), r.leeway, DEFAULT_LEEWAY, problems);
+            let leeway = duration(r.leeway, DEFAULT_LEEWAY);
             if leeway > MAX_LEEWAY {
-                problems.push(format!(
-                    "{at}: leeway of {} is larger than the maximum of 5m",
+                problems.push(&format!("issuer[{i}].leeway"), format!("{at}: leeway of {} is larger than the maximum of 5m",
                     humantime::format_duration(leeway)
                 ));
             }
-            let max_lifetime = duration(
-                &format!("{at}: max_lifetime"),
-                r.max_lifetime,
-                DEFAULT_MAX_LIFETIME,
-                problems,
-            );
+            let max_lifetime = duration(r.max_lifetime, DEFAULT_MAX_LIFETIME);
             if max_lifetime.is_zero() {
-                problems.push(format!("{at}: max_lifetime must be positive"));
+                problems.push(&format!("issuer[{i}].max_lifetime"), format!("{at}: max_lifetime must be positive"));
             }
             IssuerSettings {
                 audiences: r.audiences,
                 source,
                 fetch,
-                jwks_file: r.jwks_file.map(|p| resolve(base, p)),
+                jwks_file: r
+                    .jwks_file
+                    .map(|p| problems.file(base, p, &format!("issuer[{i}].jwks_file"))),
                 pem_keys: r
                     .pem_keys
                     .into_iter()
-                    .map(|k| (resolve(base, k.path), k.kid))
+                    .enumerate()
+                    .map(|(n, k)| {
+                        let at = format!("issuer[{i}].pem_keys[{n}].path");
+                        (problems.file(base, k.path, &at), k.kid)
+                    })
                     .collect(),
                 algorithms,
                 leeway,
@@ -1140,31 +1646,41 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                 claim_headers: r
                     .claim_headers
                     .into_iter()
-                    .map(|(h, c)| (header_name(&format!("{at}: claim_headers"), h, problems), c))
+                    .map(|(h, c)| (header_name(&format!("{at}: claim_headers"), &format!("issuer[{i}].claim_headers.{h}"), h, problems), c))
                     .collect(),
                 claims: r.claims.into_iter().collect(),
                 issuer: r.issuer,
             }
         })
         .collect();
-    problems.extend(crate::declared::conflicting_claim_types(
+    for conflict in crate::declared::conflicting_claim_types(
         issuers
             .iter()
             .map(|i| (i.issuer.as_str(), i.claims.as_slice())),
-    ));
+    ) {
+        problems.push("issuer", conflict);
+    }
 
     let policy = PolicySettings {
-        dir: resolve(
+        dir: problems.file(
             base,
             raw.policy.dir.unwrap_or_else(|| PathBuf::from("policies")),
+            "policy.dir",
         ),
-        schema: raw.policy.schema.map(|p| resolve(base, p)),
-        entities: raw.policy.entities.map(|p| resolve(base, p)),
+        schema: raw
+            .policy
+            .schema
+            .map(|p| problems.file(base, p, "policy.schema")),
+        entities: raw
+            .policy
+            .entities
+            .map(|p| problems.file(base, p, "policy.entities")),
         hidden_headers: Vec::new(),
         time_zone: raw.policy.time_zone.unwrap_or_default(),
     };
 
     let principal_header = header_name(
+        "response.principal_header",
         "response.principal_header",
         raw.response
             .principal_header
@@ -1175,7 +1691,17 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         .response
         .claim_headers
         .into_iter()
-        .map(|(h, c)| (header_name("response.claim_headers", h, problems), c))
+        .map(|(h, c)| {
+            (
+                header_name(
+                    "response.claim_headers",
+                    &format!("response.claim_headers.{h}"),
+                    h,
+                    problems,
+                ),
+                c,
+            )
+        })
         .collect();
     // SECURITY: headers filled from claims are vouched for by the issuer that signed
     // them. Shared by several issuers, a less-trusted one (a partner IdP) could put any
@@ -1188,10 +1714,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                 only.claim_headers = global_claim_headers.clone();
             }
             [_] => problems.push(
-                "response.claim_headers: the issuer sets its own claim_headers; keep one of the two"
-                    .into(),
+                "response.claim_headers",
+                "response.claim_headers: the issuer sets its own claim_headers; keep one of the two",
             ),
-            several => problems.push(format!(
+            several => problems.push("response.claim_headers", format!(
                 "response.claim_headers: with {} issuers one issuer's tokens would fill headers for all of them; set claim_headers on each [[issuer]] instead",
                 several.len()
             )),
@@ -1213,17 +1739,21 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
     if let Some(h) = &http_listen
         && h.parse::<std::net::SocketAddr>().is_err()
     {
-        problems.push(format!(
-            "server.http: \"{h}\" is not an address like \"127.0.0.1:9192\""
-        ));
+        problems.push(
+            "server.http",
+            format!("server.http: \"{h}\" is not an address like \"127.0.0.1:9192\""),
+        );
     }
     let token = TokenSettings {
         max_size: raw.token.max_size.unwrap_or(DEFAULT_TOKEN_MAX_SIZE),
-        revoked: raw.token.revoked.map(|p| resolve(base, p)),
+        revoked: raw
+            .token
+            .revoked
+            .map(|p| problems.file(base, p, "token.revoked")),
         header: raw
             .token
             .header
-            .map(|h| header_name("token.header", h, problems)),
+            .map(|h| header_name("token.header", "token.header", h, problems)),
         cookie: raw.token.cookie,
         pass_schemes: raw
             .token
@@ -1239,23 +1769,26 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
         {
-            problems.push(format!(
+            problems.push("token.pass_schemes", format!(
                 "token.pass_schemes: \"{scheme}\" is not an authorization scheme other than Bearer"
             ));
         }
     }
 
     let headers =
-        |what: &str, v: Option<Vec<String>>, default: &[&str], problems: &mut Vec<String>| {
+        |what: &str, v: Option<Vec<String>>, default: &[&str], problems: &mut Found<'_>| {
             v.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
                 .into_iter()
-                .map(|h| header_name(what, h, problems))
+                .map(|h| header_name(what, what, h, problems))
                 .collect::<Vec<_>>()
         };
     let forward_auth = raw.forward_auth.map(|f| {
         let path = f.path.unwrap_or_else(|| "/auth".to_string());
         if !path.starts_with('/') {
-            problems.push(format!("forward_auth.path: \"{path}\" must start with '/'"));
+            problems.push(
+                "forward_auth.path",
+                format!("forward_auth.path: \"{path}\" must start with '/'"),
+            );
         }
         ForwardAuthSettings {
             path,
@@ -1292,7 +1825,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         }
     });
     if forward_auth.is_some() && http_listen.is_none() {
-        problems.push("forward_auth: needs the HTTP listener: set server.http".into());
+        problems.push(
+            "forward_auth",
+            "forward_auth: needs the HTTP listener: set server.http",
+        );
     }
     let defaults = Limits::default();
     let l = raw.limits;
@@ -1304,35 +1840,15 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         max_streams_per_connection: l
             .max_streams_per_connection
             .unwrap_or(defaults.max_streams_per_connection),
-        request_timeout: duration(
-            "limits.request_timeout",
-            l.request_timeout,
-            defaults.request_timeout,
-            problems,
-        ),
+        request_timeout: duration(l.request_timeout, defaults.request_timeout),
         max_http_connections: l
             .max_http_connections
             .unwrap_or(defaults.max_http_connections),
-        http_header_timeout: duration(
-            "limits.http_header_timeout",
-            l.http_header_timeout,
-            defaults.http_header_timeout,
-            problems,
-        ),
+        http_header_timeout: duration(l.http_header_timeout, defaults.http_header_timeout),
         strict_paths: l.strict_paths.unwrap_or(defaults.strict_paths),
         max_file_bytes: l.max_file_bytes.unwrap_or(defaults.max_file_bytes),
-        http_body_timeout: duration(
-            "limits.http_body_timeout",
-            l.http_body_timeout,
-            defaults.http_body_timeout,
-            problems,
-        ),
-        tls_handshake_timeout: duration(
-            "limits.tls_handshake_timeout",
-            l.tls_handshake_timeout,
-            defaults.tls_handshake_timeout,
-            problems,
-        ),
+        http_body_timeout: duration(l.http_body_timeout, defaults.http_body_timeout),
+        tls_handshake_timeout: duration(l.tls_handshake_timeout, defaults.tls_handshake_timeout),
         max_tls_handshakes: l.max_tls_handshakes.unwrap_or(defaults.max_tls_handshakes),
     };
     let zero = [
@@ -1356,7 +1872,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         ("max_tls_handshakes", limits.max_tls_handshakes == 0),
     ];
     for (name, _) in zero.iter().filter(|(_, z)| *z) {
-        problems.push(format!("limits.{name}: must be positive"));
+        problems.push(
+            &format!("limits.{name}"),
+            format!("limits.{name}: must be positive"),
+        );
     }
     // Only an issuer whose keys are fetched ever waits for a refresh.
     for i in issuers
@@ -1364,7 +1883,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         .filter(|i| i.source != KeySource::Files)
         .filter(|i| i.fetch.unknown_kid_wait >= limits.request_timeout)
     {
-        problems.push(format!(
+        problems.push("limits.request_timeout", format!(
             "limits.request_timeout ({}) must be longer than the unknown_kid_wait of issuer \"{}\" ({}), or a request waiting for new keys would always time out",
             humantime::format_duration(limits.request_timeout),
             i.issuer,
@@ -1380,6 +1899,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
             .unwrap_or(cache_defaults.certificates),
     };
     Settings {
+        origin: Origin::default(),
         limits,
         cache,
         forward_auth,
@@ -1408,12 +1928,15 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
 }
 
 /// A lower-case HTTP header name, or a problem.
-fn header_name(what: &str, name: String, problems: &mut Vec<String>) -> String {
+fn header_name(what: &str, path: &str, name: String, problems: &mut Found<'_>) -> String {
     let name = name.to_ascii_lowercase();
     // RFC 9110 §5.1 token characters.
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(tchar) {
-        problems.push(format!("{what}: \"{name}\" is not a valid header name"));
+        problems.push(
+            path,
+            format!("{what}: \"{name}\" is not a valid header name"),
+        );
     }
     name
 }
@@ -1476,11 +1999,11 @@ mod tests {
             ("fsync = \"sometimes\"", "audit.fsync: \"sometimes\" is not"),
             (
                 "rotate_size = \"lots\"",
-                "audit.rotate_size: invalid size \"lots\"",
+                "[audit] rotate_size: expected a positive size as a string, such as \"64MiB\" or \"1GB\", found string \"lots\"",
             ),
             (
                 "rotate_size = \"0\"",
-                "audit.rotate_size: invalid size \"0\"",
+                "[audit] rotate_size: expected a positive size as a string, such as \"64MiB\" or \"1GB\", found string \"0\"",
             ),
             ("format = \"cef\"", "audit.format: \"cef\" is not one of"),
             (
@@ -1491,7 +2014,7 @@ mod tests {
                 "chain = false\nsigning_key = \"k.pem\"",
                 "audit.signing_key: checkpoints sign the chain",
             ),
-            ("colour = \"red\"", "unknown field `colour`"),
+            ("colour = \"red\"", "unknown key `colour` in [audit]"),
         ] {
             let err = Settings::from_toml(
                 &format!("[log]\naudit = \"a.log\"\n[audit]\n{body}"),
@@ -1631,5 +2154,154 @@ leeway = "forever"
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+    /// Every unknown key and every value of the wrong type is reported in one pass, each
+    /// at its line, with the fix.
+    #[test]
+    fn every_key_problem_is_reported_with_its_line_and_fix() {
+        let text = "[server]\nmdoe = \"enforce\"\n[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nlevway = \"30s\"\nmax_lifetime = 30\n[limits]\nmax_concurent = 8\nrequest_timeout = \"soon\"\n[audit]\nrotate_size = \"lots\"\nzzzzzz = 1\n";
+        let err = Settings::from_toml(text, Path::new("")).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> = err
+            .problems()
+            .iter()
+            .map(|p| (p.line(), p.message()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    Some(2),
+                    "unknown key `mdoe` in [server]; did you mean `mode`?"
+                ),
+                (
+                    Some(7),
+                    "unknown key `levway` in [issuer]; did you mean `leeway`?"
+                ),
+                (
+                    Some(8),
+                    "[issuer] max_lifetime: expected a duration as a string, such as \"30s\" or \"5m\", found integer `30`"
+                ),
+                (
+                    Some(10),
+                    "unknown key `max_concurent` in [limits]; did you mean `max_concurrent`?"
+                ),
+                (
+                    Some(11),
+                    "[limits] request_timeout: expected a duration as a string, such as \"30s\" or \"5m\", found string \"soon\""
+                ),
+                (
+                    Some(13),
+                    "[audit] rotate_size: expected a positive size as a string, such as \"64MiB\" or \"1GB\", found string \"lots\""
+                ),
+                (
+                    Some(14),
+                    "unknown key `zzzzzz` in [audit]; see docs/CONFIGURATION.md for the valid keys"
+                ),
+            ]
+        );
+        // Not the list of every valid name.
+        assert!(!err.to_string().contains("expected one of"), "{err}");
+    }
+
+    /// Problems found validating values carry the line of their key; a key taken out for
+    /// its type is not reported again by validation.
+    #[test]
+    fn value_problems_carry_their_line() {
+        let text = "[server]\ngrpc = \"nowhere\"\nmode = \"maybe\"\n[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nalgorithms = [\"HS256\"]\n[[issuer]]\nissuer = \"https://j\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\n";
+        let err = Settings::from_toml(text, Path::new("")).unwrap_err();
+        let lines: Vec<Option<usize>> = err.problems().iter().map(Problem::line).collect();
+        assert_eq!(lines, vec![Some(2), Some(3), Some(8), Some(13)], "{err}");
+        assert!(
+            err.problems()[3].message().contains("leeway of 10m"),
+            "{err}"
+        );
+        // A missing key is reported where its table starts.
+        let err = Settings::from_toml(
+            "[server]\nmode = \"enforce\"\n\n[[issuer]]\naudiences = [\"a\"]\n",
+            Path::new(""),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems()[0].line(), Some(4), "{err}");
+        assert!(
+            err.problems()[0]
+                .message()
+                .contains("[issuer] is missing the required key `issuer`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_get_the_closest_name_only_when_close() {
+        let valid = ["dir", "schema", "entities"];
+        assert_eq!(
+            unknown_key("shema", "[policy]", &valid),
+            "unknown key `shema` in [policy]; did you mean `schema`?"
+        );
+        assert_eq!(
+            unknown_key("colour", "[policy]", &valid),
+            "unknown key `colour` in [policy]; valid keys: `dir`, `schema`, `entities`"
+        );
+        let long = "x".repeat(500);
+        assert!(unknown_key(&long, "[policy]", &valid).len() < 200);
+    }
+
+    /// The passes are bounded: a file of many bad keys reports the first ones and stops.
+    #[test]
+    fn the_passes_are_bounded() {
+        let text: String = (0..200).map(|i| format!("bad{i} = 1\n")).collect();
+        let err = Settings::from_toml(&text, Path::new("")).unwrap_err();
+        assert_eq!(err.problems().len(), MAX_DESERIALIZE_PROBLEMS + 1);
+        assert!(err.to_string().contains("more than 50 problems"), "{err}");
+    }
+
+    /// A problem reading a file the configuration names points at the key that names it.
+    #[test]
+    fn problems_with_named_files_point_at_their_key() {
+        let text = "[policy]\ndir = \"p\"\n\n[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"keys.json\"\n[token]\nrevoked = \"revoked.txt\"\n";
+        let s = Settings::from_toml(text, Path::new("/etc/p")).unwrap();
+        let placed = |m: &str| s.place(Problem::new(m)).line();
+        assert_eq!(
+            placed("issuer \"https://i\": /etc/p/keys.json: cannot read"),
+            Some(7)
+        );
+        assert_eq!(placed("/etc/p/p: no *.cedar policy files"), Some(2));
+        // A line of the named file is a place of its own; unrelated text is not placed.
+        assert_eq!(placed("/etc/p/revoked.txt:2: unknown prefix"), None);
+        assert_eq!(placed("/etc/p/revoked.txt: empty"), Some(9));
+        assert_eq!(placed("cannot read /etc/p/keys.jsonx: gone"), None);
+        assert_eq!(placed("the audit log cannot be written"), None);
+    }
+
+    /// A table missing a required key is reported and taken out; the rest of the file is
+    /// still checked, and the line of every later problem is the file's own, though an
+    /// element before it was taken out of its array.
+    #[test]
+    fn a_missing_key_does_not_end_the_report() {
+        let text = "[[issuer]]\naudiences = [\"a\"]\n\n[[issuer]]\nissuer = \"https://b\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = 30\n\n[[issuer]]\nissuer = \"https://c\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\n[limits]\nmax_concurent = 1\n";
+        let err = Settings::from_toml(text, Path::new("")).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> = err
+            .problems()
+            .iter()
+            .map(|p| (p.line(), p.message()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(1), "[issuer] is missing the required key `issuer`"),
+                (
+                    Some(8),
+                    "[issuer] leeway: expected a duration as a string, such as \"30s\" or \"5m\", found integer `30`"
+                ),
+                (
+                    Some(14),
+                    "issuer #3 (\"https://c\"): leeway of 10m is larger than the maximum of 5m"
+                ),
+                (
+                    Some(16),
+                    "unknown key `max_concurent` in [limits]; did you mean `max_concurrent`?"
+                ),
+            ],
+            "{err}"
+        );
     }
 }

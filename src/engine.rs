@@ -273,12 +273,16 @@ impl Drop for Background {
     }
 }
 
-/// Loads the reloadable material: trust bundle, intermediates and CRLs; policies, schema and
-/// entities; and the key files of issuers whose keys are files.
 /// The key sets of issuers whose keys are files, by issuer.
 type KeyFiles = Vec<(String, KeySet)>;
 
-fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<Problem>> {
+/// Loads the reloadable material: trust bundle, intermediates and CRLs; policies, schema and
+/// entities; and, on a reload, the key files of issuers whose keys are files. At start-up
+/// the token verifier has read those already (and reported their problems).
+fn load_reloadable(
+    settings: &Settings,
+    key_files: KeyFilesToo,
+) -> Result<(Loaded, KeyFiles), Vec<Problem>> {
     let mut problems = Vec::new();
     let peer = match &settings.peer {
         None => None,
@@ -289,14 +293,14 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<Proble
     let policy = policy::load(&settings.policy)
         .map_err(|e| problems.extend(e))
         .ok();
-    let mut key_files = Vec::new();
-    for issuer in settings
+    let mut keys = Vec::new();
+    let issuers = settings
         .issuers
         .iter()
-        .filter(|i| i.source == KeySource::Files)
-    {
+        .filter(|i| i.source == KeySource::Files && key_files == KeyFilesToo::Yes);
+    for issuer in issuers {
         match KeySet::load(issuer.jwks_file.as_deref(), &issuer.pem_keys) {
-            Ok(keys) => key_files.push((issuer.issuer.clone(), keys)),
+            Ok(set) => keys.push((issuer.issuer.clone(), set)),
             Err(errs) => problems.extend(
                 errs.into_iter()
                     .map(|e| Problem::new(format!("issuer \"{}\": {e}", issuer.issuer))),
@@ -304,9 +308,19 @@ fn load_reloadable(settings: &Settings) -> Result<(Loaded, KeyFiles), Vec<Proble
         }
     }
     match policy {
-        Some(policy) if problems.is_empty() => Ok((Loaded { peer, policy }, key_files)),
+        Some(policy) if problems.is_empty() => Ok((Loaded { peer, policy }, keys)),
         _ => Err(problems),
     }
+}
+
+/// Whether [`load_reloadable`] reads the issuers' key files too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFilesToo {
+    /// On a reload.
+    Yes,
+    /// At start-up, where [`TokenVerifier::load`] reads them: read twice, a missing file
+    /// was reported twice.
+    No,
 }
 
 impl Engine {
@@ -322,7 +336,7 @@ impl Engine {
                 .map_err(|e| problems.extend(e.into_iter().map(Problem::new)))
                 .ok()
         });
-        let loaded = load_reloadable(settings)
+        let loaded = load_reloadable(settings, KeyFilesToo::No)
             .map_err(|e| problems.extend(e))
             .ok();
         let audit = crate::audit::AuditLog::open(&settings.audit, metrics.audit())
@@ -366,7 +380,10 @@ impl Engine {
                     in_flight: AtomicUsize::new(0),
                 })
             }
-            _ => Err(LoadError::new("", problems)),
+            _ => Err(LoadError::new(
+                "",
+                problems.into_iter().map(|p| settings.place(p)).collect(),
+            )),
         }
     }
 
@@ -374,7 +391,7 @@ impl Engine {
     /// A valid new set replaces the old one whole; an invalid one changes nothing, and its
     /// problems are logged, counted and shown in `/readyz` until a reload succeeds.
     pub fn reload(&self) -> Result<(), LoadError> {
-        let result = load_reloadable(&self.settings);
+        let result = load_reloadable(&self.settings, KeyFilesToo::Yes);
         self.metrics.reload(result.is_ok());
         match result {
             Ok((loaded, key_files)) => {

@@ -656,7 +656,14 @@ mod tests {
                 ),
                 vec![],
             ),
-            ("wrong audience", token(TokenRejection::WrongAudience), vec![]),
+            (
+                "wrong audience",
+                token(TokenRejection::WrongAudience {
+                    found: vec!["x".into()],
+                    accepted: vec!["api".into()],
+                }),
+                vec![],
+            ),
             (
                 "malformed token",
                 token(TokenRejection::Malformed("x".into())),

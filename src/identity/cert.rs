@@ -756,6 +756,140 @@ fn map_webpki(e: webpki::Error) -> CertRejection {
         E::RequiredEkuNotFound | E::RequiredEkuNotFoundContext(_) => CertRejection::Usage,
         E::CaUsedAsEndEntity => CertRejection::CaAsLeaf,
         E::CertRevoked => CertRejection::Revoked,
-        other => CertRejection::Invalid(format!("{other:?}")),
+        other => CertRejection::Invalid(path_error(&other)),
+    }
+}
+
+/// A sentence for each path validation error, for the operator: what is wrong with the
+/// certificate and, where one is likely, why. webpki's own names
+/// (`InvalidSignatureForPublicKey`) say little to someone holding the certificate.
+fn path_error(e: &webpki::Error) -> String {
+    use webpki::Error as E;
+    #[allow(deprecated)]
+    let sentence = match e {
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => {
+            "a certificate in the path is not valid DER"
+        }
+        E::CaUsedAsEndEntity => "a CA certificate was presented as the client certificate",
+        E::CertDistrusted => "a certificate in the path is distrusted",
+        E::CertExpired { .. } => "a certificate in the path has expired",
+        E::CertNotValidForName(_) => "the certificate is not valid for the expected name",
+        E::CertNotValidYet { .. } => "a certificate in the path is not valid yet",
+        E::CertRevoked => "a certificate in the path is revoked (CRL)",
+        E::CrlExpired { .. } => "a CRL has expired: publish a new one from the CA",
+        E::EmptyEkuExtension => "the certificate's extended key usage extension is empty",
+        E::EndEntityUsedAsCa => {
+            "a certificate that is not a CA (basicConstraints) was used to issue another"
+        }
+        E::ExtensionValueInvalid | E::MalformedExtensions => {
+            "a certificate in the path has a malformed extension"
+        }
+        E::InvalidCertValidity => {
+            "a certificate in the path has a validity period that ends before it begins"
+        }
+        E::InvalidCrlNumber | E::UnsupportedCrlVersion | E::UnsupportedDeltaCrl
+        | E::UnsupportedIndirectCrl | E::UnsupportedCrlIssuingDistributionPoint
+        | E::UnsupportedRevocationReason | E::UnsupportedRevocationReasonsPartitioning => {
+            "a configured CRL has a form this verifier does not support"
+        }
+        E::InvalidCrlSignatureForPublicKey => {
+            "a CRL's signature does not verify with its issuer's key: was it signed by another CA with the same name?"
+        }
+        E::InvalidSignatureForPublicKey => {
+            "the certificate's signature does not verify with its issuer's key: was it issued by another CA with the same name?"
+        }
+        E::InvalidNetworkMaskConstraint | E::MalformedNameConstraint => {
+            "a CA in the path has a malformed name constraint"
+        }
+        E::InvalidSerialNumber => "a certificate in the path has an invalid serial number",
+        E::IssuerNotCrlSigner => "a CRL is signed by a certificate that may not sign CRLs",
+        E::MalformedDnsIdentifier | E::UnsupportedNameType => {
+            "the certificate has a name of a form this verifier does not support"
+        }
+        E::MaximumNameConstraintComparisonsExceeded
+        | E::MaximumPathBuildCallsExceeded
+        | E::MaximumSignatureChecksExceeded => {
+            "building the path took more work than allowed: too many candidate intermediates or names"
+        }
+        E::MaximumPathDepthExceeded => "the path to a trusted CA is longer than allowed",
+        E::NameConstraintViolation => {
+            "the certificate has a name that a CA in the path may not issue (name constraints)"
+        }
+        E::PathLenConstraintViolated => {
+            "the path has more intermediates than a CA in it allows (pathLenConstraint)"
+        }
+        E::RequiredEkuNotFound | E::RequiredEkuNotFoundContext(_) => {
+            "the certificate is not valid for client authentication (extended key usage)"
+        }
+        E::SignatureAlgorithmMismatch => {
+            "a certificate's signature algorithm does not match the one in its signed part"
+        }
+        E::UnknownIssuer => "no path to a trusted CA",
+        E::UnknownRevocationStatus => "no CRL covers a certificate in the path",
+        E::UnsupportedCertVersion => "a certificate in the path is not X.509 version 3",
+        E::UnsupportedCriticalExtension => {
+            "a certificate in the path has a critical extension this verifier does not understand"
+        }
+        E::UnsupportedCrlSignatureAlgorithm
+        | E::UnsupportedCrlSignatureAlgorithmContext(_)
+        | E::UnsupportedCrlSignatureAlgorithmForPublicKey
+        | E::UnsupportedCrlSignatureAlgorithmForPublicKeyContext(_) => {
+            "a CRL is signed with an algorithm this verifier does not accept"
+        }
+        E::UnsupportedSignatureAlgorithm
+        | E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKey
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            "a certificate in the path is signed with an algorithm this verifier does not accept, or one that does not fit its issuer's key"
+        }
+        // webpki's errors are non-exhaustive: a new one is still a rejection, named as
+        // webpki names it.
+        other => return format!("path validation failed ({other:?})"),
+    };
+    sentence.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Path validation errors reach the operator as sentences, not webpki's variant names.
+    #[test]
+    fn path_errors_are_sentences() {
+        use webpki::Error as E;
+        for (error, sentence) in [
+            (
+                E::InvalidSignatureForPublicKey,
+                "certificate rejected: the certificate's signature does not verify with its issuer's key: was it issued by another CA with the same name?",
+            ),
+            (
+                E::PathLenConstraintViolated,
+                "certificate rejected: the path has more intermediates than a CA in it allows (pathLenConstraint)",
+            ),
+            (
+                E::NameConstraintViolation,
+                "certificate rejected: the certificate has a name that a CA in the path may not issue (name constraints)",
+            ),
+            (
+                E::UnknownRevocationStatus,
+                "certificate rejected: no CRL covers a certificate in the path",
+            ),
+            (E::CertExpired { time: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(2)), not_after: rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(1)) }, "certificate has expired"),
+        ] {
+            let text = map_webpki(error).to_string();
+            assert_eq!(text, sentence);
+        }
+        // No variant name of webpki's reaches the text.
+        for error in [
+            E::BadDer,
+            E::EndEntityUsedAsCa,
+            E::MaximumPathDepthExceeded,
+            E::UnsupportedCriticalExtension,
+            E::SignatureAlgorithmMismatch,
+            E::InvalidCrlSignatureForPublicKey,
+        ] {
+            let text = map_webpki(error.clone()).to_string();
+            assert!(!text.contains(&format!("{error:?}")), "{text}");
+        }
     }
 }

@@ -114,9 +114,20 @@ pub enum TokenRejection {
     /// Token has no "aud" claim.
     #[error("token has no \"aud\" claim")]
     MissingAudience,
-    /// Token audience is not accepted by this issuer.
-    #[error("token audience is not accepted by this issuer")]
-    WrongAudience,
+    /// Token audience is not accepted by this issuer. Both lists are shown to the operator
+    /// (logs, audit, `check --explain`), never to the client; the token's audiences are
+    /// capped and escaped, since the token's author wrote them.
+    #[error(
+        "token audience is not accepted by this issuer: the token names {}; accepted: {}",
+        Echo(found),
+        Echo(accepted)
+    )]
+    WrongAudience {
+        /// The token's `aud` values, the first few of them, each cut short.
+        found: Vec<String>,
+        /// The issuer's `audiences`.
+        accepted: Vec<String>,
+    },
     /// Token is bound to a certificate (cnf.x5t#S256) but no verified certificate was presented.
     #[error(
         "token is bound to a certificate (cnf.x5t#S256) but no verified certificate was presented"
@@ -128,6 +139,41 @@ pub enum TokenRejection {
     /// Issuer requires certificate-bound tokens and this token is not bound.
     #[error("issuer requires certificate-bound tokens and this token is not bound")]
     Unbound,
+}
+
+/// Most values of a token's claim echoed in a rejection reason.
+pub(crate) const ECHO_VALUES: usize = 4;
+/// Most characters of one value echoed in a rejection reason.
+pub(crate) const ECHO_CHARS: usize = 64;
+
+/// Values for a rejection reason: each quoted with its control characters, quotes and
+/// non-ASCII escaped (a token's author could otherwise write a fake log line or hide
+/// characters), cut past `ECHO_CHARS` characters, at most `ECHO_VALUES` of them.
+pub(crate) struct Echo<'a>(pub &'a [String]);
+
+impl std::fmt::Display for Echo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, value) in self.0.iter().take(ECHO_VALUES).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str("\"")?;
+            for c in value.chars().take(ECHO_CHARS) {
+                write!(f, "{}", c.escape_default())?;
+            }
+            if value.chars().nth(ECHO_CHARS).is_some() {
+                f.write_str("...")?;
+            }
+            f.write_str("\"")?;
+        }
+        if self.0.len() > ECHO_VALUES {
+            f.write_str(" and more")?;
+        }
+        Ok(())
+    }
 }
 
 /// The claims of a token as read once after its signature verified: everything that does
@@ -769,7 +815,14 @@ fn parse_claims(
         Some(v) => strings(v).ok_or_else(|| TokenRejection::InvalidClaim("aud".into()))?,
     };
     if !s.audiences.iter().any(|a| audience.contains(a)) {
-        return Err(TokenRejection::WrongAudience);
+        return Err(TokenRejection::WrongAudience {
+            found: audience
+                .iter()
+                .take(ECHO_VALUES + 1)
+                .map(|a| a.chars().take(ECHO_CHARS + 1).collect())
+                .collect(),
+            accepted: s.audiences.clone(),
+        });
     }
     let subject = match claims.get("sub") {
         Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
@@ -1078,6 +1131,36 @@ mod tests {
         assert!(matches!(e, TokenRejection::ClaimType { ref found, .. } if found == "a non-integer number"), "{e}");
         assert!(v.verify(&token(json!(5)), None, now).is_ok());
         assert!(v.verify(&token(Value::Null), None, now).is_ok(), "null is absent");
+    }
+
+    /// A wrong audience names the token's audiences, escaped and capped (the token's author
+    /// wrote them), and the accepted ones.
+    #[test]
+    fn a_wrong_audience_names_both_lists_escaped_and_capped() {
+        let signer = crate::demo::TokenSigner::generate(Algorithm::ES256, "k");
+        let (v, _dir) = verifier(&signer);
+        let now = 1_900_000_000;
+        let reason = |aud: Value| {
+            let claims = json!({ "iss": ISS, "aud": aud, "sub": "alice", "iat": now, "exp": now + 600 });
+            v.verify(&signer.sign(&claims), None, now)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            reason(json!("billing")),
+            "token audience is not accepted by this issuer: the token names \"billing\"; accepted: \"api\""
+        );
+        // A forged log line, a quote and a terminal escape stay inside their quotes.
+        assert_eq!(
+            reason(json!(["a\"b", "x\nlevel=info msg=allowed", "\u{1b}[31m"])),
+            "token audience is not accepted by this issuer: the token names \"\\u{1b}[31m\", \"a\\\"b\", \"x\\nlevel=info msg=allowed\"; accepted: \"api\""
+        );
+        // Many or long values are cut.
+        let many: Vec<String> = (0..10).map(|i| format!("{i:0>100}")).collect();
+        let text = reason(json!(many));
+        assert!(text.len() < 500, "{text}");
+        assert!(text.contains("...\"") && text.contains(" and more;"), "{text}");
     }
 
     #[test]

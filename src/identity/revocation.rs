@@ -4,9 +4,10 @@
 //!
 //! Format: one entry per line, each line ending with a newline; `#` starts a comment;
 //! blank lines are ignored. `jti:<value>` revokes a token id; `sub:<value>` revokes every
-//! token whose subject is `<value>`, from any issuer. Anything else (a bare value, `sub
-//! alice`, `subject:alice`, `JTI:x`) is an error naming its line: a typo must not revoke
-//! the wrong thing, or nothing, in silence.
+//! token whose subject is `<value>`, from any issuer. A value has no whitespace. Anything
+//! else (a bare value, `sub alice`, `subject:alice`, `JTI:x`, `sub:alice bob`) is an error
+//! naming its line, with the entry it probably meant: a typo must not revoke the wrong
+//! thing, or nothing, in silence.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -26,6 +27,35 @@ pub const MAX_LINE_BYTES: usize = 4096;
 
 /// Most line problems reported for one file (the count of the rest follows).
 const MAX_REPORTED: usize = 20;
+
+/// A bad line, cut for an error message.
+fn shown(line: &str) -> String {
+    line.chars().take(64).collect()
+}
+
+/// The fix for a line with no known prefix: the entry it most likely meant (`sub alice`,
+/// `subject:alice`, `SUB:alice` meant `sub:alice`), else the two forms.
+fn meant(line: &str) -> String {
+    let forms = "write \"jti:<token id>\" or \"sub:<subject>\"";
+    let Some((word, value)) = line.split_once(|c: char| c == ':' || c == '=' || c.is_whitespace())
+    else {
+        return forms.to_string();
+    };
+    let value = value.trim_start_matches([':', '=']).trim();
+    let word = word.to_ascii_lowercase();
+    let close = |to: &str| word == to || strsim::damerau_levenshtein(&word, to) <= 1;
+    let prefix = if close("sub") || ["subject", "subj", "user"].contains(&word.as_str()) {
+        "sub"
+    } else if close("jti") || ["id", "token", "token_id", "tokenid"].contains(&word.as_str()) {
+        "jti"
+    } else {
+        return forms.to_string();
+    };
+    if value.is_empty() || value.contains(char::is_whitespace) {
+        return forms.to_string();
+    }
+    format!("did you mean \"{prefix}:{}\"?", shown(value))
+}
 
 impl RevocationList {
     /// Parses the file format. Every bad line is reported, each as `line N: problem`.
@@ -48,7 +78,8 @@ impl RevocationList {
                 Some((prefix, _)) => {
                     let prefix: String = prefix.chars().take(32).collect();
                     problems.push(format!(
-                        "line {n}: unknown prefix \"{prefix}\"; write \"jti:<token id>\" or \"sub:<subject>\""
+                        "line {n}: unknown prefix \"{prefix}\"; {}",
+                        meant(line)
                     ));
                     continue;
                 }
@@ -56,13 +87,23 @@ impl RevocationList {
                     // SECURITY: a bare value was once taken as a jti, so `sub alice` revoked
                     // a token id nobody has and left alice's tokens working.
                     problems.push(format!(
-                        "line {n}: no \"jti:\" or \"sub:\" prefix; write \"jti:<token id>\" or \"sub:<subject>\""
+                        "line {n}: no \"jti:\" or \"sub:\" prefix; {}",
+                        meant(line)
                     ));
                     continue;
                 }
             };
             if value.is_empty() {
                 problems.push(format!("line {n}: empty entry"));
+                continue;
+            }
+            // SECURITY: `sub:alice bob` is two entries on one line, or a typo; revoking the
+            // subject "alice bob" would revoke neither.
+            if value.contains(char::is_whitespace) {
+                problems.push(format!(
+                    "line {n}: \"{}\" has whitespace in its value; write one entry per line",
+                    shown(line)
+                ));
                 continue;
             }
             set.insert(value.to_string());
@@ -125,6 +166,7 @@ impl RevocationList {
         })
     }
 
+    /// The number of entries.
     pub fn len(&self) -> usize {
         self.jtis.len() + self.subjects.len()
     }
@@ -168,12 +210,33 @@ mod tests {
             "jti:ok\nsub alice\nsubject:alice\nJTI:x\nbare-id\n#fine\nsub:\n",
         )
         .unwrap_err();
-        assert_eq!(errs.len(), 5, "{errs:?}");
-        assert!(errs[0].starts_with("line 2: no \"jti:\" or \"sub:\" prefix"));
-        assert!(errs[1].starts_with("line 3: unknown prefix \"subject\""));
-        assert!(errs[2].starts_with("line 4: unknown prefix \"JTI\""));
-        assert!(errs[3].starts_with("line 5: no \"jti:\""));
-        assert_eq!(errs[4], "line 7: empty entry");
+        assert_eq!(
+            errs,
+            vec![
+                "line 2: no \"jti:\" or \"sub:\" prefix; did you mean \"sub:alice\"?",
+                "line 3: unknown prefix \"subject\"; did you mean \"sub:alice\"?",
+                "line 4: unknown prefix \"JTI\"; did you mean \"jti:x\"?",
+                "line 5: no \"jti:\" or \"sub:\" prefix; write \"jti:<token id>\" or \"sub:<subject>\"",
+                "line 7: empty entry",
+            ]
+        );
+        for (line, fix) in [
+            ("sbu:alice", "did you mean \"sub:alice\"?"),
+            ("jit: t-1", "did you mean \"jti:t-1\"?"),
+            ("sub=alice", "did you mean \"sub:alice\"?"),
+            ("Sub alice", "did you mean \"sub:alice\"?"),
+            ("token t-1", "did you mean \"jti:t-1\"?"),
+            ("color:red", "write \"jti:<token id>\" or \"sub:<subject>\""),
+            ("sub alice bob", "write \"jti:<token id>\" or \"sub:<subject>\""),
+        ] {
+            let errs = RevocationList::parse(&format!("{line}\n")).unwrap_err();
+            assert!(errs[0].ends_with(fix), "{line}: {errs:?}");
+        }
+        // Two entries on one line are not one subject with a space.
+        assert_eq!(
+            RevocationList::parse("sub:alice bob\n").unwrap_err(),
+            vec!["line 1: \"sub:alice bob\" has whitespace in its value; write one entry per line"]
+        );
         let long = format!("jti:{}\n", "x".repeat(MAX_LINE_BYTES));
         assert!(RevocationList::parse(&long).unwrap_err()[0].contains("longer than"));
     }
@@ -222,7 +285,7 @@ mod tests {
                     (Ok(_), None) => prop_assert!(false, "line {:?} accepted", l),
                     (Err(errs), e) => {
                         let named = errs.iter().any(|m| m.starts_with(&format!("line {}:", i + 1)));
-                        let bad = e.is_none_or(|(_, v)| v.is_empty());
+                        let bad = e.is_none_or(|(_, v)| v.is_empty() || v.contains(char::is_whitespace));
                         prop_assert_eq!(named, bad, "line {:?}: {:?}", l, errs);
                     }
                 }

@@ -15,6 +15,7 @@ mod audit_log;
 mod audit_verify;
 mod authoring;
 mod cli;
+mod config_errors;
 mod envoy_wire;
 mod fail_open;
 mod hostile;

@@ -246,7 +246,7 @@ async fn an_idle_server_does_not_reload() {
 // ---- Operator files as the real binary reads them: FIFOs, size caps, half-written
 // revocation lists, logs written into a watched directory.
 
-mod binary {
+pub(crate) mod binary {
     use super::common::binary::{Binary, run_command};
     use super::common::{check_at, outcome, request};
     use portcullis::demo::TokenSigner;

@@ -186,7 +186,7 @@ fn a_bad_time_zone_or_claim_type_fails_validate_at_its_line() {
     );
     assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains(&format!("line {line},")),
+        out.contains(&format!("examples/portcullis.toml:{line}:")),
         "line {line}:\n{out}"
     );
     assert!(

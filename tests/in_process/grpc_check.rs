@@ -183,7 +183,10 @@ async fn invalid_tokens_are_401_invalid_token_with_their_exact_reason() {
         (
             "wrong aud",
             w.es.sign(&with(|c| c["aud"] = json!("billing"))),
-            TokenRejection::WrongAudience,
+            TokenRejection::WrongAudience {
+                found: vec!["billing".into()],
+                accepted: vec![AUDIENCE.into(), "other-service".into()],
+            },
         ),
         (
             "no aud",
