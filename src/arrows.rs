@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["identity"],
     // `security` classifies decisions from identity outcomes, so the engine can hold it.
     &["fetch", "reload", "policy", "audit", "security"],
-    &["engine", "policytest"],
+    &["engine", "policytest", "replay"],
     &["builder"],
     &["reply"],
     &["explain"],

@@ -108,6 +108,7 @@ struct RawAudit {
     checkpoint_every: Option<u64>,
     checkpoint_interval: Option<String>,
     syslog: Option<RawSyslog>,
+    record_requests: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +201,7 @@ struct RawPolicy {
     dir: Option<PathBuf>,
     schema: Option<PathBuf>,
     entities: Option<PathBuf>,
+    shadow_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -254,6 +256,9 @@ pub struct Settings {
     pub limits: Limits,
     /// Verification cache sizes (`[cache]`).
     pub cache: CacheSettings,
+    /// A candidate policy directory evaluated beside the live one, never enforced
+    /// (`[policy] shadow_dir`).
+    pub shadow_dir: Option<PathBuf>,
 }
 
 /// Bounds on what one request, one connection and the whole server may take (`[limits]`).
@@ -443,6 +448,9 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
     /// Shipping to a syslog receiver over TLS (RFC 5424 over RFC 5425).
     pub syslog: Option<SyslogSettings>,
+    /// Whether each decision's line records the Cedar request it evaluated (principal,
+    /// parents, action, resource, full context), for `portcullis replay`.
+    pub record_requests: bool,
 }
 
 impl Default for AuditSettings {
@@ -460,6 +468,7 @@ impl Default for AuditSettings {
             checkpoint_every: DEFAULT_AUDIT_CHECKPOINT_EVERY,
             checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             syslog: None,
+            record_requests: false,
         }
     }
 }
@@ -921,6 +930,7 @@ fn audit_settings(
             problems,
         ),
         syslog,
+        record_requests: raw.record_requests.unwrap_or(false),
     }
 }
 
@@ -1146,6 +1156,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         entities: raw.policy.entities.map(|p| resolve(base, p)),
         hidden_headers: Vec::new(),
     };
+    let shadow_dir = raw.policy.shadow_dir.map(|p| resolve(base, p));
 
     let principal_header = header_name(
         "response.principal_header",
@@ -1387,6 +1398,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Vec<String>) -> Settings
         },
         token,
         issuers,
+        shadow_dir,
     }
 }
 

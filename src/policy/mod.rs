@@ -3,19 +3,22 @@
 //! permit means deny, and any evaluation error means deny, even though Cedar itself
 //! would merely skip the erroring policy.
 
-mod demand;
+pub(crate) mod demand;
 mod index;
 pub mod load;
 pub mod mapping;
+mod record;
 mod store;
 
 use crate::facts::RequestFacts;
 use crate::identity::Identity;
 use cedar_policy::{Authorizer, Decision, Request};
-pub use load::{PolicySnapshot, load};
+pub use load::{PolicySnapshot, candidate, load};
 #[cfg(any(test, feature = "testing"))]
 pub use mapping::map_request;
 pub use mapping::{CedarRequest, Uid};
+pub(crate) use record::record;
+pub use record::RecordedRequest;
 
 /// What the policies said about one request.
 #[non_exhaustive]
@@ -32,17 +35,63 @@ pub struct PolicyOutcome {
     pub request: CedarRequest,
 }
 
+/// What one policy set said about one request: a [`PolicyOutcome`] without the request.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the policies permit the request (never with an error).
+    pub allowed: bool,
+    /// The determining policies (the permits for an allow, the forbids for a forbid).
+    pub determining: Vec<String>,
+    /// Evaluation errors; any error forces a deny.
+    pub errors: Vec<String>,
+}
+
+impl Verdict {
+    fn error(error: String) -> Verdict {
+        Verdict {
+            allowed: false,
+            determining: Vec::new(),
+            errors: vec![error],
+        }
+    }
+
+    fn with(self, request: CedarRequest) -> PolicyOutcome {
+        PolicyOutcome {
+            allowed: self.allowed,
+            determining: self.determining,
+            errors: self.errors,
+            request,
+        }
+    }
+}
+
 impl PolicySnapshot {
     /// Evaluates the request against this snapshot.
     pub fn evaluate(&self, facts: &RequestFacts, identity: &Identity) -> PolicyOutcome {
         let request =
             mapping::map_request_hiding(facts, identity, &self.hidden_headers, &self.demand);
-        let deny = |request, error: String| PolicyOutcome {
-            allowed: false,
-            determining: Vec::new(),
-            errors: vec![error],
-            request,
-        };
+        self.judge(&request, &self.demand).with(request)
+    }
+
+    /// The request for `facts` and `identity` built for `demand` (which must read at least
+    /// what this snapshot's policies read: the union with a shadow set's, say).
+    pub(crate) fn map_for(
+        &self,
+        facts: &RequestFacts,
+        identity: &Identity,
+        demand: &std::sync::Arc<demand::Demand>,
+    ) -> CedarRequest {
+        mapping::map_request_hiding(facts, identity, &self.hidden_headers, demand)
+    }
+
+    /// What these policies can read.
+    pub(crate) fn demand(&self) -> &std::sync::Arc<demand::Demand> {
+        &self.demand
+    }
+
+    /// Evaluates a request built by [`PolicySnapshot::map_for`] with `demand`.
+    pub(crate) fn judge(&self, request: &CedarRequest, demand: &demand::Demand) -> Verdict {
         let uids = (|| {
             Ok::<_, String>((
                 request.principal.to_cedar()?,
@@ -50,17 +99,47 @@ impl PolicySnapshot {
                 request.resource.to_cedar()?,
             ))
         })();
-        let (principal, action, resource) = match uids {
+        let uids = match uids {
             Ok(u) => u,
-            Err(e) => return deny(request, format!("request: {e}")),
+            Err(e) => return Verdict::error(format!("request: {e}")),
         };
+        self.decide(
+            uids,
+            request.entities(self.store.entities()),
+            || Ok(request.cedar_context(demand)),
+        )
+    }
+
+    /// Evaluates a request recorded in an audit line (`portcullis replay`), with this
+    /// snapshot's static entities.
+    pub fn judge_recorded(&self, request: &RecordedRequest) -> Verdict {
+        let uids = match request.uids() {
+            Ok(u) => u,
+            Err(e) => return Verdict::error(format!("request: {e}")),
+        };
+        self.decide(uids, request.entities(self.store.entities()), || {
+            request.cedar_context()
+        })
+    }
+
+    /// The evaluation proper, of a request's uids, own entities and context.
+    fn decide(
+        &self,
+        (principal, action, resource): (
+            cedar_policy::EntityUid,
+            cedar_policy::EntityUid,
+            cedar_policy::EntityUid,
+        ),
+        own: Result<Vec<cedar_policy::Entity>, String>,
+        context: impl FnOnce() -> Result<cedar_policy::Context, String>,
+    ) -> Verdict {
         // The request's own entities, each merged with its static namesake, with every
         // ancestor it has in the union; then the static principal, action and resource
         // when the request built none of them.
         let mut slice = store::Slice::new(&self.store);
-        let own = match request.entities(self.store.entities()) {
+        let own = match own {
             Ok(own) => own,
-            Err(e) => return deny(request, e),
+            Err(e) => return Verdict::error(e),
         };
         for entity in own {
             let core: &cedar_policy_core::ast::Entity = entity.as_ref();
@@ -68,7 +147,7 @@ impl PolicySnapshot {
             let ancestors = self.store.ancestors_of(core.uid(), &parents);
             let is_principal = core.uid() == principal.as_ref();
             if let Err(e) = slice.put_own(entity, ancestors, is_principal) {
-                return deny(request, e);
+                return Verdict::error(e);
             }
         }
         for uid in [&principal, &action, &resource] {
@@ -86,15 +165,14 @@ impl PolicySnapshot {
             (resource.as_ref(), r_anc.iter()),
         ) {
             Ok(c) => c,
-            Err(e) => return deny(request, e),
+            Err(e) => return Verdict::error(e),
         };
         if candidates.policies.is_empty() {
             // No policy can match: Cedar would find no permit and no error.
-            return PolicyOutcome {
+            return Verdict {
                 allowed: false,
                 determining: Vec::new(),
                 errors: Vec::new(),
-                request,
             };
         }
         for uid in &candidates.literals {
@@ -102,12 +180,15 @@ impl PolicySnapshot {
         }
         let entities = match slice.finish() {
             Ok(e) => e,
-            Err(e) => return deny(request, e),
+            Err(e) => return Verdict::error(e),
         };
-        let context = request.cedar_context(&self.demand);
+        let context = match context() {
+            Ok(c) => c,
+            Err(e) => return Verdict::error(format!("request: {e}")),
+        };
         let cedar_request = match Request::new(principal, action, resource, context, None) {
             Ok(r) => r,
-            Err(e) => return deny(request, format!("request: {e}")),
+            Err(e) => return Verdict::error(format!("request: {e}")),
         };
         let response =
             Authorizer::new().is_authorized(&cedar_request, &candidates.policies, &entities);
@@ -122,12 +203,11 @@ impl PolicySnapshot {
             .map(|id| id.to_string())
             .collect();
         determining.sort();
-        PolicyOutcome {
+        Verdict {
             // SECURITY: an erroring policy (a forbid, perhaps) must not let a permit through.
             allowed: response.decision() == Decision::Allow && errors.is_empty(),
             determining,
             errors,
-            request,
         }
     }
 }
