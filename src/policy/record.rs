@@ -85,6 +85,9 @@ impl RecordedRequest {
         if !record.is_object() {
             return Err(RecordError("not an object".into()));
         }
+        let principal = uid_of(record.get("principal"), "principal")?;
+        let action = uid_of(record.get("action"), "action")?;
+        let resource = uid_of(record.get("resource"), "resource")?;
         let parents = match record.get("parents") {
             None => Vec::new(),
             Some(Value::Array(items)) if items.len() <= MAX_PARENTS => items
@@ -101,10 +104,10 @@ impl RecordedRequest {
             _ => return Err(RecordError("context: expected an object".into())),
         };
         Ok(RecordedRequest {
-            principal: uid_of(record.get("principal"), "principal")?,
+            principal,
             parents,
-            action: uid_of(record.get("action"), "action")?,
-            resource: uid_of(record.get("resource"), "resource")?,
+            action,
+            resource,
             context,
         })
     }

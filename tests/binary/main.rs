@@ -13,6 +13,7 @@ mod common;
 
 mod audit_log;
 mod audit_verify;
+mod changing_policies;
 mod cli;
 mod envoy_wire;
 mod fail_open;
