@@ -593,11 +593,20 @@ impl Engine {
         let weak = Arc::downgrade(self);
         let mut dirs = vec![self.settings.policy.dir.clone()];
         let mut files = self.reloadable_files();
-        if let Some(shadow) = &self.settings.shadow_dir {
-            dirs.push(shadow.clone());
-            for name in ["schema.cedarschema", "schema.cedarschema.json", "entities.json"] {
-                files.push(shadow.join(name));
+        match &self.settings.shadow_dir {
+            // A shadow directory that is not there must not keep the server from serving:
+            // it is loaded again on SIGHUP and on any change to the live files.
+            Some(shadow) if !shadow.is_dir() => tracing::warn!(
+                "shadow policies: {} is not a directory; not watched",
+                shadow.display()
+            ),
+            Some(shadow) => {
+                dirs.push(shadow.clone());
+                for name in ["schema.cedarschema", "schema.cedarschema.json", "entities.json"] {
+                    files.push(shadow.join(name));
+                }
             }
+            None => {}
         }
         watches.push(crate::reload::watch(
             &files,

@@ -448,6 +448,32 @@ mod tests {
         );
     }
 
+    /// An ECS line carries the same decision as the JSON line it was mapped from.
+    #[test]
+    fn ecs_lines_are_read_like_json_lines() {
+        let record = serde_json::json!({"principal": {"type": "User", "id": "a"},
+            "action": {"type": "Action", "id": "GET"}, "resource": {"type": "Path", "id": "/"},
+            "parents": [], "context": {}});
+        let json = serde_json::json!({"time": "t", "decision": "allow", "principal": "User::\"a\"",
+            "policies": ["p"], "seq": 4, "cedar_request": record, "reasons": []});
+        let ecs = crate::audit::ecs::ecs(&json);
+        for v in [&json, &ecs] {
+            let line = decision_line(v)
+                .expect("a decision")
+                .expect("a decision line");
+            assert!(line.allowed);
+            assert_eq!(line.policies, ["p"]);
+            assert_eq!((line.time.as_str(), line.seq), ("t", Some(4)));
+            assert_eq!(line.principal, Some("User::\"a\""));
+            assert_eq!(line.record, Some(&record));
+        }
+        let deny =
+            serde_json::json!({"decision": "deny", "principal": null, "reason": "invalid_token"});
+        let deny = crate::audit::ecs::ecs(&deny);
+        let line = decision_line(&deny).expect("ok").expect("line");
+        assert!(!line.allowed && line.principal.is_none() && line.record.is_none());
+    }
+
     #[test]
     fn hostile_lines_are_errors_or_other_lines() {
         let cases: &[(&str, Result<bool, ()>)] = &[

@@ -483,3 +483,20 @@ async fn a_shadow_set_broken_on_reload_keeps_the_last_good_one() {
     assert!(allowed(&server.check(get("/orders", Some(&alice))).await));
     assert_eq!(shadow_count(&server.metrics().await, "agree"), 1.0);
 }
+
+/// A shadow directory that is not there: `validate` fails, `serve` serves the live set.
+#[tokio::test]
+async fn a_missing_shadow_dir_does_not_stop_serve() {
+    let signer = TokenSigner::generate(Algorithm::ES256, "es");
+    let server = serve(&signer, "shadow_dir = \"not-there\"", "", &[]);
+    let alice = token(&signer, "alice", &["readers"]);
+    assert!(allowed(&server.check(get("/orders", Some(&alice))).await));
+    let ran = run_command(
+        &["validate", "--config", "portcullis.toml"],
+        server.dir(),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(ran.status.code(), Some(1), "{}", ran.stderr);
+    assert!(ran.stderr.contains("not-there"), "{}", ran.stderr);
+}
