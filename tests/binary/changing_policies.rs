@@ -215,6 +215,7 @@ async fn replay_finds_exactly_the_decisions_that_change() {
         &["--policies", "candidate", "--limit", "3", "audit.log"],
     );
     assert_eq!(code, Some(3), "{out}");
+    println!("portcullis replay against the candidate:\n{out}");
     for expected in [
         "replayed 13 decisions against candidate: 6 would change (4 gained, 2 lost), 7 unchanged",
         "gained access: 4 request(s)\n  allowed by ops-writers: 4\n",
