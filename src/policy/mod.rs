@@ -270,4 +270,51 @@ mod tests {
         // And back: the old policies with the newer form decide as before.
         assert!(before.evaluate(&facts, &identity).allowed);
     }
+
+    /// A set evaluated on the request built for the union of its demand and a shadow set's
+    /// (which reads more) decides as it does alone.
+    #[test]
+    fn the_union_with_a_shadow_demand_decides_as_the_set_alone() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let live = snapshot(
+            dir.path(),
+            r#"@id("eng") permit (principal, action, resource) when { principal.getTag("dept") == "eng" };
+               @id("deep") forbid (principal, action, resource)
+                   when { context.token.claims has level && context.token.claims.level > 5 };"#,
+        );
+        let other = tempfile::tempdir().expect("temporary directory");
+        let shadow = snapshot(
+            other.path(),
+            r#"permit (principal, action, resource)
+                   when { context.request.headers has "x" && principal has issuer && context == {} };"#,
+        );
+        let union = std::sync::Arc::new(live.demand().union(shadow.demand()));
+        assert_ne!(*union, **live.demand());
+        for (dept, level) in [("eng", 1), ("eng", 9), ("ops", 1), ("ops", 9)] {
+            let claims = json!({ "dept": dept, "level": level });
+            let identity = Identity {
+                peer: PeerOutcome::NotPresented,
+                token: TokenOutcome::Verified(TokenClaims::for_policy_test(
+                    "https://issuer.test",
+                    "alice",
+                    claims.as_object().cloned().unwrap_or_default(),
+                    "groups",
+                    false,
+                )),
+            };
+            let facts = RequestFacts {
+                method: "GET".into(),
+                path: "/a".into(),
+                headers: [("x".to_string(), "1".to_string())].into_iter().collect(),
+                ..RequestFacts::default()
+            };
+            let alone = live.evaluate(&facts, &identity);
+            let both = live.judge(&live.map_for(&facts, &identity, &union), &union);
+            assert_eq!(
+                (alone.allowed, &alone.determining, &alone.errors),
+                (both.allowed, &both.determining, &both.errors),
+                "{claims}"
+            );
+        }
+    }
 }
