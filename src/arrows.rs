@@ -23,8 +23,9 @@ const LAYERS: &[&[&str]] = &[
     &["engine"],
     &["builder"],
     &["reply"],
-    // `portcullis test` decides whole requests with the engine and states their replies.
-    &["policytest"],
+    // `portcullis test` decides whole requests with the engine and states their replies;
+    // `portcullis replay` decides recorded requests again.
+    &["policytest", "replay"],
     &["explain"],
     &["server"],
     // Tools: the demo world, and the fuzzing harnesses built on it; nothing in the product

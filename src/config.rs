@@ -108,6 +108,7 @@ struct RawAudit {
     checkpoint_every: Option<u64>,
     checkpoint_interval: Option<RawDuration>,
     syslog: Option<RawSyslog>,
+    record_requests: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +206,7 @@ struct RawPolicy {
     entities: Option<PathBuf>,
     /// Checked as read, so an unknown zone has its line.
     time_zone: Option<crate::declared::TimeZoneSetting>,
+    shadow_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,6 +261,9 @@ pub struct Settings {
     pub limits: Limits,
     /// Verification cache sizes (`[cache]`).
     pub cache: CacheSettings,
+    /// A candidate policy directory evaluated beside the live one, never enforced
+    /// (`[policy] shadow_dir`).
+    pub shadow_dir: Option<PathBuf>,
     /// Where the configuration named each file, for problems found reading them.
     origin: Origin,
 }
@@ -460,6 +465,9 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
     /// Shipping to a syslog receiver over TLS (RFC 5424 over RFC 5425).
     pub syslog: Option<SyslogSettings>,
+    /// Whether each decision's line records the Cedar request it evaluated (principal,
+    /// parents, action, resource, full context), for `portcullis replay`.
+    pub record_requests: bool,
 }
 
 impl Default for AuditSettings {
@@ -477,6 +485,7 @@ impl Default for AuditSettings {
             checkpoint_every: DEFAULT_AUDIT_CHECKPOINT_EVERY,
             checkpoint_interval: DEFAULT_AUDIT_CHECKPOINT_INTERVAL,
             syslog: None,
+            record_requests: false,
         }
     }
 }
@@ -1434,6 +1443,7 @@ fn audit_settings(
         checkpoint_every,
         checkpoint_interval: duration(raw.checkpoint_interval, defaults.checkpoint_interval),
         syslog,
+        record_requests: raw.record_requests.unwrap_or(false),
     }
 }
 
@@ -1678,6 +1688,10 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
         hidden_headers: Vec::new(),
         time_zone: raw.policy.time_zone.unwrap_or_default(),
     };
+    let shadow_dir = raw
+        .policy
+        .shadow_dir
+        .map(|p| problems.file(base, p, "policy.shadow_dir"));
 
     let principal_header = header_name(
         "response.principal_header",
@@ -1924,6 +1938,7 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
         },
         token,
         issuers,
+        shadow_dir,
     }
 }
 

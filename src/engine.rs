@@ -105,6 +105,8 @@ pub struct Decision {
     pub reasons: Vec<String>,
     /// How long the decision took, in microseconds.
     pub latency_us: u128,
+    /// What the shadow policy set said, when one is configured and the live set decided.
+    pub shadow: Option<ShadowOutcome>,
 }
 
 impl Decision {
@@ -189,8 +191,64 @@ impl Answer<'_> {
 /// new one, never a mix.
 #[derive(Debug)]
 struct Loaded {
-    peer: Option<PeerVerifier>,
-    policy: PolicySnapshot,
+    peer: Option<Arc<PeerVerifier>>,
+    policy: Arc<PolicySnapshot>,
+    /// The shadow policy set (`[policy] shadow_dir`), when one is configured and loaded.
+    shadow: Option<ShadowSet>,
+}
+
+/// A shadow policy set beside the live one: evaluated on the same request, never enforced.
+#[derive(Debug)]
+struct ShadowSet {
+    policies: Arc<PolicySnapshot>,
+    /// What either set reads: the request both are evaluated on is built for it.
+    union: Arc<crate::policy::demand::Demand>,
+}
+
+impl ShadowSet {
+    fn beside(live: &PolicySnapshot, policies: Arc<PolicySnapshot>) -> ShadowSet {
+        ShadowSet {
+            union: Arc::new(live.demand().union(policies.demand())),
+            policies,
+        }
+    }
+}
+
+/// What the shadow policy set (`[policy] shadow_dir`) said about a request the live set
+/// decided. It never changes the answer.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct ShadowOutcome {
+    /// The shadow set's verdict.
+    pub verdict: policy::Verdict,
+    /// Whether the live policies allowed the request.
+    pub live_allowed: bool,
+}
+
+impl ShadowOutcome {
+    /// `agree`, `gained` (the shadow set allows what the live set denies), `lost` (the
+    /// reverse) or `error` (the shadow set failed to evaluate: a deny there).
+    pub fn outcome(&self) -> &'static str {
+        match (self.verdict.errors.is_empty(), self.verdict.allowed, self.live_allowed) {
+            (false, _, _) => "error",
+            (true, a, b) if a == b => "agree",
+            (true, true, false) => "gained",
+            (true, _, _) => "lost",
+        }
+    }
+
+    /// The audit line's `shadow` field: only for a disagreement (or a shadow error).
+    pub fn audit_json(&self) -> Option<serde_json::Value> {
+        let outcome = self.outcome();
+        (outcome != "agree").then(|| {
+            json!({
+                "outcome": outcome,
+                "decision": if self.verdict.allowed { "allow" } else { "deny" },
+                "policies": self.verdict.determining,
+                "errors": self.verdict.errors,
+            })
+        })
+    }
 }
 
 /// The decision engine: everything needed to decide, built once at start-up and shared by
@@ -247,6 +305,12 @@ pub struct Engine {
     revocation_error: crate::reload::ReloadProblem,
     /// Requests being decided now, against `limits.max_concurrent`.
     in_flight: AtomicUsize,
+    /// The problems of the shadow policy set's last load, until one succeeds.
+    shadow_error: Mutex<Option<Vec<String>>>,
+    /// One reload at a time: a reload of the shadow set keeps the live set it read.
+    reloading: Mutex<()>,
+    /// Headers a recorded request leaves out besides the certificate headers (`[peer] header`).
+    record_hidden: Vec<String>,
 }
 
 /// One admitted request; dropping it frees its place.
@@ -308,7 +372,14 @@ fn load_reloadable(
         }
     }
     match policy {
-        Some(policy) if problems.is_empty() => Ok((Loaded { peer, policy }, keys)),
+        Some(policy) if problems.is_empty() => Ok((
+            Loaded {
+                peer: peer.map(Arc::new),
+                policy: Arc::new(policy),
+                shadow: None,
+            },
+            keys,
+        )),
         _ => Err(problems),
     }
 }
@@ -321,6 +392,48 @@ enum KeyFilesToo {
     /// At start-up, where [`TokenVerifier::load`] reads them: read twice, a missing file
     /// was reported twice.
     No,
+}
+
+/// Loads the shadow policy set (`[policy] shadow_dir`) to sit beside `live`: the new set,
+/// or on failure `last_good` (logged, counted, kept for [`Engine::shadow_problems`]).
+/// `None` when none is configured or none ever loaded.
+fn load_shadow(
+    settings: &Settings,
+    live: &PolicySnapshot,
+    metrics: &Metrics,
+    error: &Mutex<Option<Vec<String>>>,
+    last_good: Option<Arc<PolicySnapshot>>,
+) -> Option<ShadowSet> {
+    let dir = settings.shadow_dir.as_ref()?;
+    let result = policy::load(&policy::candidate(dir, &settings.policy));
+    metrics.shadow_reload(result.is_ok());
+    let policies = match result {
+        Ok(p) => {
+            if let Ok(mut e) = error.lock() {
+                *e = None;
+            }
+            Arc::new(p)
+        }
+        Err(problems) => {
+            let messages: Vec<String> = problems.iter().map(Problem::to_string).collect();
+            tracing::error!(
+                "shadow policies (never enforced) failed to load from {}; {}:\n  - {}",
+                dir.display(),
+                if last_good.is_some() {
+                    "the last good shadow set is still evaluated"
+                } else {
+                    "no shadow set is evaluated"
+                },
+                messages.join("\n  - ")
+            );
+            if let Ok(mut e) = error.lock() {
+                *e = Some(messages);
+            }
+            last_good?
+        }
+    };
+    metrics.shadow_policies(Some(policies.policy_count()));
+    Some(ShadowSet::beside(live, policies))
 }
 
 impl Engine {
@@ -339,6 +452,11 @@ impl Engine {
         let loaded = load_reloadable(settings, KeyFilesToo::No)
             .map_err(|e| problems.extend(e))
             .ok();
+        let shadow_error = Mutex::new(None);
+        let loaded = loaded.map(|(mut loaded, keys)| {
+            loaded.shadow = load_shadow(settings, &loaded.policy, &metrics, &shadow_error, None);
+            (loaded, keys)
+        });
         let audit = crate::audit::AuditLog::open(&settings.audit, metrics.audit())
             .map_err(|e| problems.push(Problem::new(e)))
             .ok();
@@ -378,6 +496,14 @@ impl Engine {
                     reload_error: Mutex::new(None),
                     revocation_error: Default::default(),
                     in_flight: AtomicUsize::new(0),
+                    shadow_error,
+                    reloading: Mutex::new(()),
+                    record_hidden: settings
+                        .peer
+                        .as_ref()
+                        .and_then(|p| p.header.clone())
+                        .into_iter()
+                        .collect(),
                 })
             }
             _ => Err(LoadError::new(
@@ -391,10 +517,36 @@ impl Engine {
     /// A valid new set replaces the old one whole; an invalid one changes nothing, and its
     /// problems are logged, counted and shown in `/readyz` until a reload succeeds.
     pub fn reload(&self) -> Result<(), LoadError> {
+        let _one_at_a_time = self.reloading.lock();
         let result = load_reloadable(&self.settings, KeyFilesToo::Yes);
         self.metrics.reload(result.is_ok());
+        let current = self.loaded.load_full();
+        // The shadow set reloads on its own: its failure keeps its last good version and
+        // never touches the live set; the live set's failure does not hold it back.
+        let live = match &result {
+            Ok((loaded, _)) => &loaded.policy,
+            Err(_) => &current.policy,
+        };
+        let last_good = current.shadow.as_ref().map(|s| s.policies.clone());
+        let mut shadow = load_shadow(
+            &self.settings,
+            live,
+            &self.metrics,
+            &self.shadow_error,
+            last_good,
+        );
+        if result.is_err() && self.settings.shadow_dir.is_some() {
+            let old = self.loaded.swap(Arc::new(Loaded {
+                peer: current.peer.clone(),
+                policy: current.policy.clone(),
+                shadow: shadow.take(),
+            }));
+            release_off_the_request_path(old);
+        }
+        drop(current);
         match result {
-            Ok((loaded, key_files)) => {
+            Ok((mut loaded, key_files)) => {
+                loaded.shadow = shadow;
                 for (issuer, keys) in key_files {
                     if let Some(cell) = self.verifier.tokens().key_cell(&issuer) {
                         cell.store(Some(Arc::new(KeySnapshot {
@@ -456,9 +608,26 @@ impl Engine {
             )?);
         }
         let weak = Arc::downgrade(self);
+        let mut dirs = vec![self.settings.policy.dir.clone()];
+        let mut files = self.reloadable_files();
+        match &self.settings.shadow_dir {
+            // A shadow directory that is not there must not keep the server from serving:
+            // it is loaded again on SIGHUP and on any change to the live files.
+            Some(shadow) if !shadow.is_dir() => tracing::warn!(
+                "shadow policies: {} is not a directory; not watched",
+                shadow.display()
+            ),
+            Some(shadow) => {
+                dirs.push(shadow.clone());
+                for name in ["schema.cedarschema", "schema.cedarschema.json", "entities.json"] {
+                    files.push(shadow.join(name));
+                }
+            }
+            None => {}
+        }
         watches.push(crate::reload::watch(
-            &self.reloadable_files(),
-            std::slice::from_ref(&self.settings.policy.dir),
+            &files,
+            &dirs,
             move || {
                 if let Some(engine) = weak.upgrade() {
                     let _ = engine.reload();
@@ -469,6 +638,22 @@ impl Engine {
             tasks: self.fetcher.spawn(),
             _watches: watches,
         })
+    }
+
+    /// The problems of the shadow policy set's last load (`[policy] shadow_dir`), if it
+    /// failed: it is not evaluated (at start) or its last good version is (after a reload).
+    /// Never a reason to refuse to serve; `portcullis validate` reports them.
+    pub fn shadow_problems(&self) -> Option<Vec<String>> {
+        self.shadow_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// How many shadow policies are evaluated now (`None`: no shadow set is).
+    pub fn shadow_policy_count(&self) -> Option<usize> {
+        self.loaded
+            .load()
+            .shadow
+            .as_ref()
+            .map(|s| s.policies.policy_count())
     }
 
     /// How many policies are loaded now.
@@ -711,8 +896,22 @@ impl Engine {
     /// `[audit]` chooses: deny (`audit_unavailable`, the default, enforced even in dry-run
     /// mode) or serve with the line counted as dropped.
     async fn observe(&self, mut decision: Decision, source: Option<std::net::IpAddr>) -> Decision {
-        if let crate::audit::Recorded::Refused(why) =
-            self.audit.record(&decision.audit_json()).await
+        let mut line = decision.audit_json();
+        if let (Some(policy), serde_json::Value::Object(fields)) = (&decision.policy, &mut line) {
+            if self.settings.audit.record_requests {
+                fields.insert(
+                    "cedar_request".into(),
+                    policy::record(&policy.request, &self.record_hidden),
+                );
+            }
+            if let Some(shadow) = decision.shadow.as_ref().and_then(ShadowOutcome::audit_json) {
+                fields.insert("shadow".into(), shadow);
+            }
+        }
+        if let Some(shadow) = &decision.shadow {
+            self.metrics.shadow_decision(shadow.outcome());
+        }
+        if let crate::audit::Recorded::Refused(why) = self.audit.record(&line).await
         {
             decision.denial = Some(DenyReason::AuditUnavailable);
             decision.dry_run = false;
@@ -771,7 +970,7 @@ impl Engine {
         let started = Instant::now();
         // One snapshot for the whole decision: never half of a reload.
         let loaded = self.loaded.load();
-        let peer = self.verifier.verify_peer(loaded.peer.as_ref(), facts, now);
+        let peer = self.verifier.verify_peer(loaded.peer.as_deref(), facts, now);
         if Instant::now() >= deadline {
             return self.late(started, facts, "after the certificate");
         }
@@ -816,10 +1015,31 @@ impl Engine {
                 reasons,
             );
         }
-        let outcome = loaded.policy.evaluate(facts, &identity, now);
+        let outcome = match &loaded.shadow {
+            None => loaded.policy.evaluate(facts, &identity, now),
+            Some(shadow) => {
+                // One request, built for what either set reads, for both.
+                let request = loaded.policy.map_for(facts, &identity, &shadow.union, now);
+                let verdict = loaded.policy.judge(&request, &shadow.union);
+                PolicyOutcome {
+                    allowed: verdict.allowed,
+                    determining: verdict.determining,
+                    errors: verdict.errors,
+                    request,
+                }
+            }
+        };
         if Instant::now() >= deadline {
             return self.late(started, facts, "after policy");
         }
+        // The shadow set, after the live decision is made and only within its deadline:
+        // its outcome is recorded, never enforced, and its cost is its own evaluation.
+        let shadow = loaded.shadow.as_ref().and_then(|shadow| {
+            (Instant::now() < deadline).then(|| ShadowOutcome {
+                verdict: shadow.policies.judge(&outcome.request, &shadow.union),
+                live_allowed: outcome.allowed,
+            })
+        });
         let anonymous = identity.peer().is_none() && identity.token().is_none();
         let denial = if !outcome.errors.is_empty() {
             reasons.extend(outcome.errors.iter().map(|e| format!("policy error: {e}")));
@@ -833,14 +1053,16 @@ impl Engine {
             reasons.push(format!("forbidden by {}", outcome.determining.join(", ")));
             Some(DenyReason::Forbidden)
         };
-        self.finish(
+        let mut decision = self.finish(
             started,
             facts.request_id.clone(),
             denial,
             Some(identity),
             Some(outcome),
             reasons,
-        )
+        );
+        decision.shadow = shadow;
+        decision
     }
 
     fn finish(
@@ -861,6 +1083,7 @@ impl Engine {
             policy,
             reasons,
             latency_us: started.elapsed().as_micros(),
+            shadow: None,
         }
     }
 }

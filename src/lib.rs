@@ -93,6 +93,7 @@ pub mod explain;
 pub mod policyfmt;
 pub mod policytest;
 pub mod proto;
+pub mod replay;
 pub mod server;
 
 internal! {
@@ -124,12 +125,12 @@ mod arrows;
 
 pub use builder::EngineBuilder;
 pub use config::Settings;
-pub use engine::{Answer, Background, Decision, DenyReason, Engine, Question};
+pub use engine::{Answer, Background, Decision, DenyReason, Engine, Question, ShadowOutcome};
 pub use facts::{FactsError, RequestFacts};
 pub use identity::{
     CertRejection, Identity, PeerIdentity, PeerOutcome, TokenClaims, TokenOutcome, TokenRejection,
 };
-pub use policy::{CedarRequest, PolicyOutcome, Uid};
+pub use policy::{CedarRequest, PolicyOutcome, Uid, Verdict};
 pub use problem::{LoadError, Problem};
 pub use proto::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 pub use reply::{DECISION_ID_HEADER, DRY_RUN_HEADER, HttpReply};

@@ -174,6 +174,25 @@ enum Command {
     /// Check an audit log's hash chain and signed checkpoints; make checkpoint keys.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Re-evaluate the decisions recorded in audit files (`[audit] record_requests`)
+    /// against a candidate policy directory and list every decision that would change.
+    /// Exit 0 when none would, 3 when some would, 1 on error (or, with no change found,
+    /// when some lines could not be read).
+    Replay {
+        /// The configuration whose `[policy]` schema and entities are used when DIR has no
+        /// schema.cedarschema or entities.json of its own.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The candidate policy directory.
+        #[arg(long, value_name = "DIR")]
+        policies: PathBuf,
+        /// Most changed decisions listed one by one (all are counted).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// The audit files (json or ecs format), oldest first.
+        #[arg(required = true, value_name = "AUDIT_FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -386,6 +405,13 @@ fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Validate { config } => {
             let (settings, engine) = load(&config, false)?;
+            if let Some(problems) = engine.shadow_problems() {
+                return Err(format!(
+                    "{}: the shadow policies (`[policy] shadow_dir`, never enforced) do not load; `serve` would decide with the live policies alone:\n  - {}",
+                    config.display(),
+                    problems.join("\n  - ")
+                ));
+            }
             println!(
                 "{}: valid ({} issuer(s), {} polic{}, schema {})",
                 config.display(),
@@ -486,6 +512,33 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 portcullis::cedar_schema(&settings).map_err(|e| e.loading(&config).to_string())?;
             print!("{schema}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            config,
+            policies,
+            limit,
+            files,
+        } => {
+            let settings = match &config {
+                Some(path) => {
+                    let settings = Settings::load(path).map_err(|e| e.to_string())?;
+                    portcullis::set_max_file_bytes(settings.limits.max_file_bytes);
+                    Some(settings)
+                }
+                None => None,
+            };
+            let candidate = portcullis::replay::load_candidate(&policies, settings.as_ref())
+                .map_err(|e| e.to_string())?;
+            let report = portcullis::replay::replay(&candidate, &policies, &files, limit)
+                .map_err(|e| e.to_string())?;
+            print!("{report}");
+            Ok(if report.changed() {
+                ExitCode::from(3)
+            } else if report.unreadable > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

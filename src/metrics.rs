@@ -46,6 +46,22 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+/// The shadow policy set's metrics (`[policy] shadow_dir`).
+#[derive(Debug, Clone, Default)]
+struct ShadowMetrics {
+    decisions: Family<OutcomeLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    policies: Gauge,
+}
+
+/// What the shadow set said beside the live set.
+const SHADOW_OUTCOMES: [&str; 4] = ["agree", "gained", "lost", "error"];
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The audit log's counters, shared with its writer.
@@ -87,6 +103,7 @@ pub struct Metrics {
     listener_events: Family<ListenerLabels, Counter>,
     security_events: Family<SecurityLabels, Counter>,
     latency: Histogram,
+    shadow: ShadowMetrics,
     /// Last successful fetch per issuer, seconds since the epoch; ages are computed at scrape.
     last_success: Mutex<BTreeMap<String, f64>>,
 }
@@ -216,7 +233,24 @@ impl Metrics {
             "1 while connected to the syslog receiver",
             audit.syslog_connected.clone(),
         );
+        let shadow = ShadowMetrics::default();
+        registry.register(
+            "shadow_decisions",
+            "Decisions of the shadow policy set beside the live one, by outcome (agree, gained, lost, error)",
+            shadow.decisions.clone(),
+        );
+        registry.register(
+            "shadow_reloads",
+            "Loads of the shadow policy set by result",
+            shadow.reloads.clone(),
+        );
+        registry.register(
+            "shadow_policies",
+            "Policies in the shadow policy set being evaluated (0: none)",
+            shadow.policies.clone(),
+        );
         Metrics {
+            shadow,
             audit,
             scrape_hooks: Mutex::new(Vec::new()),
             reloads,
@@ -293,6 +327,39 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// The shadow policy set's outcome for one decision (`ShadowOutcome::outcome`).
+    pub fn shadow_decision(&self, outcome: &str) {
+        self.shadow
+            .decisions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// A load of the shadow policy set; the first one shows every outcome at 0.
+    pub fn shadow_reload(&self, ok: bool) {
+        for outcome in SHADOW_OUTCOMES {
+            drop(self.shadow.decisions.get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            }));
+        }
+        let result = if ok { "success" } else { "failure" };
+        self.shadow
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// How many shadow policies are evaluated (`None`: none).
+    pub fn shadow_policies(&self, count: Option<usize>) {
+        self.shadow
+            .policies
+            .set(count.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
     }
 
     /// A listener dropped or evicted a connection: `listener` is "grpc" or "http", `event`

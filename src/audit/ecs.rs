@@ -124,6 +124,8 @@ pub(crate) fn ecs(line: &Value) -> Value {
     put(&mut out, "portcullis.action", get("action"));
     put(&mut out, "portcullis.resource", get("resource"));
     put(&mut out, "portcullis.reasons", get("reasons"));
+    put(&mut out, "portcullis.cedar_request", get("cedar_request"));
+    put(&mut out, "portcullis.shadow", get("shadow"));
     Value::Object(out)
 }
 

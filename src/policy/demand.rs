@@ -51,6 +51,22 @@ impl Fields {
         }
     }
 
+    /// What either reads: the fields of both, whole where either reads it whole.
+    fn union(&self, other: &Fields) -> Fields {
+        let mut named = self.named.clone();
+        for (k, f) in &other.named {
+            let merged = match named.get(k) {
+                Some(mine) => mine.union(f),
+                None => f.clone(),
+            };
+            named.insert(k.clone(), merged);
+        }
+        Fields {
+            whole: self.whole || other.whole,
+            named,
+        }
+    }
+
     /// Whether the value is read whole (every field counts).
     pub(crate) fn whole(&self) -> bool {
         self.whole
@@ -114,6 +130,21 @@ impl Demand {
             }
         }
         demand
+    }
+
+    /// What the policies of either snapshot can observe: the shadow policy set is given the
+    /// request built for both, so that neither sees less than its own demand (pruning
+    /// beyond a set's own demand is invisible to it).
+    pub(crate) fn union(&self, other: &Demand) -> Demand {
+        let names = |a: &Option<BTreeSet<String>>, b: &Option<BTreeSet<String>>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.union(b).cloned().collect()),
+            _ => None,
+        };
+        Demand {
+            context: self.context.union(&other.context),
+            attributes: names(&self.attributes, &other.attributes),
+            tags: names(&self.tags, &other.tags),
+        }
     }
 
     /// Whether an entity attribute of this name can be read.
@@ -255,6 +286,35 @@ mod tests {
         assert_eq!(pruned(p), json!({"token": {"claims": {"cnf": {}}}}));
         let p = r#"permit (principal, action, resource) when { context has peer };"#;
         assert_eq!(pruned(p), json!({}));
+    }
+
+    #[test]
+    fn a_union_reads_what_either_reads() {
+        let a = demand(
+            r#"permit (principal, action, resource)
+            when { context.token.claims.email == "e" && principal.getTag("dept") == "x" };"#,
+        );
+        let b = demand(
+            r#"permit (principal, action, resource)
+            when { context.binding && principal has issuer };"#,
+        );
+        let u = a.union(&b);
+        let context: Value = serde_json::from_str(TOKEN).expect("json");
+        assert_eq!(
+            u.context.prune(&context),
+            json!({"token": {"claims": {"email": "e"}}, "binding": true})
+        );
+        assert!(u.reads_tag("dept") && u.reads_attribute("issuer"));
+        assert!(!u.reads_tag("email") && !u.reads_attribute("level"));
+        let whole = demand(r#"permit (principal, action, resource) when { context.token == {} };"#);
+        assert_eq!(
+            a.union(&whole).context.prune(&context)["token"],
+            context["token"]
+        );
+        let computed = demand(
+            r#"permit (principal, action, resource) when { principal.hasTag(context.request.path) };"#,
+        );
+        assert!(a.union(&computed).reads_tag("anything"));
     }
 
     #[test]

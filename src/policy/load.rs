@@ -295,6 +295,22 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
     }
 }
 
+/// The settings of a candidate policy directory (`[policy] shadow_dir`, `portcullis replay
+/// --policies`): its own `schema.cedarschema` (or `schema.cedarschema.json`) and
+/// `entities.json` when it has them, else those of `live`, as `portcullis test` finds them.
+pub fn candidate(dir: &Path, live: &PolicySettings) -> PolicySettings {
+    let own = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    PolicySettings {
+        dir: dir.to_path_buf(),
+        schema: own("schema.cedarschema")
+            .or_else(|| own("schema.cedarschema.json"))
+            .or_else(|| live.schema.clone()),
+        entities: own("entities.json").or_else(|| live.entities.clone()),
+        hidden_headers: live.hidden_headers.clone(),
+        time_zone: live.time_zone.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,7 +46,7 @@ impl std::fmt::Display for Uid {
 }
 
 impl Uid {
-    fn new(kind: &str, id: impl Into<String>) -> Uid {
+    pub(crate) fn new(kind: &str, id: impl Into<String>) -> Uid {
         Uid {
             kind: kind.to_string(),
             id: id.into(),
@@ -513,7 +513,7 @@ fn token_record(t: &TokenClaims) -> Value {
 /// are left out (so a policy reading them errors, and errors deny). The value is what
 /// Cedar's own evaluation of the same restricted expression gives (tested below), built
 /// without evaluating anything.
-fn to_value(v: &Value, depth: usize) -> Option<CedarValue> {
+pub(crate) fn to_value(v: &Value, depth: usize) -> Option<CedarValue> {
     if depth > MAX_DEPTH {
         return None;
     }

@@ -3,20 +3,23 @@
 //! permit means deny, and any evaluation error means deny, even though Cedar itself
 //! would merely skip the erroring policy.
 
-mod demand;
+pub(crate) mod demand;
 mod index;
 pub mod schema;
 pub mod load;
 pub mod mapping;
+mod record;
 mod store;
 
 use crate::facts::RequestFacts;
 use crate::identity::Identity;
 use cedar_policy::{Authorizer, Decision, Request};
-pub use load::{PolicySnapshot, load};
+pub use load::{PolicySnapshot, candidate, load};
 #[cfg(any(test, feature = "testing"))]
 pub use mapping::map_request;
 pub use mapping::{CedarRequest, Uid};
+pub(crate) use record::record;
+pub use record::RecordedRequest;
 
 /// What the policies said about one request.
 #[non_exhaustive]
@@ -31,6 +34,37 @@ pub struct PolicyOutcome {
     pub errors: Vec<String>,
     /// The Cedar request the policies were evaluated on.
     pub request: CedarRequest,
+}
+
+/// What one policy set said about one request: a [`PolicyOutcome`] without the request.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the policies permit the request (never with an error).
+    pub allowed: bool,
+    /// The determining policies (the permits for an allow, the forbids for a forbid).
+    pub determining: Vec<String>,
+    /// Evaluation errors; any error forces a deny.
+    pub errors: Vec<String>,
+}
+
+impl Verdict {
+    fn error(error: String) -> Verdict {
+        Verdict {
+            allowed: false,
+            determining: Vec::new(),
+            errors: vec![error],
+        }
+    }
+
+    fn with(self, request: CedarRequest) -> PolicyOutcome {
+        PolicyOutcome {
+            allowed: self.allowed,
+            determining: self.determining,
+            errors: self.errors,
+            request,
+        }
+    }
 }
 
 impl PolicySnapshot {
@@ -54,23 +88,50 @@ impl PolicySnapshot {
         now: std::time::SystemTime,
         zone: &std::sync::Arc<crate::declared::TimeZoneSetting>,
     ) -> PolicyOutcome {
-        let request = mapping::map_request_hiding(
+        let request = self.map_in(facts, identity, &self.demand, now, zone);
+        self.judge(&request, &self.demand).with(request)
+    }
+
+    /// The request for `facts` and `identity` at `now`, built for `demand` (which must read
+    /// at least what this snapshot's policies read: the union with a shadow set's, say).
+    pub(crate) fn map_for(
+        &self,
+        facts: &RequestFacts,
+        identity: &Identity,
+        demand: &std::sync::Arc<demand::Demand>,
+        now: std::time::SystemTime,
+    ) -> CedarRequest {
+        self.map_in(facts, identity, demand, now, &self.time_zone)
+    }
+
+    fn map_in(
+        &self,
+        facts: &RequestFacts,
+        identity: &Identity,
+        demand: &std::sync::Arc<demand::Demand>,
+        now: std::time::SystemTime,
+        zone: &std::sync::Arc<crate::declared::TimeZoneSetting>,
+    ) -> CedarRequest {
+        mapping::map_request_hiding(
             facts,
             identity,
             &self.hidden_headers,
-            &self.demand,
+            demand,
             // Only when a policy reads it: other requests pay nothing for the time.
-            self.demand
+            demand
                 .context
                 .field("time")
                 .and_then(|_| mapping::RequestTime::new(now, zone)),
-        );
-        let deny = |request, error: String| PolicyOutcome {
-            allowed: false,
-            determining: Vec::new(),
-            errors: vec![error],
-            request,
-        };
+        )
+    }
+
+    /// What these policies can read.
+    pub(crate) fn demand(&self) -> &std::sync::Arc<demand::Demand> {
+        &self.demand
+    }
+
+    /// Evaluates a request built by [`PolicySnapshot::map_for`] with `demand`.
+    pub(crate) fn judge(&self, request: &CedarRequest, demand: &demand::Demand) -> Verdict {
         let uids = (|| {
             Ok::<_, String>((
                 request.principal.to_cedar()?,
@@ -78,17 +139,47 @@ impl PolicySnapshot {
                 request.resource.to_cedar()?,
             ))
         })();
-        let (principal, action, resource) = match uids {
+        let uids = match uids {
             Ok(u) => u,
-            Err(e) => return deny(request, format!("request: {e}")),
+            Err(e) => return Verdict::error(format!("request: {e}")),
         };
+        self.decide(
+            uids,
+            request.entities(self.store.entities()),
+            || Ok(request.cedar_context(demand)),
+        )
+    }
+
+    /// Evaluates a request recorded in an audit line (`portcullis replay`), with this
+    /// snapshot's static entities.
+    pub fn judge_recorded(&self, request: &RecordedRequest) -> Verdict {
+        let uids = match request.uids() {
+            Ok(u) => u,
+            Err(e) => return Verdict::error(format!("request: {e}")),
+        };
+        self.decide(uids, request.entities(self.store.entities()), || {
+            request.cedar_context()
+        })
+    }
+
+    /// The evaluation proper, of a request's uids, own entities and context.
+    fn decide(
+        &self,
+        (principal, action, resource): (
+            cedar_policy::EntityUid,
+            cedar_policy::EntityUid,
+            cedar_policy::EntityUid,
+        ),
+        own: Result<Vec<cedar_policy::Entity>, String>,
+        context: impl FnOnce() -> Result<cedar_policy::Context, String>,
+    ) -> Verdict {
         // The request's own entities, each merged with its static namesake, with every
         // ancestor it has in the union; then the static principal, action and resource
         // when the request built none of them.
         let mut slice = store::Slice::new(&self.store);
-        let own = match request.entities(self.store.entities()) {
+        let own = match own {
             Ok(own) => own,
-            Err(e) => return deny(request, e),
+            Err(e) => return Verdict::error(e),
         };
         for entity in own {
             let core: &cedar_policy_core::ast::Entity = entity.as_ref();
@@ -96,7 +187,7 @@ impl PolicySnapshot {
             let ancestors = self.store.ancestors_of(core.uid(), &parents);
             let is_principal = core.uid() == principal.as_ref();
             if let Err(e) = slice.put_own(entity, ancestors, is_principal) {
-                return deny(request, e);
+                return Verdict::error(e);
             }
         }
         for uid in [&principal, &action, &resource] {
@@ -114,15 +205,14 @@ impl PolicySnapshot {
             (resource.as_ref(), r_anc.iter()),
         ) {
             Ok(c) => c,
-            Err(e) => return deny(request, e),
+            Err(e) => return Verdict::error(e),
         };
         if candidates.policies.is_empty() {
             // No policy can match: Cedar would find no permit and no error.
-            return PolicyOutcome {
+            return Verdict {
                 allowed: false,
                 determining: Vec::new(),
                 errors: Vec::new(),
-                request,
             };
         }
         for uid in &candidates.literals {
@@ -130,12 +220,15 @@ impl PolicySnapshot {
         }
         let entities = match slice.finish() {
             Ok(e) => e,
-            Err(e) => return deny(request, e),
+            Err(e) => return Verdict::error(e),
         };
-        let context = request.cedar_context(&self.demand);
+        let context = match context() {
+            Ok(c) => c,
+            Err(e) => return Verdict::error(format!("request: {e}")),
+        };
         let cedar_request = match Request::new(principal, action, resource, context, None) {
             Ok(r) => r,
-            Err(e) => return deny(request, format!("request: {e}")),
+            Err(e) => return Verdict::error(format!("request: {e}")),
         };
         let response =
             Authorizer::new().is_authorized(&cedar_request, &candidates.policies, &entities);
@@ -150,12 +243,11 @@ impl PolicySnapshot {
             .map(|id| id.to_string())
             .collect();
         determining.sort();
-        PolicyOutcome {
+        Verdict {
             // SECURITY: an erroring policy (a forbid, perhaps) must not let a permit through.
             allowed: response.decision() == Decision::Allow && errors.is_empty(),
             determining,
             errors,
-            request,
         }
     }
 }
@@ -218,5 +310,52 @@ mod tests {
         assert_eq!(outcome.determining, ["no-x"]);
         // And back: the old policies with the newer form decide as before.
         assert!(before.evaluate(&facts, &identity, std::time::SystemTime::UNIX_EPOCH).allowed);
+    }
+
+    /// A set evaluated on the request built for the union of its demand and a shadow set's
+    /// (which reads more) decides as it does alone.
+    #[test]
+    fn the_union_with_a_shadow_demand_decides_as_the_set_alone() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let live = snapshot(
+            dir.path(),
+            r#"@id("eng") permit (principal, action, resource) when { principal.getTag("dept") == "eng" };
+               @id("deep") forbid (principal, action, resource)
+                   when { context.token.claims has level && context.token.claims.level > 5 };"#,
+        );
+        let other = tempfile::tempdir().expect("temporary directory");
+        let shadow = snapshot(
+            other.path(),
+            r#"permit (principal, action, resource)
+                   when { context.request.headers has "x" && principal has issuer && context == {} };"#,
+        );
+        let union = std::sync::Arc::new(live.demand().union(shadow.demand()));
+        assert_ne!(*union, **live.demand());
+        for (dept, level) in [("eng", 1), ("eng", 9), ("ops", 1), ("ops", 9)] {
+            let claims = json!({ "dept": dept, "level": level });
+            let identity = Identity {
+                peer: PeerOutcome::NotPresented,
+                token: TokenOutcome::Verified(TokenClaims::for_policy_test(
+                    "https://issuer.test",
+                    "alice",
+                    claims.as_object().cloned().unwrap_or_default(),
+                    "groups",
+                    false,
+                )),
+            };
+            let facts = RequestFacts {
+                method: "GET".into(),
+                path: "/a".into(),
+                headers: [("x".to_string(), "1".to_string())].into_iter().collect(),
+                ..RequestFacts::default()
+            };
+            let alone = live.evaluate(&facts, &identity, std::time::SystemTime::now());
+            let both = live.judge(&live.map_for(&facts, &identity, &union, std::time::SystemTime::now()), &union);
+            assert_eq!(
+                (alone.allowed, &alone.determining, &alone.errors),
+                (both.allowed, &both.determining, &both.errors),
+                "{claims}"
+            );
+        }
     }
 }

@@ -14,6 +14,7 @@ mod common;
 mod audit_log;
 mod audit_verify;
 mod authoring;
+mod changing_policies;
 mod cli;
 mod config_errors;
 mod envoy_wire;

@@ -47,6 +47,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("forward_auth", fuzzing::forward_auth),
     ("config", fuzzing::config),
     ("audit_verify", fuzzing::audit_verify),
+    ("replay_lines", fuzzing::replay_lines),
     ("decision_oracle", decision_oracle),
 ];
 
@@ -131,6 +132,7 @@ mod replay {
         forward_auth,
         config,
         audit_verify,
+        replay_lines,
         decision_oracle,
     );
 }
