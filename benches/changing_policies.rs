@@ -17,6 +17,10 @@ use serde_json::json;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
+// The server's allocator (src/main.rs): the record and the shadow set allocate.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ISSUER: &str = "https://idp.example.org";
 const AUDIENCE: &str = "orders-api";
 const ROUNDS: usize = 5;
@@ -116,6 +120,7 @@ fn main() {
     }));
     let req = request(&token);
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let cases = [
