@@ -315,37 +315,32 @@ pub fn candidate(dir: &Path, live: &PolicySettings) -> PolicySettings {
 mod tests {
     use super::*;
 
-    /// Loads `policy` against `schema` and returns the first problem's text.
-    fn problem(policy: &str, schema: &str) -> String {
+    /// Loads `policy` against `schema`: every problem.
+    fn problems(policy: &str, schema: &str) -> Vec<Problem> {
         let dir = tempfile::tempdir().expect("temporary directory");
         std::fs::write(dir.path().join("p.cedar"), policy).expect("policy");
         std::fs::write(dir.path().join("s.cedarschema"), schema).expect("schema");
-        let problems = load(&PolicySettings {
+        load(&PolicySettings {
             dir: dir.path().to_path_buf(),
             schema: Some(dir.path().join("s.cedarschema")),
             entities: None,
             hidden_headers: Vec::new(),
             time_zone: Default::default(),
         })
-        .expect_err("invalid");
+        .expect_err("invalid")
+    }
+
+    /// The one problem of `policy` against `schema`, as text.
+    fn problem(policy: &str, schema: &str) -> String {
+        let problems = problems(policy, schema);
         // Cedar reports the access once per action; a declaration hint once.
         assert_eq!(problems.len(), 1, "{problems:?}");
         problems[0].to_string()
     }
 
+    /// The first problem of `policy` against `schema`, as text.
     fn problem_any(policy: &str, schema: &str) -> String {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        std::fs::write(dir.path().join("p.cedar"), policy).expect("policy");
-        std::fs::write(dir.path().join("s.cedarschema"), schema).expect("schema");
-        let problems = load(&PolicySettings {
-            dir: dir.path().to_path_buf(),
-            schema: Some(dir.path().join("s.cedarschema")),
-            entities: None,
-            hidden_headers: Vec::new(),
-            time_zone: Default::default(),
-        })
-        .expect_err("invalid");
-        problems[0].to_string()
+        problems(policy, schema)[0].to_string()
     }
 
     const SHIPPED: &str = include_str!("../../policies/schema.cedarschema");

@@ -334,6 +334,34 @@ fn kept_form<F: Send + Sync + 'static>(
     form
 }
 
+/// The request's own resource entity: a `Path` with its `path` and `host` (merged with a
+/// static namesake), or a route's own resource (Envoy `context_extensions`) that no static
+/// entity names; `None` when a static entity already is that resource.
+pub(crate) fn resource_entity(
+    resource: &Uid,
+    host: &str,
+    static_entities: &cedar_policy::Entities,
+) -> Result<Option<Entity>, String> {
+    let uid = resource.to_cedar()?;
+    if resource.kind == "Path" {
+        let attrs = [("path", resource.id.as_str()), ("host", host)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), RestrictedExpression::new_string(v.to_string())))
+            .collect();
+        let own = Entity::new(uid, attrs, Default::default())
+            .map_err(|e| format!("resource entity: {e}"))?;
+        Ok(Some(match static_entities.get(&own.uid()) {
+            Some(known) => merge_entities(known, own),
+            None => own,
+        }))
+    } else if static_entities.get(&uid).is_none() {
+        // A route's own resource keeps whatever the static entities say of it.
+        Ok(Some(Entity::with_uid(uid)))
+    } else {
+        Ok(None)
+    }
+}
+
 /// The union of a static entity and the request's own entity of the same id, as Cedar
 /// should see it: the parents (and ancestors) of both; the attributes and tags of both,
 /// the request's own winning where both define one (they are what was verified or
@@ -636,28 +664,8 @@ impl CedarRequest {
             (None, Some(_)) => {}
             (None, None) => out.push(Entity::with_uid(uid)),
         }
-        let resource = self.resource.to_cedar()?;
-        if self.resource.kind == "Path" {
-            let attrs = [
-                ("path", self.resource.id.clone()),
-                (
-                    "host",
-                    self.request["host"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                ),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), RestrictedExpression::new_string(v)))
-            .collect();
-            let own = Entity::new(resource, attrs, Default::default())
-                .map_err(|e| format!("resource entity: {e}"))?;
-            out.push(merged(own));
-        } else if static_entities.get(&resource).is_none() {
-            // A route's own resource keeps whatever the static entities say of it.
-            out.push(Entity::with_uid(resource));
-        }
+        let host = self.request["host"].as_str().unwrap_or_default();
+        out.extend(resource_entity(&self.resource, host, static_entities)?);
         Ok(out)
     }
 }

@@ -10,7 +10,7 @@
 //! (`x-forwarded-client-cert`, `[peer] header`). A token's claims are recorded: they are
 //! what policies read (docs/CHANGING-POLICIES.md).
 
-use super::mapping::{CedarRequest, Uid, merge_entities, to_value};
+use super::mapping::{CedarRequest, Uid, merge_entities, resource_entity, to_value};
 use cedar_policy::{Context, Entity, EntityUid, RestrictedExpression};
 use cedar_policy_core::ast::Context as CoreContext;
 use serde_json::{Map, Value, json};
@@ -181,24 +181,13 @@ impl RecordedRequest {
             (None, Some(_)) => {}
             (None, None) => out.push(Entity::with_uid(uid)),
         }
-        let resource = self.resource.to_cedar()?;
-        if self.resource.kind == "Path" {
-            let host = self
-                .context
-                .get("request")
-                .and_then(|r| r.get("host"))
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let attrs = [("path", self.resource.id.as_str()), ("host", host)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), RestrictedExpression::new_string(v.into())))
-                .collect();
-            let own = Entity::new(resource, attrs, Default::default())
-                .map_err(|e| format!("resource entity: {e}"))?;
-            out.push(merged(own));
-        } else if static_entities.get(&resource).is_none() {
-            out.push(Entity::with_uid(resource));
-        }
+        let host = self
+            .context
+            .get("request")
+            .and_then(|r| r.get("host"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        out.extend(resource_entity(&self.resource, host, static_entities)?);
         Ok(out)
     }
 }
