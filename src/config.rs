@@ -1538,6 +1538,12 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
     });
 
     let mut seen = BTreeSet::new();
+    // Each issuer's id prefix as written (None: left to the default, "").
+    let prefixes: Vec<(String, Option<String>)> = raw
+        .issuers
+        .iter()
+        .map(|r| (r.issuer.clone(), r.id_prefix.clone()))
+        .collect();
     let issuers: Vec<IssuerSettings> = raw
         .issuers
         .into_iter()
@@ -1663,6 +1669,27 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
             }
         })
         .collect();
+    // SECURITY: two issuers with one id prefix name the same `User` and `Group` entities, so
+    // either identity provider can vouch for the other's users and grant its groups (a
+    // partner's token with `sub: carol` and `groups: [admins]` is the main IdP's carol in
+    // its admins). Refused unless both issuers set that prefix on purpose.
+    for (i, (issuer, prefix)) in prefixes.iter().enumerate() {
+        let Some((other, other_prefix)) = prefixes[..i].iter().find(|(_, p)| {
+            p.as_deref().unwrap_or_default() == prefix.as_deref().unwrap_or_default()
+        }) else {
+            continue;
+        };
+        if prefix.is_some() && other_prefix.is_some() {
+            continue;
+        }
+        problems.push(
+            &format!("issuer[{i}]"),
+            format!(
+                "issuers \"{other}\" and \"{issuer}\" have the same id prefix (\"{}\"): their tokens name the same User and Group entities, so either identity provider could vouch for the other's users and grant the other's groups. Give each its own `id_prefix` (e.g. id_prefix = \"partner/\"), or, to share users and groups on purpose, set the same id_prefix explicitly on both",
+                prefix.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     for conflict in crate::declared::conflicting_claim_types(
         issuers
             .iter()

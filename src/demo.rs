@@ -551,7 +551,11 @@ pub fn parse_claim(arg: &str) -> Result<(String, Value), String> {
 /// a real deployment would accept.
 pub fn mint_token(key_path: &Path, spec: &TokenSpec) -> Result<String, String> {
     let shown = key_path.display();
-    let pem = crate::files::read_to_string(key_path).map_err(|e| e.to_string())?;
+    let pem = crate::files::read_to_string(key_path).map_err(|e| {
+        format!(
+            "{e} (the demo identity provider's key, as `portcullis demo` wrote it: run `portcullis demo` here first, or give its path with --key)"
+        )
+    })?;
     let dir = key_path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -19,24 +19,27 @@ pub struct Explanation {
 
 /// Decides a CheckRequest given as proto3 JSON and explains the decision; `detailed` adds
 /// the Cedar request with its context, and the exact reply. The decision is made at the
-/// request's `attributes.request.time` when it has one, else at `now`.
+/// at `at` when given, else at the request's `attributes.request.time` when it has one, else at
+/// `now`.
 pub fn check_json(
     engine: &Engine,
     json: &str,
     now: SystemTime,
+    at: Option<SystemTime>,
     detailed: bool,
 ) -> Result<Explanation, String> {
     let request: CheckRequest = crate::proto::from_json("envoy.service.auth.v3.CheckRequest", json)
         .map_err(|e| format!("not a CheckRequest in proto3 JSON: {e}"))?;
-    Ok(check(engine, &request, now, detailed))
+    Ok(check(engine, &request, now, at, detailed))
 }
 
 /// Decides a CheckRequest and explains the decision, as [`check_json`]: at the request's
-/// own `attributes.request.time` when it has one, else at `now`.
+/// own `attributes.request.time` when it has one, else at `now`; at `at` when given.
 pub fn check(
     engine: &Engine,
     request: &CheckRequest,
     now: SystemTime,
+    at: Option<SystemTime>,
     detailed: bool,
 ) -> Explanation {
     // A captured request is decided as of its own time (Envoy's `attributes.request.time`)
@@ -53,6 +56,8 @@ pub fn check(
             SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
         })
         .unwrap_or(now);
+    // `check --at`: the time asked for, whatever the request says.
+    let now = at.unwrap_or(now);
     let decision = engine.check(request, now);
     let response = check_response(&decision, engine.reply_settings());
     let mut reply = crate::proto::to_json("envoy.service.auth.v3.CheckResponse", &response)

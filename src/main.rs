@@ -83,6 +83,11 @@ enum Command {
         /// Also show the Cedar principal, action, resource and context, and the exact reply.
         #[arg(long)]
         explain: bool,
+        /// Decide as of this time (RFC 3339 with an offset, `2026-12-07T10:00:00+01:00`):
+        /// token expiry, certificate validity and `context.time` alike. By default the
+        /// request's own `attributes.request.time`, else now.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<std::time::SystemTime>,
     },
     /// Load the configuration, keys, trust bundles, policies, schema and entities;
     /// report every problem. Exit 0 when valid, 1 when not.
@@ -158,6 +163,10 @@ enum Command {
         /// The demo identity provider's key, as `portcullis demo` wrote it.
         #[arg(long, value_name = "KEY", default_value = "demo/idp.throwaway.key")]
         key: PathBuf,
+        /// Issue it as of this time (RFC 3339 with an offset): `iat` is this, `exp` this plus
+        /// the lifetime; for `check --at` the same time. Now by default.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        at: Option<std::time::SystemTime>,
     },
     /// Write throwaway certificates, keys, tokens and sample requests for trying Portcullis.
     Demo {
@@ -243,7 +252,20 @@ fn load(config: &std::path::Path, serving: bool) -> Result<(Settings, Engine), S
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error exits 64 (EX_USAGE): clap's own code, 2, is what `check` and `test`
+    // answer for a deny or a failing case (and 1 what `audit verify` answers for a broken
+    // log), and a mistyped flag must read as neither.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // One crypto backend everywhere (aws-lc-rs); an already-installed provider is fine.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
@@ -363,6 +385,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             token_file,
             cert,
             explain,
+            at,
         } => {
             // The command-line form is read before anything is loaded: a mistake in it is
             // reported at once.
@@ -380,7 +403,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let now = std::time::SystemTime::now();
             let explanation = match (described, request) {
                 (Some(described), _) => {
-                    portcullis::explain::check(&engine, &described, now, explain)
+                    portcullis::explain::check(&engine, &described, now, at, explain)
                 }
                 (None, Some(request)) => {
                     let text = if request.as_os_str() == "-" {
@@ -389,7 +412,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
                         std::fs::read_to_string(&request)
                             .map_err(|e| format!("{}: cannot read: {e}", request.display()))?
                     };
-                    portcullis::explain::check_json(&engine, &text, now, explain)
+                    portcullis::explain::check_json(&engine, &text, now, at, explain)
                         .map_err(|e| format!("{}: {e}", request.display()))?
                 }
                 (None, None) => {
@@ -480,6 +503,7 @@ fn run(command: Command) -> Result<ExitCode, String> {
             ttl,
             bind,
             key,
+            at,
         } => {
             let claims = claims
                 .iter()
@@ -500,7 +524,14 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 claims,
                 lifetime: ttl.into(),
                 bind_pem,
-                now: portcullis::demo::unix_now(),
+                now: match at {
+                    Some(at) => at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .and_then(|d| i64::try_from(d.as_secs()).ok())
+                        .ok_or("--at: a time after 1970")?,
+                    None => portcullis::demo::unix_now(),
+                },
             };
             println!("{}", portcullis::demo::mint_token(&key, &spec)?);
             Ok(ExitCode::SUCCESS)
@@ -531,7 +562,11 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             let report = portcullis::replay::replay(&candidate, &policies, &files, limit)
                 .map_err(|e| e.to_string())?;
-            print!("{report}");
+            // A closed pipe (`replay ... | head`) ends the output, not the process with a panic.
+            {
+                use std::io::Write;
+                let _ = write!(std::io::stdout().lock(), "{report}");
+            }
             Ok(if report.changed() {
                 ExitCode::from(3)
             } else if report.unreadable > 0 {
@@ -541,6 +576,20 @@ fn run(command: Command) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+/// `--at TIME`: an RFC 3339 time with an offset.
+fn parse_time(text: &str) -> Result<std::time::SystemTime, String> {
+    let t: jiff::Timestamp = text.parse().map_err(|_| {
+        format!(
+            "\"{text}\" is not an RFC 3339 time with an offset, such as 2026-12-07T10:00:00+01:00"
+        )
+    })?;
+    let secs = u64::try_from(t.as_second()).map_err(|_| "a time after 1970".to_string())?;
+    Ok(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new(secs, t.subsec_nanosecond().unsigned_abs()),
+    )
 }
 
 /// `check --method ... --path ...`: the CheckRequest Envoy would send for that request.
@@ -558,7 +607,13 @@ fn described_request(
     };
     let token = match (token, token_file) {
         (Some(token), _) => Some(token),
-        (None, Some(file)) => Some(read(&file)?.trim().to_string()),
+        (None, Some(file)) => {
+            let token = read(&file)?.trim().to_string();
+            if token.is_empty() {
+                return Err(format!("{}: the token file is empty", file.display()));
+            }
+            Some(token)
+        }
         (None, None) => None,
     };
     let headers = headers

@@ -207,7 +207,7 @@ fn declaration_hint(e: &cedar_policy::ValidationError, text: &str) -> Option<Str
     if let Some(rest) = read.strip_prefix("context.request.headers") {
         let header = field_name(rest)?;
         return Some(format!(
-            "the policy reads the request header \"{header}\": declare it in the schema's headers record as `\"{header}\"?: String` {SCHEMA}"
+            "the policy reads the request header \"{header}\": declare it in the schema's headers record as `\"{header}\"?: String` (`portcullis schema` does not write headers: keep that line when you regenerate the schema)"
         ));
     }
     if read.starts_with("context.time") {

@@ -383,10 +383,11 @@ fn check_decides_a_request_described_on_the_command_line() {
             "/",
         ],
     );
-    assert_eq!(code, Some(2));
+    // A usage error exits 64, never 2: a mistyped flag must not read as a deny.
+    assert_eq!(code, Some(64));
     assert!(err.contains("cannot be used with"), "{err}");
     let (code, _, err) = portcullis(dir, &["check", "--config", config]);
-    assert_eq!(code, Some(2));
+    assert_eq!(code, Some(64));
     assert!(
         err.contains("--request") && err.contains("--method"),
         "{err}"
@@ -640,4 +641,91 @@ fn fmt_formats_in_place_keeps_comments_and_mode_and_checks() {
 fn the_shipped_policies_are_formatted() {
     let (code, out, err) = portcullis(&repo(), &["fmt", "--check", "policies"]);
     assert_eq!(code, Some(0), "{out}{err}");
+}
+
+/// `token --at` and `check --at` try a time-bound policy at any time: the shipped
+/// business-hours policy (09:00 to 18:00 in Paris, Monday to Friday) allows an analyst on a
+/// Monday at 10:05 and denies at 22:05, with a token issued at 10:00 and 22:00. A token
+/// issued at 10:00 is expired at 22:05: `--at` moves the whole decision, not only
+/// `context.time`. An empty token file is an error, never "no token"; a usage error exits
+/// 64, never 2 (a deny).
+#[test]
+fn check_and_token_at_a_given_time() {
+    let tmp = example();
+    let dir = tmp.path();
+    let config = "examples/portcullis.toml";
+    let at = |token: &str, time: &str| {
+        portcullis(
+            dir,
+            &[
+                "check",
+                "--config",
+                config,
+                "--method",
+                "GET",
+                "--path",
+                "/reports/q3",
+                "--token",
+                token,
+                "--at",
+                time,
+            ],
+        )
+    };
+    let morning = token(
+        dir,
+        &[
+            "--sub",
+            "ann",
+            "--group",
+            "analysts",
+            "--at",
+            "2026-12-07T10:00:00+01:00",
+        ],
+    );
+    let (code, out, err) = at(&morning, "2026-12-07T10:05:00+01:00");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("policies:    analysts-read-reports-in-business-hours"),
+        "{out}"
+    );
+    let (code, out, _) = at(&morning, "2026-12-07T22:05:00+01:00");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("token has expired"), "{out}");
+    let evening = token(
+        dir,
+        &[
+            "--sub",
+            "ann",
+            "--group",
+            "analysts",
+            "--at",
+            "2026-12-07T22:00:00+01:00",
+        ],
+    );
+    let (code, out, _) = at(&evening, "2026-12-07T22:05:00+01:00");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("decision:    DENY 403 no_permit"), "{out}");
+
+    let (code, _, err) = at(&morning, "2026-12-07 10:05");
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("not an RFC 3339 time with an offset"), "{err}");
+
+    std::fs::write(dir.join("empty.jwt"), "").unwrap();
+    let (code, _, err) = portcullis(
+        dir,
+        &[
+            "check",
+            "--config",
+            config,
+            "--method",
+            "GET",
+            "--path",
+            "/x",
+            "--token-file",
+            "empty.jwt",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("empty.jwt: the token file is empty"), "{err}");
 }

@@ -270,3 +270,50 @@ fn check_explains_a_certificate_from_another_ca_with_the_same_name() {
         "{reply}"
     );
 }
+
+/// SECURITY: two issuers left with one id prefix would name the same `User` and `Group`
+/// entities, so a partner identity provider could mint the main one's users and groups.
+/// `validate` refuses it unless both set that prefix on purpose.
+#[test]
+fn two_issuers_with_one_default_id_prefix_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = run_command(&["demo"], dir.path(), None, Duration::from_secs(60));
+    assert!(demo.status.success(), "{}", demo.stderr);
+    let jwks = std::fs::read_to_string(dir.path().join("demo/idp.jwks.json")).unwrap();
+    std::fs::write(dir.path().join("a.json"), &jwks).unwrap();
+    std::fs::write(dir.path().join("b.json"), &jwks).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/p.cedar"),
+        "permit (principal, action, resource);",
+    )
+    .unwrap();
+    let config = |a: &str, b: &str| {
+        format!(
+            "[[issuer]]\nissuer = \"https://idp.example.org\"\naudiences = [\"orders\"]\njwks_file = \"a.json\"\n{a}\n\
+             [[issuer]]\nissuer = \"https://partner.example.com\"\naudiences = [\"orders\"]\njwks_file = \"b.json\"\n{b}\n"
+        )
+    };
+    let write = |text: String| std::fs::write(dir.path().join("portcullis.toml"), text).unwrap();
+
+    write(config("", ""));
+    let (ok, err) = validate(dir.path(), "portcullis.toml");
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("portcullis.toml:6:1: issuers \"https://idp.example.org\" and \"https://partner.example.com\" have the same id prefix (\"\")"),
+        "{err}"
+    );
+    // One prefix left to the default and the other written as "": the same namespace.
+    write(config("", "id_prefix = \"\""));
+    assert!(!validate(dir.path(), "portcullis.toml").0);
+
+    // Each its own prefix; or the same one, written on both on purpose.
+    for (a, b) in [
+        ("", "id_prefix = \"partner/\""),
+        ("id_prefix = \"corp/\"", "id_prefix = \"corp/\""),
+    ] {
+        write(config(a, b));
+        let (ok, err) = validate(dir.path(), "portcullis.toml");
+        assert!(ok, "{a} / {b}: {err}");
+    }
+}

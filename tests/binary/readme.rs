@@ -329,14 +329,19 @@ fn anchors(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The targets of a line's Markdown links: what stands between `](` and `)`, without blanks.
-fn link_targets(line: &str) -> Vec<String> {
+/// The targets of a line's Markdown links: what stands between `](` and `)`. A `](` not
+/// followed by a target without blanks and its `)` is a broken link: its target is `Err`.
+fn link_targets(line: &str) -> Vec<Result<String, String>> {
     line.split("](")
         .skip(1)
-        .filter_map(|rest| {
-            let target = &rest[..rest.find(')')?];
-            (!target.is_empty() && !target.contains(char::is_whitespace))
-                .then(|| target.to_string())
+        .map(|rest| {
+            let end = rest.find(')').unwrap_or(rest.len());
+            let target = &rest[..end];
+            if end < rest.len() && !target.is_empty() && !target.contains(char::is_whitespace) {
+                Ok(target.to_string())
+            } else {
+                Err(rest.chars().take(40).collect())
+            }
         })
         .collect()
 }
@@ -364,6 +369,17 @@ fn documentation_links_lead_somewhere() {
                 continue;
             }
             for target in link_targets(line) {
+                let target = match target {
+                    Ok(target) => target,
+                    Err(text) => {
+                        broken.push(format!(
+                            "{}:{}: `]({text}`: not a link (no target, or no `)`)",
+                            page.display(),
+                            n + 1
+                        ));
+                        continue;
+                    }
+                };
                 if target.starts_with("http://")
                     || target.starts_with("https://")
                     || target.starts_with("mailto:")
