@@ -1281,6 +1281,13 @@ impl<'de> Deserialize<'de> for RawDuration {
                 f.write_str("a duration as a string, such as \"30s\" or \"5m\"")
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawDuration, E> {
+                if s.trim().parse::<f64>().is_ok() {
+                    return Err(E::custom(format!(
+                        "\"{s}\" has no unit: write a duration with its unit, such as \"{}s\" or \"{}m\"",
+                        s.trim(),
+                        s.trim()
+                    )));
+                }
                 humantime::parse_duration(s)
                     .map(RawDuration)
                     .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(s), &self))
@@ -2172,6 +2179,20 @@ mod tests {
         assert_eq!(err.len(), 1);
         assert!(err[0].starts_with("line 3"), "{}", err[0]);
         assert!(err[0].contains("bogus"), "{}", err[0]);
+    }
+
+    #[test]
+    fn a_duration_without_its_unit_says_so() {
+        let err = Settings::from_toml("[server]\nshutdown_grace = \"90\"\n", Path::new(""))
+            .unwrap_err()
+            .messages();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(err[0].starts_with("line 2"), "{}", err[0]);
+        assert!(
+            err[0].contains("\"90\" has no unit: write a duration with its unit, such as \"90s\""),
+            "{}",
+            err[0]
+        );
     }
 
     #[test]
