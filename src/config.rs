@@ -691,6 +691,10 @@ pub struct PolicySettings {
     pub hidden_headers: Vec<String>,
     /// The zone of `context.time`'s local fields (`[policy] time_zone`, UTC by default).
     pub time_zone: crate::declared::TimeZoneSetting,
+    /// The claims each issuer declares (`[issuer.claims]`): with a schema, the only claims
+    /// in `context.token.claims`. `None` when no configuration says (`portcullis test` of a
+    /// bare directory): then every claim is there, as without a schema.
+    pub declared_claims: Option<crate::declared::DeclaredClaims>,
 }
 
 /// `[server] grpc` by default.
@@ -1721,6 +1725,11 @@ fn validate(raw: RawConfig, base: &Path, problems: &mut Found<'_>) -> Settings {
             .map(|p| problems.file(base, p, "policy.entities")),
         hidden_headers: Vec::new(),
         time_zone: raw.policy.time_zone.unwrap_or_default(),
+        declared_claims: Some(crate::declared::DeclaredClaims::of(
+            issuers
+                .iter()
+                .map(|i| (i.issuer.as_str(), i.claims.as_slice())),
+        )),
     };
     let shadow_dir = raw
         .policy

@@ -5,6 +5,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// The Cedar type of a declared claim: `String`, `Long`, `Bool`, or a `Set<...>` of one.
@@ -75,6 +76,38 @@ pub fn conflicting_claim_types<'a>(
         }
     }
     problems
+}
+
+/// The names of the claims each issuer declares (`[issuer.claims]`). With a schema, these
+/// are the only claims policies see in `context.token.claims`: the schema's claims record
+/// is closed, so the validator types `has` of any other claim as false and refuses reading
+/// it, and the context must agree with it (docs/SCHEMA-AND-TIME.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeclaredClaims(BTreeMap<String, BTreeSet<String>>);
+
+impl DeclaredClaims {
+    /// The claim names of each issuer's declarations.
+    pub fn of<'a>(
+        issuers: impl Iterator<Item = (&'a str, &'a [(String, ClaimType)])>,
+    ) -> DeclaredClaims {
+        DeclaredClaims(
+            issuers
+                .map(|(issuer, claims)| {
+                    (
+                        issuer.to_string(),
+                        claims.iter().map(|(name, _)| name.clone()).collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether `issuer` declares `claim`.
+    pub fn declares(&self, issuer: &str, claim: &str) -> bool {
+        self.0
+            .get(issuer)
+            .is_some_and(|names| names.contains(claim))
+    }
 }
 
 /// What a JSON value is, for a message that names a claim's actual type.

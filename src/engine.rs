@@ -201,14 +201,16 @@ struct Loaded {
 #[derive(Debug)]
 struct ShadowSet {
     policies: Arc<PolicySnapshot>,
-    /// What either set reads: the request both are evaluated on is built for it.
-    union: Arc<crate::policy::demand::Demand>,
+    /// What either set reads: the request both are evaluated on is built for it. `None`
+    /// when the two see different claims (one has a schema, the other not): then each is
+    /// evaluated on its own request.
+    union: Option<Arc<crate::policy::demand::Demand>>,
 }
 
 impl ShadowSet {
     fn beside(live: &PolicySnapshot, policies: Arc<PolicySnapshot>) -> ShadowSet {
         ShadowSet {
-            union: Arc::new(live.demand().union(policies.demand())),
+            union: live.demand().union(policies.demand()).map(Arc::new),
             policies,
         }
     }
@@ -1015,12 +1017,13 @@ impl Engine {
                 reasons,
             );
         }
-        let outcome = match &loaded.shadow {
+        let union = loaded.shadow.as_ref().and_then(|s| s.union.as_ref());
+        let outcome = match union {
             None => loaded.policy.evaluate(facts, &identity, now),
-            Some(shadow) => {
+            Some(union) => {
                 // One request, built for what either set reads, for both.
-                let request = loaded.policy.map_for(facts, &identity, &shadow.union, now);
-                let verdict = loaded.policy.judge(&request, &shadow.union);
+                let request = loaded.policy.map_for(facts, &identity, union, now);
+                let verdict = loaded.policy.judge(&request, union);
                 PolicyOutcome {
                     allowed: verdict.allowed,
                     determining: verdict.determining,
@@ -1036,7 +1039,14 @@ impl Engine {
         // its outcome is recorded, never enforced, and its cost is its own evaluation.
         let shadow = loaded.shadow.as_ref().and_then(|shadow| {
             (Instant::now() < deadline).then(|| ShadowOutcome {
-                verdict: shadow.policies.judge(&outcome.request, &shadow.union),
+                verdict: match &shadow.union {
+                    Some(union) => shadow.policies.judge(&outcome.request, union),
+                    None => {
+                        let own = shadow.policies.demand();
+                        let request = shadow.policies.map_for(facts, &identity, own, now);
+                        shadow.policies.judge(&request, own)
+                    }
+                },
                 live_allowed: outcome.allowed,
             })
         });

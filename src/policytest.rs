@@ -338,6 +338,7 @@ pub fn run_dir_with(dir: &Path, cases: &Path) -> Result<Report, LoadError> {
         entities: optional("entities.json"),
         hidden_headers: Vec::new(),
         time_zone: Default::default(),
+        declared_claims: None,
     };
     run_cases(&settings, cases, None, &dir.display().to_string())
 }

@@ -290,6 +290,7 @@ pub fn load_candidate(dir: &Path, live: Option<&Settings>) -> Result<PolicySnaps
             entities: None,
             hidden_headers: Vec::new(),
             time_zone: Default::default(),
+            declared_claims: None,
         },
         |s| s.policy.clone(),
     );

@@ -17,7 +17,9 @@ use cedar_policy::PolicySet;
 use cedar_policy_core::ast::{self, BinaryOp, Expr, ExprKind, Literal, Var};
 #[cfg(test)]
 use serde_json::{Map, Value};
+use crate::declared::DeclaredClaims;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 /// The fields of one record that policies read: all of them (`whole`), or those named.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -101,6 +103,11 @@ pub(crate) struct Demand {
     attributes: Option<BTreeSet<String>>,
     /// Tag names read, or `None` when some tag name is computed (then every tag counts).
     tags: Option<BTreeSet<String>>,
+    /// With a schema, the claims each issuer declares: the only ones `context.token.claims`
+    /// holds, as the schema's closed claims record says. `None`: every claim (no schema).
+    /// Part of the demand so that a token's form built for one filter is never reused
+    /// under another (see `mapping::kept_form`).
+    pub(crate) claims: Option<Arc<DeclaredClaims>>,
 }
 
 impl Demand {
@@ -114,6 +121,7 @@ impl Demand {
             },
             attributes: None,
             tags: None,
+            claims: None,
         }
     }
 
@@ -122,6 +130,7 @@ impl Demand {
             context: Fields::default(),
             attributes: Some(BTreeSet::new()),
             tags: Some(BTreeSet::new()),
+            claims: None,
         };
         for policy in set.policies() {
             let core: &ast::Policy = policy.as_ref();
@@ -132,19 +141,38 @@ impl Demand {
         demand
     }
 
+    /// This demand, with `context.token.claims` holding only `claims` (a snapshot with a
+    /// schema) or every claim (`None`).
+    pub(crate) fn with_claims(self, claims: Option<Arc<DeclaredClaims>>) -> Demand {
+        Demand { claims, ..self }
+    }
+
     /// What the policies of either snapshot can observe: the shadow policy set is given the
     /// request built for both, so that neither sees less than its own demand (pruning
-    /// beyond a set's own demand is invisible to it).
-    pub(crate) fn union(&self, other: &Demand) -> Demand {
+    /// beyond a set's own demand is invisible to it). `None` when the two see different
+    /// claims (one has a schema, the other not): leaving a claim out is not invisible, so
+    /// no one request fits both.
+    pub(crate) fn union(&self, other: &Demand) -> Option<Demand> {
+        if self.claims != other.claims {
+            return None;
+        }
         let names = |a: &Option<BTreeSet<String>>, b: &Option<BTreeSet<String>>| match (a, b) {
             (Some(a), Some(b)) => Some(a.union(b).cloned().collect()),
             _ => None,
         };
-        Demand {
+        Some(Demand {
             context: self.context.union(&other.context),
             attributes: names(&self.attributes, &other.attributes),
             tags: names(&self.tags, &other.tags),
-        }
+            claims: self.claims.clone(),
+        })
+    }
+
+    /// Whether `context.token.claims` of a token from `issuer` holds `claim`.
+    pub(crate) fn shows_claim(&self, issuer: &str, claim: &str) -> bool {
+        self.claims
+            .as_ref()
+            .is_none_or(|declared| declared.declares(issuer, claim))
     }
 
     /// Whether an entity attribute of this name can be read.
@@ -298,7 +326,7 @@ mod tests {
             r#"permit (principal, action, resource)
             when { context.binding && principal has issuer };"#,
         );
-        let u = a.union(&b);
+        let u = a.union(&b).expect("same claims");
         let context: Value = serde_json::from_str(TOKEN).expect("json");
         assert_eq!(
             u.context.prune(&context),
@@ -308,13 +336,13 @@ mod tests {
         assert!(!u.reads_tag("email") && !u.reads_attribute("level"));
         let whole = demand(r#"permit (principal, action, resource) when { context.token == {} };"#);
         assert_eq!(
-            a.union(&whole).context.prune(&context)["token"],
+            a.union(&whole).expect("same claims").context.prune(&context)["token"],
             context["token"]
         );
         let computed = demand(
             r#"permit (principal, action, resource) when { principal.hasTag(context.request.path) };"#,
         );
-        assert!(a.union(&computed).reads_tag("anything"));
+        assert!(a.union(&computed).expect("same claims").reads_tag("anything"));
     }
 
     #[test]

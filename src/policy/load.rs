@@ -283,7 +283,16 @@ pub fn load(settings: &PolicySettings) -> Result<PolicySnapshot, Vec<Problem>> {
     if problems.is_empty() {
         Ok(PolicySnapshot {
             index: super::index::PolicyIndex::new(&policies),
-            demand: std::sync::Arc::new(super::demand::Demand::of(&policies)),
+            demand: std::sync::Arc::new(
+                super::demand::Demand::of(&policies).with_claims(
+                    // With a schema, only the declared claims: what the validator reasoned
+                    // with (its claims record is closed).
+                    schema
+                        .as_ref()
+                        .and(settings.declared_claims.clone())
+                        .map(std::sync::Arc::new),
+                ),
+            ),
             policies,
             store: super::store::EntityStore::new(entities),
             schema,
@@ -308,6 +317,7 @@ pub fn candidate(dir: &Path, live: &PolicySettings) -> PolicySettings {
         entities: own("entities.json").or_else(|| live.entities.clone()),
         hidden_headers: live.hidden_headers.clone(),
         time_zone: live.time_zone.clone(),
+        declared_claims: live.declared_claims.clone(),
     }
 }
 
@@ -326,6 +336,7 @@ mod tests {
             entities: None,
             hidden_headers: Vec::new(),
             time_zone: Default::default(),
+            declared_claims: None,
         })
         .expect_err("invalid")
     }

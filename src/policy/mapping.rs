@@ -307,7 +307,7 @@ impl TokenForm {
             record: demand
                 .context
                 .field("token")
-                .and_then(|fields| to_value_read(&token_record(t), fields, 1)),
+                .and_then(|fields| to_value_read(&token_record(t, demand), fields, 1)),
             principal,
             parents,
             entity,
@@ -525,14 +525,19 @@ fn peer_record(p: &PeerIdentity) -> Value {
     r
 }
 
-fn token_record(t: &TokenClaims) -> Value {
+/// `context.token`. Its claims are those `demand` shows: with a schema, only the ones the
+/// token's issuer declares, so that `has` on any other is false at run time as the
+/// validator reasoned, and reading one is an error (a deny).
+fn token_record(t: &TokenClaims, demand: &Demand) -> Value {
+    let mut claims = t.claims();
+    claims.retain(|name, _| demand.shows_claim(t.issuer(), name));
     json!({
         "issuer": t.issuer(),
         "subject": t.subject(),
         "audience": t.audience(),
         "scopes": t.scopes(),
         "expires_at": t.expires_at(),
-        "claims": t.claims(),
+        "claims": claims,
     })
 }
 
@@ -594,8 +599,8 @@ impl CedarRequest {
         if let Some((p, _)) = &self.peer {
             c.insert("peer".into(), peer_record(p));
         }
-        if let Some((t, _)) = &self.token {
-            c.insert("token".into(), token_record(t));
+        if let Some((t, form)) = &self.token {
+            c.insert("token".into(), token_record(t, &form.demand));
         }
         if let Some(r) = &self.route {
             c.insert("route".into(), r.clone());

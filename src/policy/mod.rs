@@ -267,6 +267,7 @@ mod tests {
             entities: None,
             hidden_headers: Vec::new(),
             time_zone: Default::default(),
+            declared_claims: None,
         })
         .expect("policies load")
     }
@@ -312,6 +313,96 @@ mod tests {
         assert!(before.evaluate(&facts, &identity, std::time::SystemTime::UNIX_EPOCH).allowed);
     }
 
+    /// With a schema, `context.token.claims` holds only the claims the token's issuer
+    /// declares, as the validator reasons (its claims record is closed: `has` of an
+    /// undeclared claim is false). SECURITY: a `forbid ... unless { ... has team }` that
+    /// validates must fire for a token carrying an undeclared `team`; with every claim in
+    /// the context it would not. Without a schema, every claim is there, as before.
+    #[test]
+    fn with_a_schema_only_declared_claims_reach_policies() {
+        const SCHEMA: &str = include_str!("../../policies/schema.cedarschema");
+        let policies = r#"@id("all") permit (principal, action, resource);
+            @id("teamless") forbid (principal, action, resource)
+                unless { context has token && context.token.claims has team };
+            @id("low") forbid (principal, action, resource)
+                when { context has token && context.token.claims has level && context.token.claims.level < 2 };"#;
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("p.cedar"), policies).expect("write policies");
+        std::fs::write(dir.path().join("s.cedarschema"), SCHEMA).expect("write schema");
+        let declared = crate::declared::DeclaredClaims::of(
+            [(
+                "https://issuer.test",
+                &[("level".to_string(), crate::declared::ClaimType::Long)][..],
+            )]
+            .into_iter(),
+        );
+        let settings = |schema: bool| PolicySettings {
+            dir: dir.path().to_path_buf(),
+            schema: schema.then(|| dir.path().join("s.cedarschema")),
+            entities: None,
+            hidden_headers: Vec::new(),
+            time_zone: Default::default(),
+            declared_claims: Some(declared.clone()),
+        };
+        let with_schema = load(&settings(true)).expect("the policies validate");
+        let without = load(&settings(false)).expect("policies load");
+        let identity = |issuer: &str| Identity {
+            peer: PeerOutcome::NotPresented,
+            token: TokenOutcome::Verified(TokenClaims::for_policy_test(
+                issuer,
+                "alice",
+                json!({ "team": "a", "level": 1 })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                "groups",
+                false,
+            )),
+        };
+        let facts = RequestFacts {
+            method: "GET".into(),
+            path: "/a".into(),
+            ..RequestFacts::default()
+        };
+        let at = std::time::SystemTime::UNIX_EPOCH;
+        let token = identity("https://issuer.test");
+        // Both snapshots decide the same cached token alternately: each with its own form.
+        for _ in 0..2 {
+            let o = with_schema.evaluate(&facts, &token, at);
+            assert!(!o.allowed, "{o:?}");
+            assert_eq!(o.determining, ["low", "teamless"]);
+            assert_eq!(o.request.context()["token"]["claims"], json!({ "level": 1 }));
+            let o = without.evaluate(&facts, &token, at);
+            assert!(!o.allowed, "{o:?}");
+            assert_eq!(o.determining, ["low"], "no schema: the token's team is seen");
+            assert_eq!(
+                o.request.context()["token"]["claims"],
+                json!({ "team": "a", "level": 1 })
+            );
+        }
+        // Another issuer declares nothing: its `level` is not shown either.
+        let o = with_schema.evaluate(&facts, &identity("https://other.test"), at);
+        assert_eq!(o.determining, ["teamless"], "{o:?}");
+        assert_eq!(o.request.context()["token"]["claims"], json!({}));
+        // Tags are open in the schema: the string claims stay tags.
+        let tags = load(&PolicySettings {
+            dir: {
+                let d = dir.path().join("tags");
+                std::fs::create_dir(&d).expect("dir");
+                std::fs::write(
+                    d.join("p.cedar"),
+                    r#"permit (principal is User, action, resource)
+                        when { principal.hasTag("team") && principal.getTag("team") == "a" };"#,
+                )
+                .expect("write");
+                d
+            },
+            ..settings(true)
+        })
+        .expect("validates");
+        assert!(tags.evaluate(&facts, &token, at).allowed);
+    }
+
     /// A set evaluated on the request built for the union of its demand and a shadow set's
     /// (which reads more) decides as it does alone.
     #[test]
@@ -329,7 +420,7 @@ mod tests {
             r#"permit (principal, action, resource)
                    when { context.request.headers has "x" && principal has issuer && context == {} };"#,
         );
-        let union = std::sync::Arc::new(live.demand().union(shadow.demand()));
+        let union = std::sync::Arc::new(live.demand().union(shadow.demand()).expect("neither has a schema"));
         assert_ne!(*union, **live.demand());
         for (dept, level) in [("eng", 1), ("eng", 9), ("ops", 1), ("ops", 9)] {
             let claims = json!({ "dept": dept, "level": level });

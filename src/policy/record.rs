@@ -223,6 +223,7 @@ mod tests {
             entities: None,
             hidden_headers: Vec::new(),
             time_zone: Default::default(),
+            declared_claims: None,
         })
         .expect("load");
         let identity = |claims: Value| Identity {

@@ -501,3 +501,35 @@ async fn a_missing_shadow_dir_does_not_stop_serve() {
     assert_eq!(ran.status.code(), Some(1), "{}", ran.stderr);
     assert!(ran.stderr.contains("not-there"), "{}", ran.stderr);
 }
+
+/// A shadow set with a schema beside a live set without one: each sees the claims by its
+/// own rule (docs/SCHEMA-AND-TIME.md), so no one request fits both and each is decided on
+/// its own. The live set sees the token's undeclared `email`; the shadow set, validated
+/// against a schema that declares no `email`, does not (`has email` is false, as its
+/// validator said), and loses the allow.
+#[tokio::test]
+async fn a_shadow_set_with_a_schema_sees_only_declared_claims() {
+    let signer = TokenSigner::generate(Algorithm::ES256, "es");
+    let mail = "@id(\"mail\")\npermit (principal, action == Action::\"GET\", resource == Path::\"/mail\")\nwhen { context has token && context.token.claims has email };\n";
+    let schema = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/schema.cedarschema"),
+    )
+    .expect("the shipped schema");
+    let server = serve(
+        &signer,
+        "shadow_dir = \"policies-next\"",
+        "",
+        &[
+            ("policies/mail.cedar", mail),
+            ("policies-next/mail.cedar", mail),
+            ("policies-next/schema.cedarschema", &schema),
+        ],
+    );
+    let alice = token(&signer, "alice", &[]);
+    assert!(allowed(&server.check(get("/mail", Some(&alice))).await));
+    let metrics = server.metrics().await;
+    assert_eq!(shadow_count(&metrics, "lost"), 1.0, "{metrics}");
+    assert_eq!(shadow_count(&metrics, "error"), 0.0, "{metrics}");
+    let lines = decisions(&server);
+    assert_eq!(lines[0]["shadow"]["outcome"], "lost", "{}", lines[0]);
+}

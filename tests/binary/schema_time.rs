@@ -412,3 +412,50 @@ fn a_claim_of_another_type_than_declared_denies_with_the_reason() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("no permit policy matched"), "{out}");
 }
+
+/// With a schema, `context.token.claims` holds only the declared claims, so run time agrees
+/// with the validator. The schema's claims record is closed: Cedar types `has team` of the
+/// undeclared `team` as false, so this `forbid ... unless` validates and always fires.
+/// SECURITY: a token that carries `team` must be forbidden as the validator reasoned;
+/// with every claim in the context (the filter removed) the permit would let it through.
+#[test]
+fn with_a_schema_an_undeclared_claim_is_absent_as_the_validator_says() {
+    let w = World::new();
+    std::fs::write(
+        w.dir.path().join("policies/teams.cedar"),
+        "@id(\"levels-need-a-team\")\nforbid (principal, action == Action::\"GET\", resource == Path::\"/levels\")\nunless { context has token && context.token.claims has team };\n",
+    )
+    .expect("policy");
+    let (code, out) = run(
+        &["validate", "--config", "portcullis.toml"],
+        w.dir.path(),
+        LIMIT,
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "the policy validates against the schema: {out}"
+    );
+    let at = "2026-12-03T09:00:00Z";
+    let (code, out) = w.check("/levels", at, json!({"level": 3, "team": "a"}));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("reason:      forbidden by levels-need-a-team"),
+        "{out}"
+    );
+    // `check --explain` shows the context as policies see it: the declared claim, not the
+    // undeclared one (the token's other claims too are left out).
+    assert!(out.contains("\"level\": 3"), "{out}");
+    assert!(!out.contains("\"team\""), "{out}");
+    assert!(!out.contains("\"iat\""), "{out}");
+    // Without a schema, every claim is there, as before: the token's team is seen.
+    edit(
+        &w.dir.path().join("portcullis.toml"),
+        "schema = \"policies/schema.cedarschema\"\n",
+        "",
+    );
+    let (code, out) = w.check("/levels", at, json!({"level": 3, "team": "a"}));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("level-3-reads-levels"), "{out}");
+    assert!(out.contains("\"team\": \"a\""), "{out}");
+}

@@ -180,3 +180,47 @@ fn hand_built_worlds_hold_the_corners_of_slicing_and_indexing() {
     }
     assert!(seen.allowed > 0 && seen.forbidden > 0, "{seen:?}");
 }
+
+/// With a schema, the engine's `context.token.claims` holds only the declared claims
+/// (`level`), as the reference given the same rule does, over requests whose tokens carry
+/// undeclared claims (`dept`, `cnf`, `groups`...) or none. The policies validate against
+/// the schema, which types `has` of an undeclared claim as false; the sweep must reach
+/// requests that every claim in the context would decide otherwise, so that it would fail
+/// if the engine stopped leaving them out.
+#[test]
+fn with_a_schema_the_engine_decides_as_the_reference_on_declared_claims() {
+    let policies = r#"
+@id("p0") permit (principal, action, resource)
+    when { context has token && context.token.claims has level && context.token.claims.level >= 2 };
+@id("p1") permit (principal is User, action, resource)
+    when { principal.hasTag("dept") && principal.getTag("dept") == "x" };
+@id("p2") permit (principal, action == Action::"GET", resource) when { context.binding };
+@id("f0") forbid (principal, action == Action::"DELETE", resource)
+    unless { context has token && context.token.claims has dept };
+@id("f1") forbid (principal, action == Action::"POST", resource)
+    when { context has token && context.token.claims has cnf };
+"#;
+    let mut s = Seen::default();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..40 {
+        let data: Vec<u8> = (0..64)
+            .map(|_| {
+                // splitmix64
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect();
+        if let Err(e) = shared().run_with_schema(&data, policies, &mut s) {
+            panic!("{e}");
+        }
+    }
+    assert!(s.compared > 100, "{s:?}");
+    assert!(s.allowed > 0 && s.forbidden > 0, "{s:?}");
+    assert!(
+        s.schema_differs * 20 > s.compared,
+        "too few requests where the filter matters: {s:?}"
+    );
+}

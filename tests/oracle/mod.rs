@@ -441,12 +441,29 @@ fn merged(statics: &[Value], own: Value, rule: Rule) -> Value {
     json!({ "uid": own["uid"], "attrs": attrs, "parents": parents, "tags": tags })
 }
 
-/// The reference decision: (allowed, the `@id`s of the determining policies).
+/// The claims declared in the world's configuration (`[issuer.claims] level = "Long"`).
+pub const DECLARED: [&str; 1] = ["level"];
+
+/// The reference decision: (allowed, the `@id`s of the determining policies), without a
+/// schema: every claim is in `context.token.claims`.
 pub fn reference(
     statics: &[Value],
     policies: &PolicySet,
     req: &Described,
     rule: Rule,
+) -> (bool, BTreeSet<String>) {
+    reference_with(statics, policies, req, rule, None)
+}
+
+/// [`reference`] of a world whose policies are loaded with a schema when `declared` is
+/// given: then `context.token.claims` holds only those claims (the schema's claims record
+/// is closed, docs/SCHEMA-AND-TIME.md); the tags stay every string claim.
+pub fn reference_with(
+    statics: &[Value],
+    policies: &PolicySet,
+    req: &Described,
+    rule: Rule,
+    declared: Option<&[&str]>,
 ) -> (bool, BTreeSet<String>) {
     // SECURITY: a declared claim (`level = "Long"`) of another type refuses the token.
     if let Some(level) = req.claims.as_ref().and_then(|c| c.get("level"))
@@ -518,9 +535,13 @@ pub fn reference(
     }
     if let Some(c) = &req.claims {
         let scopes: Vec<&str> = c["scope"].as_str().unwrap_or_default().split(' ').collect();
+        let mut claims = c.as_object().cloned().unwrap_or_default();
+        if let Some(declared) = declared {
+            claims.retain(|name, _| declared.contains(&name.as_str()));
+        }
         context["token"] = json!({
             "issuer": ISSUER, "subject": c["sub"], "audience": [AUDIENCE], "scopes": scopes,
-            "expires_at": c["exp"], "claims": c,
+            "expires_at": c["exp"], "claims": claims,
         });
     }
     let context = Context::from_json_value(context, None).expect("reference context");
@@ -567,6 +588,9 @@ pub struct Seen {
     /// (counted only when `track_replace` is set: it decides every request once more).
     pub replace_differs: usize,
     pub track_replace: bool,
+    /// Requests of a world with a schema that every claim in the context (no filter)
+    /// would decide differently.
+    pub schema_differs: usize,
 }
 
 impl Oracle {
@@ -604,6 +628,23 @@ impl Oracle {
         self.check_world(&statics, &policy_text, &requests, seen)
     }
 
+    /// Up to 12 requests from `data` in a world of `policy_text` (which must validate) loaded
+    /// with the schema `portcullis schema` prints for it, and no static entities.
+    pub fn run_with_schema(
+        &self,
+        data: &[u8],
+        policy_text: &str,
+        seen: &mut Seen,
+    ) -> Result<(), String> {
+        let mut g = Gen::new(data);
+        let now = portcullis::demo::unix_now();
+        let count = 1 + g.below(12);
+        let requests: Vec<Described> = (0..count)
+            .map(|_| describe(&mut g, now, &self.thumbprints))
+            .collect();
+        self.check_world_in(&[], policy_text, &requests, seen, true)
+    }
+
     /// The engine and the reference decide `requests` in a world of these static entities
     /// and policies; an error describes the first disagreement.
     pub fn check_world(
@@ -612,6 +653,19 @@ impl Oracle {
         policy_text: &str,
         requests: &[Described],
         seen: &mut Seen,
+    ) -> Result<(), String> {
+        self.check_world_in(statics, policy_text, requests, seen, false)
+    }
+
+    /// [`Oracle::check_world`], with the policies loaded with the schema that `portcullis
+    /// schema` prints for the world when `with_schema`.
+    fn check_world_in(
+        &self,
+        statics: &[Value],
+        policy_text: &str,
+        requests: &[Described],
+        seen: &mut Seen,
+        with_schema: bool,
     ) -> Result<(), String> {
         let statics = statics.to_vec();
         let policy_text = policy_text.to_string();
@@ -648,7 +702,18 @@ entities = "entities.json"
 audit = "stderr"
 "#
         );
-        let settings = Settings::from_toml(&config, p).map_err(|e| e.messages().join("; "))?;
+        let mut settings = Settings::from_toml(&config, p).map_err(|e| e.messages().join("; "))?;
+        if with_schema {
+            let schema =
+                portcullis::cedar_schema(&settings).map_err(|e| e.messages().join("; "))?;
+            write("schema.cedarschema", &schema)?;
+            let config = config.replace(
+                "entities = \"entities.json\"",
+                "entities = \"entities.json\"\nschema = \"schema.cedarschema\"",
+            );
+            settings = Settings::from_toml(&config, p).map_err(|e| e.messages().join("; "))?;
+        }
+        let declared = with_schema.then_some(&DECLARED[..]);
         let engine = match Engine::load(&settings) {
             Ok(engine) => engine,
             // Static entities with a cycle are refused by Cedar itself: nothing to compare.
@@ -683,7 +748,13 @@ audit = "stderr"
             let at = SystemTime::UNIX_EPOCH
                 + std::time::Duration::from_secs(u64::try_from(req.at).map_err(|e| e.to_string())?);
             let decision = engine.decide(&facts, at);
-            let (allowed, determining) = reference(&statics, &parsed, req, Rule::Merge);
+            let (allowed, determining) =
+                reference_with(&statics, &parsed, req, Rule::Merge, declared);
+            if with_schema
+                && reference(&statics, &parsed, req, Rule::Merge) != (allowed, determining.clone())
+            {
+                seen.schema_differs += 1;
+            }
             let engine_determining: BTreeSet<String> =
                 decision.policies().iter().cloned().collect();
             if decision.allowed() != allowed || engine_determining != determining {
@@ -708,7 +779,8 @@ audit = "stderr"
                 seen.errors += 1;
             }
             if seen.track_replace
-                && reference(&statics, &parsed, req, Rule::Replace) != (allowed, determining)
+                && reference_with(&statics, &parsed, req, Rule::Replace, declared)
+                    != (allowed, determining)
             {
                 seen.replace_differs += 1;
             }
