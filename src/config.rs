@@ -2279,7 +2279,7 @@ leeway = "forever"
     /// its type is not reported again by validation.
     #[test]
     fn value_problems_carry_their_line() {
-        let text = "[server]\ngrpc = \"nowhere\"\nmode = \"maybe\"\n[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nalgorithms = [\"HS256\"]\n[[issuer]]\nissuer = \"https://j\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\n";
+        let text = "[server]\ngrpc = \"nowhere\"\nmode = \"maybe\"\n[[issuer]]\nissuer = \"https://i\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nalgorithms = [\"HS256\"]\n[[issuer]]\nissuer = \"https://j\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\nid_prefix = \"j/\"\n";
         let err = Settings::from_toml(text, Path::new("")).unwrap_err();
         let lines: Vec<Option<usize>> = err.problems().iter().map(Problem::line).collect();
         assert_eq!(lines, vec![Some(2), Some(3), Some(8), Some(13)], "{err}");
@@ -2349,7 +2349,7 @@ leeway = "forever"
     /// element before it was taken out of its array.
     #[test]
     fn a_missing_key_does_not_end_the_report() {
-        let text = "[[issuer]]\naudiences = [\"a\"]\n\n[[issuer]]\nissuer = \"https://b\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = 30\n\n[[issuer]]\nissuer = \"https://c\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\n[limits]\nmax_concurent = 1\n";
+        let text = "[[issuer]]\naudiences = [\"a\"]\n\n[[issuer]]\nissuer = \"https://b\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = 30\n\n[[issuer]]\nissuer = \"https://c\"\naudiences = [\"a\"]\njwks_file = \"k.json\"\nleeway = \"10m\"\nid_prefix = \"c/\"\n[limits]\nmax_concurent = 1\n";
         let err = Settings::from_toml(text, Path::new("")).unwrap_err();
         let got: Vec<(Option<usize>, &str)> = err
             .problems()
@@ -2369,7 +2369,7 @@ leeway = "forever"
                     "issuer #3 (\"https://c\"): leeway of 10m is larger than the maximum of 5m"
                 ),
                 (
-                    Some(16),
+                    Some(17),
                     "unknown key `max_concurent` in [limits]; did you mean `max_concurrent`?"
                 ),
             ],
