@@ -224,7 +224,8 @@ impl KeyServer {
         self.shared.jwks_url.clone()
     }
 
-    /// An `[[issuer]]` ([`SLOW_ISSUER`], audience `orders`) fetching this server's key set
+    /// An `[[issuer]]` ([`SLOW_ISSUER`], audience `orders`, its users and groups under
+    /// `slow/`, beside the main issuer's) fetching this server's key set
     /// (its CA in `idp-ca.pem`) once, never again on schedule, and waiting `kid_wait` for an
     /// early refresh when a token names a `kid` it lacks: with the server hung
     /// ([`Mode`]), a decision holds its place among `max_concurrent` that long.
@@ -233,6 +234,7 @@ impl KeyServer {
             r#"
 [[issuer]]
 issuer = "{SLOW_ISSUER}"
+id_prefix = "slow/"
 audiences = ["{}"]
 jwks_uri = "{}"
 ca_bundle = "idp-ca.pem"
