@@ -43,7 +43,8 @@ impl std::fmt::Debug for WatchGuard {
 
 /// Calls `reload` (on a thread of its own) each time `path` may have changed. The
 /// directory is watched, not the file, so atomic renames and Kubernetes ConfigMap
-/// symlink swaps are seen.
+/// symlink swaps are seen (also when the file's directory is itself a symlink into the
+/// volume's timestamped directory; see [`watch`]).
 pub fn watch_file(path: &Path, reload: impl Fn() + Send + 'static) -> Result<WatchGuard, String> {
     watch(&[path.to_path_buf()], &[], reload)
 }
@@ -83,6 +84,19 @@ pub fn watch(
         .map(|(p, _)| p.clone())
         .chain(dir_keys.iter().cloned())
         .collect();
+    // A directory reached through a symlink (a ConfigMap key projected to `certs/ca.pem`:
+    // `certs -> ..data/certs`) canonicalises into the kubelet's timestamped directory,
+    // which the next update deletes, and the watch with it. The directory holding the
+    // symlink is watched too, so the `..data` swap there is seen on every update.
+    for d in files
+        .iter()
+        .filter_map(|f| f.parent())
+        .chain(dirs.iter().map(PathBuf::as_path))
+    {
+        for link in d.ancestors().filter(|a| a.is_symlink()) {
+            watched.push(canonical(link.parent().unwrap_or(Path::new(".")))?);
+        }
+    }
     watched.sort();
     watched.dedup();
     let names: HashSet<_> = file_keys.iter().map(|(_, n)| n.clone()).collect();

@@ -17,6 +17,7 @@ mod authoring;
 mod changing_policies;
 mod cli;
 mod config_errors;
+mod configmap;
 mod envoy_wire;
 mod fail_open;
 mod hostile;
