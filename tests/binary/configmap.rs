@@ -394,7 +394,8 @@ async fn an_issuer_key_file_in_a_secret_is_reloaded() {
     );
 }
 
-/// The revocation list in a ConfigMap: after an update, a token it names is refused.
+/// The revocation list in a ConfigMap: after an update, a token it names is refused; a
+/// broken update keeps the last good list and is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_list_in_a_configmap_is_reloaded() {
     let dir = server_dir();
@@ -431,6 +432,22 @@ async fn a_revocation_list_in_a_configmap_is_reloaded() {
         becomes(&server, "/x", None, Some(&stolen), false).await,
         "the new revocation list was not picked up:\n{}",
         server.log()
+    );
+    // A broken version (an unknown prefix) keeps the last good list, and is reported.
+    volume.update(&[("revoked.txt", "jti:other\nbogus:stolen-1\n".to_string())]);
+    let reported = eventually(RELOAD, || async {
+        server.log().contains("revocation list not reloaded")
+    })
+    .await;
+    assert!(
+        reported,
+        "the broken list was not reported:\n{}",
+        server.log()
+    );
+    assert_ne!(
+        check(&server, "/x", None, Some(&stolen)).await,
+        0,
+        "the last good list serves"
     );
 }
 
