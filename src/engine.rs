@@ -1020,17 +1020,8 @@ impl Engine {
         let union = loaded.shadow.as_ref().and_then(|s| s.union.as_ref());
         let outcome = match union {
             None => loaded.policy.evaluate(facts, &identity, now),
-            Some(union) => {
-                // One request, built for what either set reads, for both.
-                let request = loaded.policy.map_for(facts, &identity, union, now);
-                let verdict = loaded.policy.judge(&request, union);
-                PolicyOutcome {
-                    allowed: verdict.allowed,
-                    determining: verdict.determining,
-                    errors: verdict.errors,
-                    request,
-                }
-            }
+            // One request, built for what either set reads, for both.
+            Some(union) => loaded.policy.evaluate_for(facts, &identity, union, now),
         };
         if Instant::now() >= deadline {
             return self.late(started, facts, "after policy");

@@ -92,6 +92,19 @@ impl PolicySnapshot {
         self.judge(&request, &self.demand).with(request)
     }
 
+    /// [`PolicySnapshot::evaluate`] on a request built for `demand` (which must read at
+    /// least what this snapshot's policies read: the union with a shadow set's, say).
+    pub(crate) fn evaluate_for(
+        &self,
+        facts: &RequestFacts,
+        identity: &Identity,
+        demand: &std::sync::Arc<demand::Demand>,
+        now: std::time::SystemTime,
+    ) -> PolicyOutcome {
+        let request = self.map_for(facts, identity, demand, now);
+        self.judge(&request, demand).with(request)
+    }
+
     /// The request for `facts` and `identity` at `now`, built for `demand` (which must read
     /// at least what this snapshot's policies read: the union with a shadow set's, say).
     pub(crate) fn map_for(
